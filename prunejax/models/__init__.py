@@ -1,0 +1,58 @@
+"""Flax models and the glue that turns them into ``apply_fn(params, x) -> logits``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from prunejax.errors import check_choice
+from prunejax.models.cnn import CNN
+from prunejax.models.gpt import GPTClassifier
+from prunejax.models.mlp import MLP
+from prunejax.models.resnet import ResNet, resnet18, resnet20
+
+MODELS = ("mlp", "cnn", "resnet18", "resnet20", "gpt")
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+  """A model by name; ``kwargs`` are its fields (e.g. ``hidden`` for mlp, ``width`` for gpt)."""
+  check_choice("model.name", name, MODELS)
+  if name == "mlp":
+    return MLP(num_classes, **kwargs)
+  if name == "cnn":
+    return CNN(num_classes, **kwargs)
+  if name == "resnet18":
+    return resnet18(num_classes, **kwargs)
+  if name == "resnet20":
+    return resnet20(num_classes, **kwargs)
+  return GPTClassifier(num_classes=num_classes, **kwargs)
+
+
+def init_variables(model: nn.Module, key: jax.Array, x_example: jax.Array) -> dict:
+  """Initial variables (``{"params": ..., "batch_stats": ...}`` where the model has BatchNorm)."""
+  return dict(jax.jit(lambda k, x: model.init(k, x, train=False))(key, x_example))
+
+
+def make_apply_fn(model: nn.Module) -> Callable[[dict, jax.Array], jax.Array]:
+  """``apply_fn(variables, x) -> logits`` in evaluation mode, for scores and evaluation.
+
+  ``variables`` is the Flax variables dict. Non-trainable collections (BatchNorm statistics) pass
+  through ``jax.lax.stop_gradient``, so gradients with respect to ``variables`` are exactly the
+  gradients with respect to the trainable ``params`` (and zero for the frozen statistics).
+  """
+
+  def apply_fn(variables: dict, x: jax.Array) -> jax.Array:
+    frozen = {k: (v if k == "params" else jax.lax.stop_gradient(v)) for k, v in variables.items()}
+    return model.apply(frozen, x, train=False)
+
+  return apply_fn
+
+
+def param_count(model: nn.Module, x_example: jax.Array) -> int:
+  """Number of trainable parameters, counted with ``jax.eval_shape`` (nothing is allocated)."""
+  shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x_example)
+  return sum(int(jnp.prod(jnp.array(l.shape))) if l.shape else 1
+             for l in jax.tree.leaves(shapes["params"]))

@@ -1,0 +1,67 @@
+"""Data parallelism with ``jit`` and ``NamedSharding`` on a one-axis ``data`` mesh.
+
+Parameters and optimizer state are replicated; every batch array is split along its first axis over
+all devices (of all processes). XLA inserts the gradient all-reduce, so a sharded step computes the
+same global mean loss as one device would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from prunejax.errors import ConfigError
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: list | None = None) -> Mesh:
+  """A 1-D mesh named ``data`` over ``devices`` (all global devices by default)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, field: str = "batch_size") -> int:
+  """The global batch must split evenly over the mesh (padding rows make that always possible)."""
+  n = mesh.devices.size
+  if batch_size < n or batch_size % n:
+    raise ConfigError(f"{field}={batch_size} must be a positive multiple of the number of devices "
+                      f"({n})")
+  return batch_size
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places every leaf of ``tree`` on all devices of ``mesh``."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Splits a host batch along its first axis over the mesh.
+
+  With one process the host batch is the global batch. With several processes each passes its own
+  rows (its slice of the global batch, in process order) and gets a global array back.
+  """
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(dict(batch), sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A (possibly sharded, possibly multi-process) array as one host NumPy array on every process."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
