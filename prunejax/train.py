@@ -9,7 +9,6 @@ each example's contribution.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
@@ -120,15 +119,16 @@ jit_eval_step = jax.jit(eval_step)
 # ----------------------------------------------------------------------------------------------
 
 
-def make_schedule(cfg: Any, steps_per_epoch: int) -> optax.Schedule:
-  """Learning-rate schedule from ``cfg`` (fields: lr, schedule, epochs, warmup_epochs, and for "step":
-  step_epochs, step_factor)."""
+def make_schedule(cfg: Any, steps_per_epoch: int, epochs: float) -> optax.Schedule:
+  """Learning-rate schedule over ``epochs`` from ``cfg`` (fields: lr, schedule, warmup_epochs, and for
+  "step": step_epochs, step_factor)."""
   check_choice("optimizer.schedule", cfg.schedule, SCHEDULES)
   check_range("optimizer.lr", cfg.lr, 0.0, 10.0, lo_open=True)
-  total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+  total = max(1, int(round(epochs * steps_per_epoch)))
   warmup = int(round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
   if warmup >= total and warmup > 0:
-    raise ConfigError(f"optimizer.warmup_epochs={cfg.warmup_epochs} must be below epochs={cfg.epochs}")
+    raise ConfigError(f"optimizer.warmup_epochs={cfg.warmup_epochs} must be below the number of "
+                      f"epochs ({epochs})")
   if cfg.schedule == "constant":
     main = optax.constant_schedule(cfg.lr)
   elif cfg.schedule == "cosine":
@@ -142,11 +142,18 @@ def make_schedule(cfg: Any, steps_per_epoch: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
 
 
-def make_optimizer(cfg: Any, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD (+momentum, Nesterov, decoupled-in-gradient weight decay as in PyTorch) or AdamW/Adam."""
+def make_optimizer(cfg: Any, steps_per_epoch: int, epochs: float) -> optax.GradientTransformation:
+  """SGD (+momentum, Nesterov, L2 weight decay added to the gradient as in PyTorch) or AdamW/Adam.
+
+  Args:
+    cfg: fields name, lr, schedule, warmup_epochs, weight_decay, momentum, nesterov, b1, b2,
+      step_epochs, step_factor.
+    steps_per_epoch: optimizer steps in one epoch.
+    epochs: length of the schedule in epochs.
+  """
   check_choice("optimizer.name", cfg.name, OPTIMIZERS)
   check_range("optimizer.weight_decay", cfg.get("weight_decay", 0.0), 0.0, 1.0)
-  lr = make_schedule(cfg, steps_per_epoch)
+  lr = make_schedule(cfg, steps_per_epoch, epochs)
   wd = cfg.get("weight_decay", 0.0)
   if cfg.name == "sgd":
     momentum = cfg.get("momentum", 0.9)

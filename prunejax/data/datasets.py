@@ -174,8 +174,17 @@ TFDS_DATASETS: dict[str, tuple[str, str, tuple[str, ...] | None, str]] = {
 }
 
 
+# Builders that TFDS does not register on import; importing their module registers them.
+_TFDS_MODULES = {"glue": "tensorflow_datasets.text.glue"}
+
+
 def _tfds_split(name: str, split: str, data_dir: str | None, download: bool):
+  import importlib
+
   import tensorflow_datasets as tfds
+  module = _TFDS_MODULES.get(name.split("/")[0])
+  if module:
+    importlib.import_module(module)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     if download:

@@ -1,0 +1,94 @@
+"""Model shapes, parameter counts against the reference architectures, padding and BatchNorm modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prunejax import models
+from prunejax.errors import ConfigError
+
+
+@pytest.mark.parametrize("name,x_shape,expected", [
+    ("mlp", (1, 28, 28, 1), 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10),  # LeNet-300-100
+    ("resnet18", (1, 32, 32, 3), 11_173_962),  # CIFAR ResNet-18, as in Data Diet / kuangliu
+    ("resnet20", (1, 32, 32, 3), 272_474),  # OpenLTH cifar_resnet_20
+])
+def test_parameter_counts_match_reference(name, x_shape, expected):
+  model = models.build_model(name, 10)
+  assert models.param_count(model, jnp.zeros(x_shape)) == expected
+
+
+def test_gpt2_small_is_124m_with_tied_head():
+  model = models.GPTClassifier(vocab_size=50257, num_classes=2, context=1024, depth=12, width=768,
+                               num_heads=12, lm_head=True)
+  classifier = 768 * 2 + 2
+  # GPT-2 small: 124,439,808 parameters with the LM head tied to the token embedding.
+  assert models.param_count(model, jnp.zeros((1, 8), jnp.int32)) - classifier == 124_439_808
+
+
+def test_unknown_model_is_one_line_error():
+  with pytest.raises(ConfigError, match="model.name='vgg' is not allowed; choose one of: 'mlp'"):
+    models.build_model("vgg", 10)
+
+
+@pytest.mark.parametrize("name,kwargs,x", [
+    ("mlp", {"hidden": (16, 8)}, jnp.ones((3, 8, 8, 1))),
+    ("cnn", {"features": (4, 8), "dense": 16}, jnp.ones((3, 8, 8, 1))),
+    ("resnet20", {"width_multiplier": 0.25}, jnp.ones((3, 8, 8, 3))),
+    ("gpt", {"vocab_size": 50, "context": 8, "depth": 1, "width": 16, "num_heads": 2},
+     jnp.ones((3, 8), jnp.int32)),
+])
+def test_output_shapes(name, kwargs, x):
+  model = models.build_model(name, 7, **kwargs)
+  variables = models.init_variables(model, jax.random.key(0), x)
+  assert models.make_apply_fn(model)(variables, x).shape == (3, 7)
+
+
+def _gpt():
+  model = models.GPTClassifier(vocab_size=30, num_classes=3, context=12, depth=2, width=16,
+                               num_heads=2, pad_id=0)
+  return model, models.init_variables(model, jax.random.key(1), jnp.ones((1, 12), jnp.int32))
+
+
+def test_gpt_padding_does_not_change_logits():
+  model, v = _gpt()
+  apply_fn = models.make_apply_fn(model)
+  short = jnp.array([[5, 7, 9, 2, 0, 0]])
+  longer = jnp.array([[5, 7, 9, 2, 0, 0, 0, 0, 0, 0, 0, 0]])
+  np.testing.assert_allclose(apply_fn(v, short), apply_fn(v, longer), atol=1e-6)
+
+
+def test_gpt_is_causal_and_reads_last_real_token():
+  model, v = _gpt()
+  apply_fn = models.make_apply_fn(model)
+  a = jnp.array([[5, 7, 9, 2, 0, 0]])
+  b = jnp.array([[5, 7, 9, 3, 0, 0]])  # last real token differs -> logits differ
+  assert not np.allclose(apply_fn(v, a), apply_fn(v, b))
+  c = jnp.array([[5, 7, 9, 2, 4, 0]])  # an extra token after -> logits differ (now read at pos 4)
+  assert not np.allclose(apply_fn(v, a), apply_fn(v, c))
+
+
+def test_batchnorm_eval_uses_frozen_statistics_and_train_skips_padding():
+  model = models.resnet20(num_classes=3, width_multiplier=0.25)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  v = models.init_variables(model, jax.random.key(1), x)
+  apply_fn = models.make_apply_fn(model)
+  # Eval: an example's logits do not depend on the rest of the batch.
+  np.testing.assert_allclose(apply_fn(v, x)[:1], apply_fn(v, x[:1]), atol=1e-5)
+  # Train: padding rows (mask False) change neither the real rows' outputs nor the statistics.
+  pad = jnp.concatenate([x[:2], 100.0 * jnp.ones((2, 8, 8, 3))])
+  mask = jnp.array([True, True, False, False])
+  out_p, upd_p = model.apply(v, pad, train=True, mask=mask, mutable=["batch_stats"])
+  out_r, upd_r = model.apply(v, x[:2], train=True, mask=jnp.ones(2, bool), mutable=["batch_stats"])
+  np.testing.assert_allclose(out_p[:2], out_r, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), upd_p, upd_r)
+
+
+def test_apply_fn_gradients_ignore_batch_statistics():
+  model = models.resnet20(num_classes=3, width_multiplier=0.25)
+  x = jnp.ones((2, 8, 8, 3))
+  v = models.init_variables(model, jax.random.key(0), x)
+  g = jax.grad(lambda v: models.make_apply_fn(model)(v, x).sum())(v)
+  assert all(np.all(np.asarray(l) == 0) for l in jax.tree.leaves(g["batch_stats"]))
+  assert any(np.any(np.asarray(l) != 0) for l in jax.tree.leaves(g["params"]))
