@@ -84,6 +84,13 @@ def _metrics(logits_BxC, ce_B, batch) -> dict[str, jax.Array]:
 
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on ``batch``; returns the new state and summed metrics of the batch."""
+  state, metrics, _ = train_step_with_losses(state, batch)
+  return state, metrics
+
+
+def train_step_with_losses(state: TrainState, batch: dict
+                           ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+  """:func:`train_step` that also returns the per-example losses f32[B] of its forward pass."""
   has_bn = bool(state.batch_stats)
 
   def loss_fn(params):
@@ -102,7 +109,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, ja
   params = optax.apply_updates(state.params, updates_p)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=updates.get("batch_stats", state.batch_stats))
-  return new_state, _metrics(logits, ce_B, batch)
+  return new_state, _metrics(logits, ce_B, batch), ce_B
 
 
 def eval_step(state: TrainState, batch: dict) -> dict[str, jax.Array]:
