@@ -155,3 +155,17 @@ def test_tfds_catalog_datasets_with_mock_data(name, tmp_path):
     assert ds.kind == "text" and ds.train.x.shape == (10, 16)
   else:
     assert ds.kind == "image" and ds.train.x.ndim == 4 and ds.train.x.max() <= 1.0
+
+
+def test_process_shards_of_a_batch_concatenate_to_the_global_batch(digits):
+  ids = digits.train.id[:70]
+  x = np.random.default_rng(0).random((len(digits.train), 8, 8, 1)).astype(np.float32)
+  split = data.Split(x, digits.train.y, digits.train.id)
+  kw = dict(batch_size=32, seed=5, epoch=2, augment=True, extra={"weight": np.arange(70.0)})
+  whole = list(data.batches(split, ids, **kw))
+  parts = [list(data.batches(split, ids, process_index=p, process_count=2, **kw)) for p in (0, 1)]
+  for g, a, b in zip(whole, *parts):
+    for k in g:
+      np.testing.assert_array_equal(g[k], np.concatenate([a[k], b[k]]))
+  with pytest.raises(ConfigError, match="multiple of the number of processes"):
+    next(data.batches(split, ids, batch_size=33, process_count=2))

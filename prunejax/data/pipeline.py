@@ -43,6 +43,17 @@ def augment_images(x_BxHxWxC: np.ndarray, rng: np.random.Generator, *, pad: int 
   return out
 
 
+def augment_by_id(x_BxHxWxC: np.ndarray, ids_B: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+  """:func:`augment_images` with one random stream per (seed, epoch, example id), so an example gets
+  the same crop and flip however the batch is split over processes."""
+  out = x_BxHxWxC.copy()
+  for i, ex_id in enumerate(ids_B):
+    if ex_id >= 0:
+      rng = np.random.default_rng([seed, epoch, int(ex_id), 0xA06])
+      out[i:i + 1] = augment_images(x_BxHxWxC[i:i + 1], rng)
+  return out
+
+
 def make_batch(split: Split, ids: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
   """One padded batch holding the examples ``ids`` (at most ``batch_size`` of them)."""
   n = len(ids)
@@ -59,8 +70,8 @@ def make_batch(split: Split, ids: np.ndarray, batch_size: int) -> dict[str, np.n
 
 def batches(split: Split, ids: np.ndarray | None = None, *, batch_size: int, seed: int = 0,
             epoch: int = 0, shuffle: bool = True, drop_remainder: bool = False,
-            augment: bool = False, extra: dict[str, np.ndarray] | None = None
-            ) -> Iterator[dict[str, np.ndarray]]:
+            augment: bool = False, extra: dict[str, np.ndarray] | None = None,
+            process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Host batches over ``ids`` (all of ``split`` by default) for one epoch.
 
   Args:
@@ -72,24 +83,30 @@ def batches(split: Split, ids: np.ndarray | None = None, *, batch_size: int, see
     augment: random crop and flip (images only).
     extra: per-example arrays keyed by the same ids (e.g. loss weights), batched alongside; the
       value for id ``i`` is ``extra[k][positions of i in ids]``, and 0 on padding rows.
+    process_index, process_count: with several processes, each loads only its rows of every global
+      batch (``batch_size / process_count`` of them, in process order), for
+      ``jax.make_array_from_process_local_data``.
   """
   if batch_size <= 0:
     raise ConfigError(f"batch_size={batch_size} is not allowed; expected a positive integer")
+  if batch_size % process_count:
+    raise ConfigError(f"batch_size={batch_size} must be a multiple of the number of processes "
+                      f"({process_count})")
+  local = batch_size // process_count
+  lo = process_index * local
   ids = split.id if ids is None else np.asarray(ids, np.int64)
   if extra:
     extra_by_id = {k: dict(zip(ids.tolist(), np.asarray(v))) for k, v in extra.items()}
   order = epoch_order(ids, seed=seed, epoch=epoch, shuffle=shuffle)
-  aug_rng = np.random.default_rng([seed, epoch, 0xA06])
   stop = len(order) - (len(order) % batch_size if drop_remainder else 0)
   for start in range(0, stop, batch_size):
-    chunk = order[start:start + batch_size]
-    batch = make_batch(split, chunk, batch_size)
+    chunk = order[start:start + batch_size][lo:lo + local]
+    batch = make_batch(split, chunk, local)
     if augment:
-      batch["x"] = augment_images(batch["x"], aug_rng)
-      batch["x"][~batch["mask"]] = 0
+      batch["x"] = augment_by_id(batch["x"], batch["id"], seed=seed, epoch=epoch)
     if extra:
       for k, table in extra_by_id.items():
-        col = np.zeros((batch_size,), np.float32)
+        col = np.zeros((local,), np.float32)
         col[:len(chunk)] = [table[i] for i in chunk.tolist()]
         batch[k] = col
     yield batch
