@@ -1,0 +1,135 @@
+"""Scores read off the model's output: EL2N, loss, margin and entropy.
+
+Each is ``fn(apply_fn, params, batch) -> f32[B]``, one forward pass, 0 on padding rows (``mask``
+False). They are computed in float32, or in the logits' dtype when it is wider (float64 tests).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from prunejax.types import ApplyFn, Batch, Params, Scores
+
+
+def batch_mask(batch: Batch, n: int) -> jax.Array:
+  """``batch["mask"]`` as bools, or all True when the batch has no mask."""
+  return batch["mask"].astype(bool) if "mask" in batch else jnp.ones((n,), bool)
+
+
+def as_float(logits_BxC: jax.Array) -> jax.Array:
+  """Logits in float32, or in their own dtype when it is wider."""
+  return logits_BxC.astype(jnp.promote_types(logits_BxC.dtype, jnp.float32))
+
+
+def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
+  """Per-example cross-entropy ``logsumexp(z) - z_y`` in the dtype of ``logits_BxC``."""
+  logit_y_B = jnp.take_along_axis(logits_BxC, y_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return jax.nn.logsumexp(logits_BxC, axis=-1) - logit_y_B
+
+
+def _logits(apply_fn: ApplyFn, params: Params, batch: Batch) -> jax.Array:
+  return as_float(apply_fn(params, batch["x"]))
+
+
+def el2n_from_logits(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
+  """``||softmax(z) - onehot(y)||_2`` per example."""
+  logits_BxC = as_float(logits_BxC)
+  error_BxC = jax.nn.softmax(logits_BxC, axis=-1) - jax.nn.one_hot(
+      y_B, logits_BxC.shape[-1], dtype=logits_BxC.dtype)
+  return jnp.sqrt(jnp.sum(jnp.square(error_BxC), axis=-1))
+
+
+def margin_from_logits(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
+  """``z_y - max_{k != y} z_k`` per example."""
+  logits_BxC = as_float(logits_BxC)
+  onehot_BxC = jax.nn.one_hot(y_B, logits_BxC.shape[-1], dtype=bool)
+  logit_y_B = jnp.sum(jnp.where(onehot_BxC, logits_BxC, 0.0), axis=-1)
+  other_B = jnp.max(jnp.where(onehot_BxC, -jnp.inf, logits_BxC), axis=-1)
+  return logit_y_B - other_B
+
+
+def el2n(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
+  """EL2N: the L2 norm of the error vector, ``||softmax(f(x)) - onehot(y)||_2``.
+
+  High means hard. Paul et al. average it over several early checkpoints or seeds; see
+  :func:`prunejax.scores.dynamics.average_over_checkpoints`.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits_BxC``.
+    params: the parameters ``apply_fn`` takes.
+    batch: ``x``, ``y`` (int labels) and optionally ``mask``.
+
+  Returns:
+    f32[B], 0 on padding rows.
+
+  References:
+    Paul, Ganguli, Dziugaite. "Deep Learning on a Data Diet: Finding Important Examples Early in
+    Training." NeurIPS 2021.
+  """
+  logits_BxC = _logits(apply_fn, params, batch)
+  scores_B = el2n_from_logits(logits_BxC, batch["y"])
+  return jnp.where(batch_mask(batch, scores_B.shape[0]), scores_B, 0.0)
+
+
+def loss(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
+  """Cross-entropy of each example, ``logsumexp(f(x)) - f(x)_y``. High means hard.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits_BxC``.
+    params: the parameters ``apply_fn`` takes.
+    batch: ``x``, ``y`` (int labels) and optionally ``mask``.
+
+  Returns:
+    f32[B], 0 on padding rows.
+
+  References:
+    Toneva et al. "An Empirical Study of Example Forgetting during Deep Neural Network Learning."
+    ICLR 2019 (loss as a baseline ranking).
+  """
+  logits_BxC = _logits(apply_fn, params, batch)
+  scores_B = cross_entropy(logits_BxC, batch["y"])
+  return jnp.where(batch_mask(batch, scores_B.shape[0]), scores_B, 0.0)
+
+
+def margin(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
+  """Logit margin: the logit of the label minus the largest other logit. LOW means hard.
+
+  Negative when the example is misclassified. Select with ``-margin`` to keep hard examples
+  (:mod:`prunejax.select` treats high scores as hard).
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits_BxC``.
+    params: the parameters ``apply_fn`` takes.
+    batch: ``x``, ``y`` (int labels) and optionally ``mask``.
+
+  Returns:
+    f32[B], 0 on padding rows.
+
+  References:
+    Pleiss et al. "Identifying Mislabeled Data using the Area Under the Margin Ranking."
+    NeurIPS 2020 (the margin whose average over training is AUM).
+  """
+  logits_BxC = _logits(apply_fn, params, batch)
+  scores_B = margin_from_logits(logits_BxC, batch["y"])
+  return jnp.where(batch_mask(batch, scores_B.shape[0]), scores_B, 0.0)
+
+
+def entropy(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
+  """Entropy of the predicted distribution, ``-sum_k p_k log p_k`` (nats). High means uncertain.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits_BxC``.
+    params: the parameters ``apply_fn`` takes.
+    batch: ``x`` and optionally ``mask`` (``y`` is not used).
+
+  Returns:
+    f32[B], 0 on padding rows.
+
+  References:
+    Coleman et al. "Selection via Proxy: Efficient Data Selection for Deep Learning." ICLR 2020.
+  """
+  logits_BxC = _logits(apply_fn, params, batch)
+  log_p_BxC = jax.nn.log_softmax(logits_BxC, axis=-1)
+  scores_B = -jnp.sum(jnp.exp(log_p_BxC) * log_p_BxC, axis=-1)
+  return jnp.where(batch_mask(batch, scores_B.shape[0]), scores_B, 0.0)
