@@ -1,0 +1,14 @@
+"""Model pruning masks: pure functions from parameter pytrees to boolean masks of the same structure.
+
+* :mod:`~prunejax.masks.core`: filters, :func:`threshold_mask` (exact, sort-free), applying and
+  measuring masks.
+* :mod:`~prunejax.masks.unstructured`: magnitude, random, SNIP, GraSP, SynFlow, movement.
+* :mod:`~prunejax.masks.distributions`: uniform, ERK and custom per-layer sparsities.
+"""
+
+from prunejax.masks.core import (apply_mask, count_params, default_filter_fn, leaf_paths,
+                                 make_filter_fn, ones_mask, path_str, sparsity_of, threshold_mask)
+from prunejax.masks.distributions import custom, erk, uniform
+from prunejax.masks.unstructured import (grasp, grasp_scores, magnitude, mask_from_scores,
+                                         mean_cross_entropy, movement, movement_scores, random,
+                                         snip, snip_scores, synflow, synflow_scores)

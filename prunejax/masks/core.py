@@ -1,0 +1,387 @@
+"""Masks as pytrees of booleans: which leaves are prunable, and an exact, sort-free top-k select.
+
+A mask has exactly the structure of the params; ``True`` keeps a weight, ``False`` prunes it. Leaves
+that a ``filter_fn(path, leaf)`` marks as not prunable get an all-``True`` mask, never ``None``.
+
+:func:`threshold_mask` prunes exactly ``k`` entries with the lowest scores without sorting: a radix
+select over an order-preserving unsigned-integer view of the float scores. Each pass builds a
+histogram of one digit (16 bits) of the candidates that match the prefix chosen so far, so two passes
+over the data fix the 32-bit threshold. Histograms are sums of counts, so under ``jit`` with sharded
+params XLA reduces them across devices and the result does not depend on the sharding. Ties at the
+threshold are broken deterministically: the first prunable leaves (in ``jax.tree.leaves`` order) lose
+first, and inside a leaf the lower row-major flat index loses first. (Groups of at most
+``_SORT_MAX`` entries, where a sort costs nothing, take a stable sort with the same result.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from prunejax.errors import ConfigError
+from prunejax.types import FilterFn, Mask, Params, PyTree
+
+PRUNABLE_NAMES = ("kernel", "embedding")
+_MAX_ENTRIES = 2**31 - 1
+# Groups this small are selected by a stable sort: as fast, and much quicker to compile. Larger
+# groups (the ones that matter) never sort.
+_SORT_MAX = 1 << 14
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and filters.
+# ----------------------------------------------------------------------------------------------
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """The names along a ``jax.tree_util`` key path, e.g. ``("dense_0", "kernel")``."""
+  return tuple(_key_name(k) for k in path)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A key path as ``"dense_0/kernel"``."""
+  return "/".join(path_names(path))
+
+
+def _is_named(key: Any) -> bool:
+  if isinstance(key, jax.tree_util.DictKey):
+    return isinstance(key.key, str)
+  return isinstance(key, jax.tree_util.GetAttrKey)
+
+
+def make_filter_fn(*, prune_head: bool = True, include: Iterable[str] | None = None,
+                   exclude: Iterable[str] | None = None,
+                   names: Sequence[str] = PRUNABLE_NAMES, head_name: str = "head") -> FilterFn:
+  """A ``filter_fn(path, leaf) -> bool`` choosing prunable leaves.
+
+  A leaf is prunable when all of these hold:
+
+  * its last path entry is one of ``names`` (Flax's ``kernel`` of Dense/Conv and ``embedding`` of
+    Embed by default, so biases, norm scales and learned position tables are never pruned); a leaf
+    whose last path entry is not a name (a list or tuple of arrays) counts as a kernel when it has at
+    least two dimensions;
+  * if ``include`` is given, its ``"a/b/kernel"`` path matches at least one of these regular
+    expressions (``re.search``);
+  * its path matches none of the ``exclude`` regular expressions;
+  * ``prune_head`` is True or no path entry equals ``head_name`` (the classifier of our models).
+
+  Args:
+    prune_head: whether the classifier head is prunable.
+    include: regular expressions; if given, only matching leaves are prunable.
+    exclude: regular expressions of leaves that are never prunable.
+    names: leaf names that are prunable.
+    head_name: the module name of the classifier head.
+
+  Returns:
+    The filter function.
+  """
+  include_res = None if include is None else [re.compile(p) for p in include]
+  exclude_res = [re.compile(p) for p in (exclude or ())]
+  names = tuple(names)
+
+  def filter_fn(path, leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.inexact) or dtype == jnp.bool_):
+      return False
+    if path and _is_named(path[-1]):
+      if _key_name(path[-1]) not in names:
+        return False
+    elif len(leaf.shape) < 2:
+      return False
+    parts = path_names(path)
+    if not prune_head and head_name in parts:
+      return False
+    s = "/".join(parts)
+    if include_res is not None and not any(r.search(s) for r in include_res):
+      return False
+    return not any(r.search(s) for r in exclude_res)
+
+  return filter_fn
+
+
+default_filter_fn: FilterFn = make_filter_fn()
+"""Kernels and embeddings are prunable (the classifier head included); biases and norms are not."""
+
+
+def prunable_leaves(tree: PyTree, filter_fn: FilterFn | None = None) -> tuple[list, list[bool], Any]:
+  """``(leaves, prunable flags, treedef)`` of ``tree`` in ``jax.tree.leaves`` order."""
+  filter_fn = filter_fn or default_filter_fn
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = [leaf for _, leaf in path_leaves]
+  flags = [bool(filter_fn(path, leaf)) for path, leaf in path_leaves]
+  return leaves, flags, treedef
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+  """The ``"a/b/kernel"`` path of every leaf, in ``jax.tree.leaves`` order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying and measuring masks.
+# ----------------------------------------------------------------------------------------------
+
+
+def ones_mask(params: Params) -> Mask:
+  """A mask that keeps everything."""
+  return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+
+
+def apply_mask(params: Params, mask: Mask) -> Params:
+  """``params`` with every pruned entry (mask False) set to exactly zero."""
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, mask)
+
+
+def count_params(tree: PyTree, filter_fn: FilterFn | None = None) -> int:
+  """Number of prunable entries of ``tree`` (a static Python int)."""
+  leaves, flags, _ = prunable_leaves(tree, filter_fn)
+  return int(sum(math.prod(jnp.shape(l)) for l, f in zip(leaves, flags) if f))
+
+
+def sparsity_of(tree: PyTree, filter_fn: FilterFn | None = None) -> jax.Array:
+  """Fraction of pruned prunable entries: ``False`` entries of a mask, or zeros of params.
+
+  Args:
+    tree: a mask (bool leaves) or params.
+    filter_fn: chooses the prunable leaves (default :func:`default_filter_fn`).
+
+  Returns:
+    A float32 scalar in ``[0, 1]`` (0 when nothing is prunable).
+  """
+  leaves, flags, _ = prunable_leaves(tree, filter_fn)
+  n = sum(math.prod(jnp.shape(l)) for l, f in zip(leaves, flags) if f)
+  if n == 0:
+    return jnp.zeros((), jnp.float32)
+  pruned = sum(jnp.sum(jnp.logical_not(l) if jnp.result_type(l) == jnp.bool_ else l == 0,
+                       dtype=jnp.int32) for l, f in zip(leaves, flags) if f)
+  return pruned.astype(jnp.float32) / n
+
+
+def num_to_prune(sparsity: Any, n: int, field: str = "sparsity") -> Any:
+  """``round(sparsity * n)``: a Python int when ``sparsity`` is concrete, else an int32 tracer.
+
+  A concrete sparsity is checked to lie in ``[0, 1]`` and rounded in float64 (half to even, as
+  Python's ``round``). A traced sparsity (a schedule inside a jitted step) is rounded in float32 and
+  clipped to ``[0, n]``.
+  """
+  if isinstance(sparsity, jax.core.Tracer):
+    return jnp.clip(jnp.round(sparsity * n), 0, n).astype(jnp.int32)
+  try:
+    s = float(sparsity)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{field}={sparsity!r} is not a number; expected a value in [0, 1]") from None
+  if not 0.0 <= s <= 1.0:
+    raise ConfigError(f"{field}={sparsity!r} is out of range; expected a value in [0, 1]")
+  return int(round(s * n))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact top-k select by radix histograms.
+# ----------------------------------------------------------------------------------------------
+
+
+def ordered_key(x: jax.Array) -> jax.Array:
+  """An unsigned-integer view of float ``x`` whose integer order is the float order.
+
+  ``-0.0`` maps to ``+0.0`` and NaN to ``-inf`` (so NaN scores are pruned first). float64 (with x64
+  enabled) gives uint64 keys; every other dtype is compared as float32 (exact for bf16/f16).
+  """
+  if x.dtype == jnp.float64:
+    udt, bits = jnp.uint64, 64
+  else:
+    x = x.astype(jnp.float32)
+    udt, bits = jnp.uint32, 32
+  x = jnp.where(jnp.isnan(x), -jnp.inf, x)
+  x = jnp.where(x == 0, jnp.zeros_like(x), x)
+  b = lax.bitcast_convert_type(x, udt)
+  sign = b >> (bits - 1)
+  return jnp.where(sign == 1, ~b, b | (udt(1) << (bits - 1)))
+
+
+def _radix_select(keys: Sequence[jax.Array], k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The ``k``-th smallest of ``keys`` jointly, by one 16-bit-digit histogram per pass.
+
+  Returns ``(t, r, e)``: the threshold key ``t``, how many entries equal to ``t`` must be taken
+  (``k - #{key < t}``; 0 when ``k == 0``) and how many entries equal ``t``.
+  """
+  udt = keys[0].dtype.type
+  key_bits = 8 * keys[0].dtype.itemsize
+  width, bins = 16, 1 << 16
+  prefix = jnp.zeros((), udt)
+  k_rem = jnp.asarray(k, jnp.int32)
+  hist, digit = None, None
+  for done in range(0, key_bits, width):
+    shift = key_bits - done - width
+    hist = jnp.zeros((bins,), jnp.int32)
+    for key in keys:
+      d = ((key >> shift) & udt(bins - 1)).astype(jnp.int32)
+      if done == 0:
+        hist = hist.at[d].add(1)
+      else:
+        hist = hist.at[d].add(((key >> (shift + width)) == prefix).astype(jnp.int32))
+    digit, before = _find_bin(hist, k_rem)
+    k_rem = k_rem - before
+    prefix = (prefix << width) | digit.astype(udt)
+  return prefix, k_rem, hist[jnp.minimum(digit, bins - 1)]
+
+
+def _inclusive_sums(v: jax.Array) -> jax.Array:
+  n = v.shape[0]
+  lower = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+  return jnp.sum(jnp.where(lower, v[None, :], 0), axis=1)
+
+
+def _find_bin(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The first bin whose inclusive prefix count reaches ``k``, and the count before it.
+
+  A two-level search over 256 x 256 bins (row totals, then one row), cheaper than a cumsum.
+  """
+  rows = hist.reshape(256, -1)
+  cum_rows = _inclusive_sums(rows.sum(axis=1))
+  r = jnp.sum(cum_rows < k, dtype=jnp.int32)
+  before_r = jnp.where(r > 0, cum_rows[jnp.maximum(r - 1, 0)], 0)
+  cum_cols = _inclusive_sums(lax.dynamic_index_in_dim(rows, jnp.minimum(r, 255), keepdims=False))
+  c = jnp.sum(cum_cols < k - before_r, dtype=jnp.int32)
+  before_c = jnp.where(c > 0, cum_cols[jnp.maximum(c - 1, 0)], 0)
+  return r * rows.shape[1] + c, before_r + before_c
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major flat index of every entry, built from iotas so it shards like the leaf."""
+  if not shape:
+    return jnp.zeros((), jnp.uint32)
+  idx = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(len(shape))):
+    idx = idx + lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
+    stride *= shape[d]
+  return idx
+
+
+def _index_bound(eq: jax.Array, need: jax.Array) -> jax.Array:
+  """Smallest ``j`` with ``#{eq & flat index < j} >= need``, by bisection over the flat index."""
+  size = math.prod(eq.shape)
+  idx = _flat_index(eq.shape).astype(jnp.int32)
+
+  def body(_, lo_hi):
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(eq & (idx < mid), dtype=jnp.int32) >= need
+    return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+  _, hi = lax.fori_loop(0, max(1, math.ceil(math.log2(size + 1))), body,
+                        (jnp.int32(0), jnp.int32(size)))
+  return hi
+
+
+def _tie_masks(keys: list[jax.Array], t: jax.Array, r: jax.Array) -> list[jax.Array]:
+  """Prune masks when only ``r`` of the entries equal to ``t`` may go.
+
+  In leaf order, each leaf gives up as many tied entries as it has until ``r`` is used up; only the
+  leaf where ``r`` runs out needs a bisection over its flat index.
+  """
+  eq_counts = jnp.stack([jnp.sum(k == t, dtype=jnp.int32) for k in keys])
+  need = jnp.clip(r - (jnp.cumsum(eq_counts) - eq_counts), 0, eq_counts)
+  out = []
+  for i, key in enumerate(keys):
+    size = math.prod(key.shape)
+    full = jnp.where(need[i] == eq_counts[i], jnp.int32(size), jnp.int32(0))
+    is_partial = (need[i] > 0) & (need[i] < eq_counts[i])
+    bound = lax.cond(is_partial, lambda key=key, i=i: _index_bound(key == t, need[i]),
+                     lambda full=full: full)
+    out.append((key < t) | ((key == t) & (_flat_index(key.shape).astype(jnp.int32) < bound)))
+  return out
+
+
+def _select_by_sort(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
+  """The same selection as the radix path, by a stable sort of the concatenated keys."""
+  flat = jnp.concatenate([key.reshape(-1) for key in keys])
+  order = jnp.argsort(flat, stable=True)
+  pruned = jnp.zeros(flat.shape, bool).at[order].set(jnp.arange(flat.shape[0]) < k)
+  out, offset = [], 0
+  for key in keys:
+    size = math.prod(key.shape)
+    out.append(pruned[offset:offset + size].reshape(key.shape))
+    offset += size
+  return out
+
+
+def _select_group(keys: list[jax.Array], k: jax.Array, sort_max: int) -> list[jax.Array]:
+  """Prune masks (True = pruned) of exactly ``k`` lowest keys over ``keys`` jointly."""
+  size = sum(math.prod(x.shape) for x in keys)
+  if size <= sort_max:
+    return _select_by_sort(keys, k)
+  t, r, e = _radix_select(keys, jnp.clip(k, 0, size))
+  # Usually every entry equal to the threshold goes (or, for k == 0, none does).
+  return lax.cond(r < e, lambda: _tie_masks(keys, t, r),
+                  lambda: [(key < t) | ((key == t) & (r > 0)) for key in keys])
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "sort_max"))
+def _select(scores: list[jax.Array], counts: list[jax.Array], groups: tuple[tuple[int, ...], ...],
+            sort_max: int):
+  pruned = [None] * len(scores)
+  for g, members in enumerate(groups):
+    wide = any(scores[i].dtype == jnp.float64 for i in members)
+    keys = [ordered_key(scores[i].astype(jnp.float64) if wide else scores[i]) for i in members]
+    for i, p in zip(members, _select_group(keys, counts[g], sort_max)):
+      pruned[i] = p
+  return pruned
+
+
+def threshold_mask(scores: PyTree, num_pruned: Any, *, filter_fn: FilterFn | None = None) -> Mask:
+  """Prunes exactly ``num_pruned`` prunable entries with the lowest scores, without sorting.
+
+  A radix select over order-preserving integer keys of the scores (two 16-bit histogram passes for
+  float32) finds the threshold; every pass is a sum of counts, so it runs unchanged on sharded
+  scores. Cost: a few passes over the scores, versus a sort of all of them.
+
+  Args:
+    scores: a pytree of float scores with the structure of the params (higher = more important).
+    num_pruned: an int (global count over all prunable leaves together), or a pytree with the
+      structure of ``scores`` whose leaves are the count for each leaf (ignored on leaves that are
+      not prunable). Counts may be traced int32 values; they are clipped to the number of entries.
+    filter_fn: chooses the prunable leaves (default :func:`default_filter_fn`).
+
+  Returns:
+    A bool mask with the structure of ``scores``; non-prunable leaves are all True. Ties at the
+    threshold are broken by leaf order, then by row-major flat index (lower index pruned first);
+    NaN scores count as ``-inf`` and ``-0.0`` as ``+0.0``.
+
+  Raises:
+    ConfigError: more than ``2**31 - 1`` entries are selected jointly (counts are int32).
+  """
+  leaves, flags, treedef = prunable_leaves(scores, filter_fn)
+  idx = [i for i, f in enumerate(flags) if f]
+  out = [jnp.ones(jnp.shape(l), bool) for l in leaves]
+  if not idx:
+    return jax.tree.unflatten(treedef, out)
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(num_pruned)):
+    groups = (tuple(range(len(idx))),)
+    counts = [jnp.asarray(num_pruned, jnp.int32)]
+  else:
+    count_leaves = treedef.flatten_up_to(num_pruned)
+    groups = tuple((j,) for j in range(len(idx)))
+    counts = [jnp.asarray(count_leaves[i], jnp.int32) for i in idx]
+  for members in groups:
+    n = sum(math.prod(jnp.shape(leaves[idx[j]])) for j in members)
+    if n > _MAX_ENTRIES:
+      raise ConfigError(f"{n} prunable entries are selected jointly; at most {_MAX_ENTRIES} are "
+                        "supported (use scope='layerwise')")
+  pruned = _select([jnp.asarray(leaves[i]) for i in idx], counts, groups, _SORT_MAX)
+  for j, i in enumerate(idx):
+    out[i] = jnp.logical_not(pruned[j])
+  return jax.tree.unflatten(treedef, out)
