@@ -135,11 +135,13 @@ def leaf_paths(tree: PyTree) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+@jax.jit
 def ones_mask(params: Params) -> Mask:
   """A mask that keeps everything."""
   return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
 
 
+@jax.jit
 def apply_mask(params: Params, mask: Mask) -> Params:
   """``params`` with every pruned entry (mask False) set to exactly zero."""
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, mask)
@@ -330,16 +332,19 @@ def _select_group(keys: list[jax.Array], k: jax.Array, sort_max: int) -> list[ja
                   lambda: [(key < t) | ((key == t) & (r > 0)) for key in keys])
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "sort_max"))
+@functools.partial(jax.jit, static_argnames=("groups", "layout", "sort_max"))
 def _select(scores: list[jax.Array], counts: list[jax.Array], groups: tuple[tuple[int, ...], ...],
-            sort_max: int):
+            layout: tuple[Any, ...], sort_max: int) -> list[jax.Array]:
+  """Keep masks of every leaf: ``layout[i]`` is the index of leaf ``i`` in ``scores``, or the shape
+  of a non-prunable leaf (all True)."""
   pruned = [None] * len(scores)
   for g, members in enumerate(groups):
     wide = any(scores[i].dtype == jnp.float64 for i in members)
     keys = [ordered_key(scores[i].astype(jnp.float64) if wide else scores[i]) for i in members]
     for i, p in zip(members, _select_group(keys, counts[g], sort_max)):
       pruned[i] = p
-  return pruned
+  return [jnp.ones(item, bool) if isinstance(item, tuple) else jnp.logical_not(pruned[item])
+          for item in layout]
 
 
 def threshold_mask(scores: PyTree, num_pruned: Any, *, filter_fn: FilterFn | None = None) -> Mask:
@@ -366,11 +371,8 @@ def threshold_mask(scores: PyTree, num_pruned: Any, *, filter_fn: FilterFn | Non
   """
   leaves, flags, treedef = prunable_leaves(scores, filter_fn)
   idx = [i for i, f in enumerate(flags) if f]
-  out = [jnp.ones(jnp.shape(l), bool) for l in leaves]
-  if not idx:
-    return jax.tree.unflatten(treedef, out)
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(num_pruned)):
-    groups = (tuple(range(len(idx))),)
+    groups = (tuple(range(len(idx))),) if idx else ()
     counts = [jnp.asarray(num_pruned, jnp.int32)]
   else:
     count_leaves = treedef.flatten_up_to(num_pruned)
@@ -381,7 +383,8 @@ def threshold_mask(scores: PyTree, num_pruned: Any, *, filter_fn: FilterFn | Non
     if n > _MAX_ENTRIES:
       raise ConfigError(f"{n} prunable entries are selected jointly; at most {_MAX_ENTRIES} are "
                         "supported (use scope='layerwise')")
-  pruned = _select([jnp.asarray(leaves[i]) for i in idx], counts, groups, _SORT_MAX)
-  for j, i in enumerate(idx):
-    out[i] = jnp.logical_not(pruned[j])
+  position = {i: j for j, i in enumerate(idx)}
+  layout = tuple(position[i] if i in position else tuple(jnp.shape(l))
+                 for i, l in enumerate(leaves))
+  out = _select([jnp.asarray(leaves[i]) for i in idx], counts, groups, layout, _SORT_MAX)
   return jax.tree.unflatten(treedef, out)

@@ -11,6 +11,7 @@ and optionally ``mask`` (False on padding rows, which add nothing to the loss).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,6 +38,30 @@ def _size(leaf: Any) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def prune_counts(tree: PyTree, sparsity: Any, *, scope: str = "global",
+                 filter_fn: FilterFn | None = None,
+                 distribution: str | Mapping[str, float] | None = None) -> Any:
+  """How many weights :func:`mask_from_scores` removes: an int, or a per-leaf pytree of ints.
+
+  Args: as :func:`mask_from_scores` (``tree`` gives the shapes).
+
+  Returns:
+    ``round(sparsity * n)`` over all ``n`` prunable entries for ``scope="global"``; for
+    ``"layerwise"`` a pytree with ``round(s_l * n_l)`` on each prunable leaf and 0 elsewhere.
+    Python ints for a concrete sparsity, int32 tracers for a traced one.
+  """
+  check_choice("scope", scope, SCOPES)
+  leaves, flags, treedef = prunable_leaves(tree, filter_fn)
+  if scope == "global":
+    if distribution is not None:
+      raise ConfigError(f"distribution={distribution!r} needs scope='layerwise'")
+    return num_to_prune(sparsity, sum(_size(l) for l, f in zip(leaves, flags) if f))
+  per_leaf = treedef.flatten_up_to(
+      layer_sparsities(tree, sparsity, distribution or "uniform", filter_fn))
+  return jax.tree.unflatten(treedef, [num_to_prune(s, _size(l)) if f else 0
+                                      for s, l, f in zip(per_leaf, leaves, flags)])
+
+
 def mask_from_scores(scores: PyTree, sparsity: Any, *, scope: str = "global",
                      filter_fn: FilterFn | None = None,
                      distribution: str | Mapping[str, float] | None = None) -> Mask:
@@ -49,24 +74,30 @@ def mask_from_scores(scores: PyTree, sparsity: Any, *, scope: str = "global",
     scope: ``"global"``: exactly ``round(sparsity * n)`` of all ``n`` prunable weights are removed,
       wherever their scores are lowest; ``"layerwise"``: leaf ``l`` loses exactly
       ``round(s_l * n_l)`` weights, with ``s_l`` from ``distribution``.
-    filter_fn: chooses the prunable leaves (default: kernels and embeddings).
+    filter_fn: chooses the prunable leaves (default: kernels and embeddings). Pass the same function
+      object across calls: jitted callers treat it as static.
     distribution: for ``scope="layerwise"`` only: ``"uniform"`` (default, ``s_l = sparsity``),
       ``"erk"``, or a ``{path: sparsity}`` map (see :mod:`prunejax.masks.distributions`).
 
   Returns:
     The mask; non-prunable leaves are all True.
   """
-  check_choice("scope", scope, SCOPES)
-  leaves, flags, treedef = prunable_leaves(scores, filter_fn)
-  if scope == "global":
-    if distribution is not None:
-      raise ConfigError(f"distribution={distribution!r} needs scope='layerwise'")
-    n = sum(_size(l) for l, f in zip(leaves, flags) if f)
-    return threshold_mask(scores, num_to_prune(sparsity, n), filter_fn=filter_fn)
-  per_leaf = layer_sparsities(scores, sparsity, distribution or "uniform", filter_fn)
-  s_leaves = treedef.flatten_up_to(per_leaf)
-  counts = [num_to_prune(s, _size(l)) if f else 0 for s, l, f in zip(s_leaves, leaves, flags)]
-  return threshold_mask(scores, jax.tree.unflatten(treedef, counts), filter_fn=filter_fn)
+  counts = prune_counts(scores, sparsity, scope=scope, filter_fn=filter_fn,
+                        distribution=distribution)
+  return threshold_mask(scores, counts, filter_fn=filter_fn)
+
+
+@functools.partial(jax.jit, static_argnames=("filter_fn",))
+def _magnitude_mask(params, counts, filter_fn):
+  return threshold_mask(jax.tree.map(jnp.abs, params), counts, filter_fn=filter_fn)
+
+
+@functools.partial(jax.jit, static_argnames=("filter_fn",))
+def _random_mask(key, params, counts, filter_fn):
+  leaves, treedef = jax.tree.flatten(params)
+  scores = [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(l))
+            for i, l in enumerate(leaves)]
+  return threshold_mask(jax.tree.unflatten(treedef, scores), counts, filter_fn=filter_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,9 +124,9 @@ def magnitude(params: Params, sparsity: Any, *, scope: str = "global",
     Han et al. 2015, "Learning both Weights and Connections for Efficient Neural Networks";
     Frankle and Carbin 2019, "The Lottery Ticket Hypothesis" (global magnitude pruning).
   """
-  scores = jax.tree.map(jnp.abs, params)
-  return mask_from_scores(scores, sparsity, scope=scope, filter_fn=filter_fn,
-                          distribution=distribution)
+  counts = prune_counts(params, sparsity, scope=scope, filter_fn=filter_fn,
+                        distribution=distribution)
+  return _magnitude_mask(params, counts, filter_fn)
 
 
 def random(params: Params, sparsity: Any, *, key: jax.Array, scope: str = "global",
@@ -114,11 +145,9 @@ def random(params: Params, sparsity: Any, *, key: jax.Array, scope: str = "globa
   Returns:
     The mask.
   """
-  leaves, treedef = jax.tree.flatten(params)
-  scores = [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(l))
-            for i, l in enumerate(leaves)]
-  return mask_from_scores(jax.tree.unflatten(treedef, scores), sparsity, scope=scope,
-                          filter_fn=filter_fn, distribution=distribution)
+  counts = prune_counts(params, sparsity, scope=scope, filter_fn=filter_fn,
+                        distribution=distribution)
+  return _random_mask(key, params, counts, filter_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,12 +196,16 @@ def snip_scores(apply_fn: ApplyFn, params: Params, batch: Batch, *,
   return jax.tree.map(lambda p, g: jnp.abs(p * g), params, grads)
 
 
+# apply_fn and loss_fn are static: pass the same function objects to reuse the compilation.
+_snip_scores_jit = jax.jit(snip_scores, static_argnums=0, static_argnames=("loss_fn",))
+
+
 def snip(apply_fn: ApplyFn, params: Params, batch: Batch, sparsity: Any, *,
          scope: str = "global", filter_fn: FilterFn | None = None,
          distribution: str | Mapping[str, float] | None = None,
          loss_fn: LossFn | None = None) -> Mask:
   """Removes the weights of lowest SNIP score (see :func:`snip_scores`)."""
-  scores = snip_scores(apply_fn, params, batch, loss_fn=loss_fn)
+  scores = _snip_scores_jit(apply_fn, params, batch, loss_fn=loss_fn)
   return mask_from_scores(scores, sparsity, scope=scope, filter_fn=filter_fn,
                           distribution=distribution)
 
@@ -204,12 +237,16 @@ def grasp_scores(apply_fn: ApplyFn, params: Params, batch: Batch, *,
   return jax.tree.map(lambda p, h: -p * h, params, hg)
 
 
+_grasp_scores_jit = jax.jit(grasp_scores, static_argnums=0,
+                            static_argnames=("loss_fn", "temperature"))
+
+
 def grasp(apply_fn: ApplyFn, params: Params, batch: Batch, sparsity: Any, *,
           scope: str = "global", filter_fn: FilterFn | None = None,
           distribution: str | Mapping[str, float] | None = None,
           loss_fn: LossFn | None = None, temperature: float = 1.0) -> Mask:
   """Removes the weights of highest GraSP score ``-theta * H g`` (see :func:`grasp_scores`)."""
-  s = grasp_scores(apply_fn, params, batch, loss_fn=loss_fn, temperature=temperature)
+  s = _grasp_scores_jit(apply_fn, params, batch, loss_fn=loss_fn, temperature=temperature)
   return mask_from_scores(jax.tree.map(jnp.negative, s), sparsity, scope=scope,
                           filter_fn=filter_fn, distribution=distribution)
 
@@ -274,7 +311,6 @@ def synflow(apply_fn: ApplyFn, params: Params, sparsity: float, input_shape: Seq
   """
   check_positive_int("rounds", rounds)
   num_to_prune(sparsity, 1)
-  leaves, flags, treedef = prunable_leaves(params, filter_fn)
 
   @jax.jit
   def one_round(params, mask, counts):
@@ -286,16 +322,8 @@ def synflow(apply_fn: ApplyFn, params: Params, sparsity: float, input_shape: Seq
   mask = ones_mask(params)
   for r in range(1, rounds + 1):
     s_r = sparsity if r == rounds else 1.0 - (1.0 - float(sparsity)) ** (r / rounds)
-    if scope == "global":
-      if distribution is not None:
-        raise ConfigError(f"distribution={distribution!r} needs scope='layerwise'")
-      counts = num_to_prune(s_r, sum(_size(l) for l, f in zip(leaves, flags) if f))
-    else:
-      check_choice("scope", scope, SCOPES)
-      per_leaf = treedef.flatten_up_to(
-          layer_sparsities(params, s_r, distribution or "uniform", filter_fn))
-      counts = jax.tree.unflatten(treedef, [num_to_prune(s, _size(l)) if f else 0
-                                            for s, l, f in zip(per_leaf, leaves, flags)])
+    counts = prune_counts(params, s_r, scope=scope, filter_fn=filter_fn,
+                          distribution=distribution)
     mask = one_round(params, mask, counts)
   return mask
 
