@@ -1,0 +1,97 @@
+"""Masked optimizers: an optax transformation that keeps pruned weights at exactly zero.
+
+The mask rides in the optimizer state (:class:`MaskedState`), so it is checkpointed and sharded with
+it, and can be recomputed on a sparsity schedule inside a jitted train step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from prunejax.errors import ConfigError
+from prunejax.masks.core import ones_mask
+from prunejax.schedules import Schedule
+from prunejax.types import Mask, Params
+
+MaskFn = Callable[[Params, jax.Array], Mask]
+
+
+class MaskedState(NamedTuple):
+  """State of :func:`masked`: the inner optimizer's state, the mask and the number of updates."""
+
+  inner_state: optax.OptState
+  mask: Mask
+  count: jax.Array
+
+
+def masked(tx: optax.GradientTransformation, mask: Mask | None = None, *,
+           mask_fn: MaskFn | None = None,
+           schedule: Schedule | None = None) -> optax.GradientTransformation:
+  """Wraps ``tx`` so that pruned weights (mask False) stay exactly zero through every update.
+
+  Gradients of pruned weights are zeroed before ``tx`` (so momentum and Adam moments do not grow
+  from them), and their final update is exactly ``-param``: ``optax.apply_updates`` then yields
+  ``param + (-param) == 0`` exactly, whatever ``tx`` computed (weight decay, momentum from before
+  pruning) and even if the weight was not zero when it was pruned. Kept weights get ``tx``'s update
+  unchanged.
+
+  With ``mask_fn`` and ``schedule`` the mask is recomputed inside ``update`` as
+  ``mask_fn(params, schedule(count))`` at every update count where the schedule's value changes
+  (``schedule(count) != schedule(count - 1)``), from the params before that update. For example
+  ``mask_fn=functools.partial(prunejax.masks.magnitude, scope="global")`` with
+  ``schedule=prunejax.schedules.polynomial(0.9, 0, 1000)`` is gradual magnitude pruning.
+
+  Args:
+    tx: the inner optimizer.
+    mask: the initial mask (default: keep everything).
+    mask_fn: ``mask_fn(params, sparsity) -> mask``, called with a traced sparsity.
+    schedule: ``schedule(count) -> sparsity``; needed with ``mask_fn``.
+
+  Returns:
+    A ``GradientTransformation`` whose state is a :class:`MaskedState`; ``update`` needs ``params``.
+
+  References:
+    Lee et al. 2022, "JaxPruner: A concise library for sparsity research" (masks in the optimizer
+    state); Zhu and Gupta 2017 (gradual pruning inside training).
+  """
+  if (mask_fn is None) != (schedule is None):
+    raise ConfigError("masked: mask_fn and schedule go together (give both or neither)")
+
+  def init_fn(params):
+    m = mask if mask is not None else ones_mask(params)
+    return MaskedState(tx.init(params), m, jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ConfigError("masked(...).update needs params (pruned weights are set to -params)")
+    m = state.mask
+    if mask_fn is not None:
+      s_now, s_prev = schedule(state.count), schedule(state.count - 1)
+      m = jax.lax.cond(s_now != s_prev, lambda: mask_fn(params, s_now), lambda: m)
+    grads = jax.tree.map(lambda g, k: jnp.where(k, g, jnp.zeros_like(g)), updates, m)
+    inner_updates, inner_state = tx.update(grads, state.inner_state, params)
+    new_updates = jax.tree.map(lambda u, p, k: jnp.where(k, u, -p).astype(u.dtype),
+                               inner_updates, params, m)
+    return new_updates, MaskedState(inner_state, m, state.count + 1)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_masked_state(x: Any) -> bool:
+  return isinstance(x, MaskedState)
+
+
+def get_mask(opt_state: optax.OptState) -> Mask | None:
+  """The mask of the first :class:`MaskedState` inside ``opt_state`` (None if there is none)."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_masked_state) if _is_masked_state(s)]
+  return found[0].mask if found else None
+
+
+def set_mask(opt_state: optax.OptState, mask: Mask) -> optax.OptState:
+  """``opt_state`` with the mask of every :class:`MaskedState` inside it replaced by ``mask``."""
+  return jax.tree.map(lambda s: s._replace(mask=mask) if _is_masked_state(s) else s, opt_state,
+                      is_leaf=_is_masked_state)
