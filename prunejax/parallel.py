@@ -65,3 +65,31 @@ def gather(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, cpu_collectives: str = "gloo") -> None:
+  """Starts JAX's distributed runtime when more than one process is asked for.
+
+  Arguments default to the environment (``PRUNEJAX_COORDINATOR``, ``PRUNEJAX_NUM_PROCESSES``,
+  ``PRUNEJAX_PROCESS_ID``); on TPU pods and SLURM clusters, where JAX detects all three, pass
+  ``num_processes=-1`` (or set ``PRUNEJAX_NUM_PROCESSES=-1``) to use JAX's own detection. CPU processes
+  use ``cpu_collectives`` (gloo) for cross-process reductions.
+  """
+  import os
+  coordinator_address = coordinator_address or os.environ.get("PRUNEJAX_COORDINATOR")
+  if num_processes is None and os.environ.get("PRUNEJAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["PRUNEJAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("PRUNEJAX_PROCESS_ID"):
+    process_id = int(os.environ["PRUNEJAX_PROCESS_ID"])
+  if num_processes is None or num_processes == 1:
+    return
+  if num_processes == -1:
+    jax.distributed.initialize()
+    return
+  if not coordinator_address or process_id is None:
+    raise ConfigError("num_processes > 1 needs coordinator_address (host:port) and process_id")
+  if not 0 <= process_id < num_processes:
+    raise ConfigError(f"process_id={process_id} is out of range; expected 0..{num_processes - 1}")
+  jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -79,7 +79,8 @@ def _metrics(logits_BxC, ce_B, batch) -> dict[str, jax.Array]:
   correct = (jnp.argmax(logits_BxC, -1) == batch["y"]) & mask_B
   return {"loss_sum": jnp.sum(jnp.where(mask_B, ce_B, 0.0)),
           "correct": correct.sum().astype(jnp.float32),
-          "count": mask_B.sum().astype(jnp.float32)}
+          "count": mask_B.sum().astype(jnp.float32),
+          "nonfinite": jnp.sum(mask_B & ~jnp.isfinite(ce_B)).astype(jnp.float32)}
 
 
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -109,7 +110,10 @@ def train_step_with_losses(state: TrainState, batch: dict
   params = optax.apply_updates(state.params, updates_p)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=updates.get("batch_stats", state.batch_stats))
-  return new_state, _metrics(logits, ce_B, batch), ce_B
+  metrics = _metrics(logits, ce_B, batch)
+  # Cheap on-device fault detection: one reduction over the gradient norm.
+  metrics["grad_nonfinite"] = (~jnp.isfinite(optax.global_norm(grads))).astype(jnp.float32)
+  return new_state, metrics, ce_B
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -186,6 +190,10 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, epochs: float) -> optax.Gradi
 
 def _sum_metrics(acc, m):
   return m if acc is None else jax.tree.map(jnp.add, acc, m)
+
+
+class NumericalError(RuntimeError):
+  """A NaN or inf appeared in a loss, a gradient or a score."""
 
 
 def summarize(metrics: dict) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -31,9 +32,17 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   return GPTClassifier(num_classes=num_classes, **kwargs)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: nn.Module, key: jax.Array, x_example: jax.Array) -> dict:
+  return model.init(key, x_example, train=False)
+
+
 def init_variables(model: nn.Module, key: jax.Array, x_example: jax.Array) -> dict:
-  """Initial variables (``{"params": ..., "batch_stats": ...}`` where the model has BatchNorm)."""
-  return dict(jax.jit(lambda k, x: model.init(k, x, train=False))(key, x_example))
+  """Initial variables (``{"params": ..., "batch_stats": ...}`` where the model has BatchNorm).
+
+  Compiled once per model (Flax modules hash by their fields) and input shape.
+  """
+  return dict(_init(model, key, x_example))
 
 
 def make_apply_fn(model: nn.Module) -> Callable[[dict, jax.Array], jax.Array]:

@@ -1,0 +1,39 @@
+"""Defaults shared by every experiment config; each config file starts from ``base.get_config()``."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "run"
+  c.seed = 0
+  c.replicates = 2  # seeds; ignored when cv_folds > 0
+  c.cv_folds = 0  # K > 0: replicate r trains on all folds but r and also reports accuracy on fold r
+  c.strategies = ("dense",)
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="digits", data_dir=ml_collections.FieldReference(None, field_type=str), download=False,
+      num_train=ml_collections.FieldReference(None, field_type=int),
+      num_test=ml_collections.FieldReference(None, field_type=int),
+      tokenizer="bpe", vocab_size=8192, max_len=64, augment=False,
+      cache_dir=ml_collections.FieldReference(None, field_type=str)))
+  c.model = ml_collections.ConfigDict(dict(name="mlp"))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine",
+      warmup_epochs=0.0, step_epochs=(), step_factor=0.1, b1=0.9, b2=0.999))
+  c.train = ml_collections.ConfigDict(dict(epochs=20, batch_size=32, eval_batch_size=256,
+                                           progress=False))
+  c.data_pruning = ml_collections.ConfigDict(dict(
+      keep_fractions=(0.3, 0.5, 0.7), keep="hard", class_balanced=False, offset=0.0,
+      conventions=("epochs",), score_epochs=3, score_seeds=2, dynamic_keep=0.5,
+      forgetting_epochs=10, prototypes_k=10))
+  c.batch_pruning = ml_collections.ConfigDict(dict(keep_fraction=0.5, score="loss"))
+  c.semi_batch = ml_collections.ConfigDict(dict(prune_ratio=0.5, delta=0.875))
+  c.iterative = ml_collections.ConfigDict(dict(prune_per_round=0.3, target_keep=0.3, score="el2n",
+                                               score_epochs=3))
+  c.imp = ml_collections.ConfigDict(dict(
+      prune_per_round=0.5, target_sparsity=0.9, scope="global", rewind_step=0, reset_optimizer=True,
+      max_rounds=ml_collections.FieldReference(None, field_type=int), prune_head=True))
+  c.pai = ml_collections.ConfigDict(dict(methods=("magnitude", "random", "snip", "grasp", "synflow"),
+                                         sparsities=(0.5, 0.8, 0.9)))
+  c.joint = ml_collections.ConfigDict(dict(data="semi_batch"))
+  return c

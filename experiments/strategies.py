@@ -1,0 +1,372 @@
+"""The strategies an experiment can run, each producing result rows (see ``experiments/common.py``).
+
+Data pruning: ``dense`` (full data), ``random`` (a static random subset), ``random_dynamic`` (a fresh
+random subset every epoch), static score-based subsets (``el2n``, ``grand``, ``forgetting``, ``aum``,
+``prototypes``, ``label_quality``), ``batch`` (online top-k back-propagation), ``semi_batch``
+(InfoBatch), ``iterative`` (train, score, prune, retrain). Model pruning: ``imp`` (lottery tickets with
+rewinding) and its controls, ``pai`` (pruning at initialization). ``joint``: data and weights pruned in
+the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+
+from experiments import common
+from prunejax import data, parallel, scores as scores_lib, select
+from prunejax.models import make_apply_fn
+
+Rows = list[dict]
+
+
+def _replicates(ctx: common.Context):
+  for r in range(ctx.num_replicates):
+    yield (r,) + ctx.replicate_split(r)
+
+
+def baseline_compute(ctx: common.Context) -> float:
+  """Compute of one full-data training run (example passes), the unit of every compute ratio."""
+  ids, _, _ = ctx.replicate_split(0)
+  return 3.0 * len(ids) * ctx.config.train.epochs
+
+
+# ----------------------------------------------------------------------------------------------
+# Full data, random, dynamic.
+# ----------------------------------------------------------------------------------------------
+
+
+def dense(ctx: common.Context) -> Rows:
+  rows = []
+  for r, ids, held, seed in _replicates(ctx):
+    def unit():
+      run = common.train_model(ctx, ids, seed=seed, desc=f"dense r{r}")
+      return common.result_row(ctx, "dense", r, run, held)
+    rows.append(ctx.units.run(f"dense_r{r}", unit))
+  return rows
+
+
+def _subset_runs(ctx, strategy: str, kept_fn: Callable[[int, np.ndarray, int, float], np.ndarray],
+                 *, scoring_compute: Callable[[int], float] = lambda r: 0.0) -> Rows:
+  """Trains on the kept subset for each keep fraction, convention and replicate."""
+  rows = []
+  dp = ctx.config.data_pruning
+  for r, ids, held, seed in _replicates(ctx):
+    for frac in dp.keep_fractions:
+      for conv in dp.conventions:
+        def unit(frac=frac, conv=conv):
+          kept = kept_fn(r, ids, seed, frac)
+          epochs = ctx.config.train.epochs
+          if conv == "steps":  # same number of optimizer steps as full data
+            epochs = int(round(epochs * len(ids) / max(len(kept), 1)))
+          run = common.train_model(ctx, kept, seed=seed, epochs=epochs,
+                                   desc=f"{strategy} keep={frac} r{r}")
+          per_class = np.bincount(ctx.ds.train.select(kept).y, minlength=ctx.ds.num_classes) / \
+              np.maximum(np.bincount(ctx.ds.train.select(ids).y, minlength=ctx.ds.num_classes), 1)
+          return common.result_row(ctx, strategy, r, run, held, fraction_kept=len(kept) / len(ids),
+                                   convention=conv, scoring_compute=scoring_compute(r),
+                                   per_class_kept=per_class.round(4).tolist())
+        rows.append(ctx.units.run(f"{strategy}_keep{frac}_{conv}_r{r}", unit))
+  return rows
+
+
+def random_static(ctx: common.Context) -> Rows:
+  def kept(r, ids, seed, frac):
+    return select.select(ids, np.zeros(len(ids), np.float32), fraction=frac, keep="random",
+                         seed=seed)
+  return _subset_runs(ctx, "random", kept)
+
+
+def _dynamic(ctx: common.Context, strategy: str) -> Rows:
+  rows = []
+  for r, ids, held, seed in _replicates(ctx):
+    def unit():
+      run = common.train_model(ctx, ids, seed=seed, dynamic_strategy=strategy,
+                               desc=f"{strategy} r{r}")
+      kept = {"batch": ctx.config.batch_pruning.keep_fraction,
+              "random_dynamic": ctx.config.data_pruning.dynamic_keep}.get(
+                  strategy, run.backward / (len(ids) * ctx.config.train.epochs))
+      return common.result_row(ctx, strategy, r, run, held, fraction_kept=kept)
+    rows.append(ctx.units.run(f"{strategy}_r{r}", unit))
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Static score-based subsets.
+# ----------------------------------------------------------------------------------------------
+
+
+def score_examples(ctx: common.Context, state, ids: np.ndarray, score_fn) -> np.ndarray:
+  """``score_fn(apply_fn, params, batch)`` over the training examples ``ids``, in that order."""
+  apply_fn = make_apply_fn(state.model)
+  fn = jax.jit(functools.partial(score_fn, apply_fn))
+  out = np.zeros(len(ids), np.float32)
+  pos = {int(i): p for p, i in enumerate(ids)}
+  for b in ctx.batches(ids, shuffle=False):
+    gb = parallel.shard_batch(b, ctx.mesh)
+    s, gid, gmask = (parallel.gather(a) for a in (fn(state.variables, gb), gb["id"], gb["mask"]))
+    out[[pos[int(i)] for i in gid[gmask]]] = s[gmask]
+  if not np.all(np.isfinite(out)):
+    from prunejax.train import NumericalError
+    raise NumericalError(f"non-finite {getattr(score_fn, '__name__', 'score')} for examples "
+                         f"{ids[~np.isfinite(out)][:16].tolist()}")
+  return out
+
+
+SCORE_PASS_COST = {"el2n": 1.0, "grand": 3.0}  # example passes per scored example
+
+
+def static_scores(ctx: common.Context, name: str, r: int, ids: np.ndarray, seed: int
+                  ) -> tuple[np.ndarray, float]:
+  """Scores of replicate ``r``'s training ids: trained ``score_epochs`` epochs over ``score_seeds``
+  seeds and averaged (Paul et al. 2021). Saved to ``workdir/scores`` keyed by id; returns
+  (scores, scoring compute in example passes)."""
+  dp = ctx.config.data_pruning
+  path = os.path.join(ctx.workdir, "scores", f"{name}_r{r}.npz")
+  if os.path.exists(path):
+    loaded_ids, loaded = scores_lib.load_scores(path)
+    np.testing.assert_array_equal(loaded_ids, ids)
+    return loaded[name], float(loaded["compute"][0])
+  fn = {"el2n": scores_lib.el2n, "grand": scores_lib.grand}[name]
+  total, compute = np.zeros(len(ids), np.float64), 0.0
+  for s in range(dp.score_seeds):
+    run = common.train_model(ctx, ids, seed=seed * 1000 + s, epochs=dp.score_epochs,
+                             desc=f"score {name} seed {s}")
+    total += score_examples(ctx, run.state, ids, fn)
+    compute += run.compute + SCORE_PASS_COST[name] * len(ids)
+  avg = (total / dp.score_seeds).astype(np.float32)
+  if jax.process_index() == 0:
+    scores_lib.save_scores(path, ids, **{name: avg, "compute": np.full(len(ids), compute)})
+  return avg, compute
+
+
+def score_based(ctx: common.Context, name: str) -> Rows:
+  dp = ctx.config.data_pruning
+  cache = {}
+
+  def get(r, ids, seed):
+    if r not in cache:
+      cache[r] = static_scores(ctx, name, r, ids, seed)
+    return cache[r]
+
+  def kept(r, ids, seed, frac):
+    s, _ = get(r, ids, seed)
+    return select.select(ids, s, fraction=frac, keep=dp.keep, labels=ctx.ds.train.select(ids).y,
+                         class_balanced=dp.class_balanced, offset=dp.offset, seed=seed)
+
+  def scoring_compute(r):
+    ids, _, seed = ctx.replicate_split(r)
+    return get(r, ids, seed)[1]
+
+  return _subset_runs(ctx, name, kept, scoring_compute=scoring_compute)
+
+
+# ----------------------------------------------------------------------------------------------
+# Iterative data pruning.
+# ----------------------------------------------------------------------------------------------
+
+
+def iterative(ctx: common.Context) -> Rows:
+  """Train, score (``iterative.score``), keep the hardest part of the remaining data, retrain from
+  scratch; repeat until ``iterative.target_keep`` of the data remains. One row per round."""
+  it = ctx.config.iterative
+  fn = {"el2n": scores_lib.el2n, "grand": scores_lib.grand}[it.score]
+  rows = []
+  for r, ids, held, seed in _replicates(ctx):
+    kept = ids
+    keeps = common.iterative_keeps(it.prune_per_round, it.target_keep)
+    scoring = 0.0
+    for rnd, target in enumerate(keeps):
+      def unit(kept=kept, target=target, rnd=rnd, scoring=scoring):
+        run = common.train_model(ctx, kept, seed=seed, epochs=it.score_epochs,
+                                 desc=f"iterative score round {rnd} r{r}")
+        s = score_examples(ctx, run.state, kept, fn)
+        scoring = scoring + run.compute + SCORE_PASS_COST[it.score] * len(kept)
+        n_keep = int(round(target * len(ids)))
+        new_kept = select.select(kept, s, fraction=n_keep / len(kept), keep="hard", seed=seed)
+        final = common.train_model(ctx, new_kept, seed=seed, desc=f"iterative round {rnd} r{r}")
+        row = common.result_row(ctx, "iterative", r, final, held, fraction_kept=target,
+                                round=rnd, scoring_compute=scoring)
+        row["kept_ids"] = new_kept.tolist()
+        return row
+      row = ctx.units.run(f"iterative_round{rnd}_r{r}", unit)
+      kept, scoring = np.asarray(row["kept_ids"], np.int64), row["scoring_compute"]
+      rows.append({k: v for k, v in row.items() if k != "kept_ids"})
+  return rows
+
+
+REGISTRY: dict[str, Callable[[common.Context], Rows]] = {  # completed at the end of the module
+    "dense": dense,
+    "random": random_static,
+    "random_dynamic": lambda ctx: _dynamic(ctx, "random_dynamic"),
+    "batch": lambda ctx: _dynamic(ctx, "batch"),
+    "semi_batch": lambda ctx: _dynamic(ctx, "semi_batch"),
+    "el2n": lambda ctx: score_based(ctx, "el2n"),
+    "grand": lambda ctx: score_based(ctx, "grand"),
+    "iterative": iterative,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model pruning: IMP with rewinding and its controls, pruning at initialization.
+# ----------------------------------------------------------------------------------------------
+
+
+def imp_sparsities(prune_per_round: float, target: float) -> list[float]:
+  """Sparsity after each IMP round: ``1 - (1 - p)^r``, the last round exactly the target."""
+  return [round(1 - (1 - prune_per_round) ** r, 6) for r in
+          range(1, common.imp_rounds(prune_per_round, target))] + [target]
+
+
+def _filter_fn(ctx):
+  from prunejax import masks
+  return masks.make_filter_fn(prune_head=ctx.config.imp.prune_head)
+
+
+def imp(ctx: common.Context, data_strategy: str | None = None, strategy: str = "imp") -> Rows:
+  """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020).
+
+  Round 0 trains dense and records the rewind point (the weights after ``imp.rewind_step`` steps;
+  0 = the initialization). Each round prunes the smallest-magnitude weights of the trained network
+  (globally or layer-wise) to the next sparsity of the geometric schedule, rewinds the surviving
+  weights and retrains with the mask. The mask, the rewind point and the trained weights of every
+  round are checkpointed, so a rerun resumes after the last finished round.
+  """
+  from prunejax import masks
+  cfg = ctx.config.imp
+  filter_fn = _filter_fn(ctx)
+  sparsities = imp_sparsities(cfg.prune_per_round, cfg.target_sparsity)
+  rows = []
+  for r, ids, held, seed in _replicates(ctx):
+    ckpt = common.RoundCheckpoints(ctx.workdir, f"{strategy}_r{r}")
+    init = _init_params(ctx, seed)
+    like = {"trained": init, "rewind": init, "mask": masks.ones_mask(init)}
+    if ckpt.latest() is None:
+      run0 = common.train_model(ctx, ids, seed=seed, rewind_step=cfg.rewind_step or None,
+                                dynamic_strategy=data_strategy, desc=f"{strategy} dense r{r}")
+      rewind = run0.rewind_params if cfg.rewind_step else init
+      if rewind is None:
+        raise common.ConfigError(f"imp.rewind_step={cfg.rewind_step} is beyond the {run0.steps} "
+                                 "steps of a training run")
+      ctx.units.run(f"{strategy}_round0_r{r}", lambda: common.result_row(
+          ctx, strategy, r, run0, held, sparsity=0.0, round=0))
+      ckpt.save(0, {"trained": run0.state.params, "rewind": rewind, "mask": like["mask"]})
+    last = ckpt.latest()
+    state = ckpt.restore(last, like)
+    for rnd in range(last + 1, len(sparsities) + 1):
+      mask = masks.magnitude(state["trained"], sparsities[rnd - 1], scope=cfg.scope,
+                             filter_fn=filter_fn)
+      run = common.train_model(ctx, ids, seed=seed, mask=mask, init_params=state["rewind"],
+                               dynamic_strategy=data_strategy, desc=f"{strategy} round {rnd} r{r}")
+      ctx.units.run(f"{strategy}_round{rnd}_r{r}", lambda: common.result_row(
+          ctx, strategy, r, run, held, round=rnd,
+          sparsity=float(masks.sparsity_of(mask, filter_fn))))
+      state = {"trained": run.state.params, "rewind": state["rewind"], "mask": mask}
+      ckpt.save(rnd, state)
+    ckpt.close()
+    rows += [ctx.units.get(f"{strategy}_round{rnd}_r{r}") for rnd in range(len(sparsities) + 1)]
+  return rows
+
+
+def _init_params(ctx, seed):
+  from prunejax.models import init_variables
+  return init_variables(ctx.model(), jax.random.key(seed), ctx.x_example)["params"]
+
+
+def imp_controls(ctx: common.Context, control: str) -> Rows:
+  """The controls of Frankle & Carbin (2019) for every IMP round's sparsity.
+
+  ``imp_random_reinit``: the IMP mask of the round, trained from a fresh random initialization.
+  ``imp_random_mask``: a random mask with the IMP mask's per-layer sparsities, trained from the
+  IMP rewind point. Runs IMP first if it has not run yet.
+  """
+  from prunejax import masks
+  imp(ctx)  # finished rounds are read back from the workdir
+  filter_fn = _filter_fn(ctx)
+  sparsities = imp_sparsities(ctx.config.imp.prune_per_round, ctx.config.imp.target_sparsity)
+  rows = []
+  for r, ids, held, seed in _replicates(ctx):
+    ckpt = common.RoundCheckpoints(ctx.workdir, f"imp_r{r}")
+    init = _init_params(ctx, seed)
+    like = {"trained": init, "rewind": init, "mask": masks.ones_mask(init)}
+    for rnd in range(1, len(sparsities) + 1):
+      def unit(rnd=rnd):
+        imp_state = ckpt.restore(rnd, like)
+        mask, start = imp_state["mask"], imp_state["rewind"]
+        if control == "imp_random_reinit":
+          start = _init_params(ctx, seed + 7919)
+        else:
+          per_layer = layer_sparsity_map(mask, filter_fn)
+          mask = masks.random(init, sparsities[rnd - 1], key=jax.random.key(seed + rnd),
+                              scope="layerwise", filter_fn=filter_fn, distribution=per_layer)
+        run = common.train_model(ctx, ids, seed=seed, mask=mask, init_params=start,
+                                 desc=f"{control} round {rnd} r{r}")
+        return common.result_row(ctx, control, r, run, held, round=rnd,
+                                 sparsity=float(masks.sparsity_of(mask, filter_fn)))
+      rows.append(ctx.units.run(f"{control}_round{rnd}_r{r}", unit))
+    ckpt.close()
+  return rows
+
+
+def layer_sparsity_map(mask, filter_fn) -> dict[str, float]:
+  """``{path: fraction pruned}`` of every prunable leaf of ``mask``."""
+  from prunejax.masks import core
+  out = {}
+  leaves, flags, _ = core.prunable_leaves(mask, filter_fn)
+  for path, leaf, flag in zip(core.leaf_paths(mask), leaves, flags):
+    if flag:
+      out[path] = 1.0 - float(np.mean(np.asarray(leaf)))
+  return out
+
+
+def pai(ctx: common.Context) -> Rows:
+  """Pruning at initialization (``pai.methods`` x ``pai.sparsities``), then training to completion.
+
+  SNIP and GraSP score one batch of ``train.batch_size`` training examples (Lee et al. 2019; Wang et al.
+  2020); SynFlow is data-free with 100 rounds (Tanaka et al. 2020); magnitude and random prune the
+  initial weights.
+  """
+  from prunejax import masks
+  cfg = ctx.config.pai
+  filter_fn = _filter_fn(ctx)
+  rows = []
+  for r, ids, held, seed in _replicates(ctx):
+    init = _init_params(ctx, seed)
+    model = ctx.model()
+    apply_fn = lambda p, x: model.apply({"params": p}, x, train=False)
+    score_ids = np.random.default_rng(seed).choice(ids, min(len(ids), ctx.config.train.batch_size),
+                                                   replace=False)
+    batch = next(data.batches(ctx.ds.train, score_ids, batch_size=len(score_ids), shuffle=False))
+    for method in cfg.methods:
+      for sp in cfg.sparsities:
+        def unit(method=method, sp=sp):
+          if method == "magnitude":
+            mask = masks.magnitude(init, sp, filter_fn=filter_fn)
+          elif method == "random":
+            mask = masks.random(init, sp, key=jax.random.key(seed), filter_fn=filter_fn)
+          elif method == "snip":
+            mask = masks.snip(apply_fn, init, batch, sp, filter_fn=filter_fn)
+          elif method == "grasp":
+            mask = masks.grasp(apply_fn, init, batch, sp, filter_fn=filter_fn)
+          else:
+            mask = masks.synflow(apply_fn, init, sp, (1,) + ctx.x_example.shape[1:],
+                                 filter_fn=filter_fn)
+          run = common.train_model(ctx, ids, seed=seed, mask=mask, init_params=init,
+                                   desc=f"pai {method} {sp} r{r}")
+          return common.result_row(ctx, "pai", r, run, held, method=method,
+                                   sparsity=float(masks.sparsity_of(mask, filter_fn)))
+        rows.append(ctx.units.run(f"pai_{method}_{sp}_r{r}", unit))
+  return rows
+
+
+REGISTRY.update({
+    "imp": imp,
+    "imp_random_reinit": lambda ctx: imp_controls(ctx, "imp_random_reinit"),
+    "imp_random_mask": lambda ctx: imp_controls(ctx, "imp_random_mask"),
+    "pai": pai,
+    "joint": lambda ctx: imp(ctx, data_strategy=ctx.config.joint.data, strategy="joint"),
+})

@@ -1,0 +1,169 @@
+"""Smoke tests of every experiment's :quick config, resumption after a kill, and the command line."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments import common, run
+from prunejax.errors import ConfigError
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+
+
+def _config(name, variant="quick", **overrides):
+  import importlib
+  cfg = importlib.import_module(f"experiments.configs.{name}").get_config(variant)
+  for k, v in overrides.items():
+    node = cfg
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return cfg
+
+
+def _read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def _check_outputs(workdir, strategies):
+  for f in ("report.md", "results.json", "results.csv", "config.json"):
+    assert os.path.exists(os.path.join(workdir, f)), f
+  rows = _read_csv(os.path.join(workdir, "results.csv"))
+  assert {r["strategy"] for r in rows} == set(strategies)
+  for r in rows:
+    assert 0.0 <= float(r["test_accuracy"]) <= 1.0
+    assert float(r["backward_examples"]) <= float(r["forward_examples"])
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  return rows
+
+
+def test_main_job_quick_runs_every_strategy(tmp_path):
+  cfg = _config("digits")
+  run.run(cfg, str(tmp_path))
+  rows = _check_outputs(str(tmp_path), cfg.strategies)
+  by = {r["strategy"]: r for r in rows}
+  dense_fwd = float(by["dense"]["forward_examples"])
+  # batch pruning forwards everything and back-propagates keep_fraction of it
+  assert float(by["batch"]["forward_examples"]) == dense_fwd
+  assert float(by["batch"]["backward_examples"]) == pytest.approx(
+      cfg.batch_pruning.keep_fraction * dense_fwd, rel=0.02)
+  # static subsets keep exactly the fraction asked for
+  assert float(by["el2n"]["fraction_kept"]) == pytest.approx(0.5, abs=1e-3)
+  imp_rows = [r for r in rows if r["strategy"] == "imp"]
+  assert max(float(r["sparsity"]) for r in imp_rows) == pytest.approx(cfg.imp.target_sparsity,
+                                                                     abs=1e-3)
+  for png in ("accuracy_vs_data_kept.png", "accuracy_vs_weights_remaining.png",
+              "score_histograms.png", "per_class_kept.png"):
+    assert os.path.getsize(os.path.join(tmp_path, png)) > 1000, png
+  # scores are published keyed by id
+  from prunejax.scores import load_scores
+  ids, scores = load_scores(os.path.join(tmp_path, "scores", "el2n_r0.npz"))
+  assert len(ids) == len(np.unique(ids)) and np.all(np.isfinite(scores["el2n"]))
+
+
+@pytest.mark.parametrize("name", ["static_pruning", "iterative_data_pruning", "dynamic_pruning",
+                                  "imp", "prune_at_init", "data_and_weights", "rotten_tomatoes"])
+def test_experiment_quick_configs(name, tmp_path):
+  cfg = _config(name)
+  run.run(cfg, str(tmp_path))
+  rows = _check_outputs(str(tmp_path), cfg.strategies)
+  assert rows
+
+
+@pytest.mark.parametrize("name", ["datadiet_cifar10", "openlth_resnet20_cifar10",
+                                  "infobatch_cifar10"])
+def test_paper_scale_configs_quick_on_mock_data(name, tmp_path):
+  import tensorflow_datasets as tfds
+  cfg = _config(name)
+  with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+    run.run(cfg, str(tmp_path))
+  _check_outputs(str(tmp_path), cfg.strategies)
+
+
+def test_cross_validation_reports_fold_accuracy(tmp_path):
+  cfg = _config("dynamic_pruning", cv_folds=3)
+  cfg.strategies = ("dense",)
+  run.run(cfg, str(tmp_path))
+  rows = _read_csv(os.path.join(tmp_path, "results.csv"))
+  assert len(rows) == 3 and all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+  summary = json.load(open(os.path.join(tmp_path, "results.json")))["summary"]
+  assert summary[0]["replicates"] == 3
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  cfg = _config("dynamic_pruning")
+  cfg.strategies = ("dense",)
+  run.run(cfg, str(tmp_path))
+  other = _config("dynamic_pruning")
+  other.strategies = ("dense",)
+  other.train.epochs = 3
+  with pytest.raises(ConfigError, match="holds a run of a different config"):
+    run.run(other, str(tmp_path))
+  run.run(other, str(tmp_path), overwrite=True)
+  assert json.load(open(os.path.join(tmp_path, "config.json")))["config"]["train"]["epochs"] == 3
+
+
+def _cli(args, cwd, timeout=600):
+  return subprocess.run([sys.executable, "-m", "experiments.run"] + args, cwd=cwd,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--config=experiments/configs/nope.py"], "--config"),
+    (["--bogus_flag=1"], "bogus_flag"),
+    (["--config=experiments/configs/digits.py:quick", "--config.train.nonexistent=3"], "nonexistent"),
+    (["--config=experiments/configs/digits.py:quick", "--config.strategies=('magic',)"],
+     "strategies='magic' is not allowed"),
+    (["--config=experiments/configs/digits.py:quick", "--config.imp.target_sparsity=1.5"],
+     "imp.target_sparsity=1.5 is out of range"),
+    (["--config=experiments/configs/digits.py:quick", "--config.train.batch_size=0"],
+     "train.batch_size=0"),
+])
+def test_cli_user_errors_are_one_line_exit_2(args, match, tmp_path):
+  proc = _cli(args + [f"--workdir={tmp_path}/w"], ROOT)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and match in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_cli_workdir_that_is_a_file(tmp_path):
+  f = tmp_path / "file"
+  f.write_text("x")
+  proc = _cli(["--config=experiments/configs/digits.py:quick", f"--workdir={f}"], ROOT)
+  assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_killed_run_resumes_to_the_same_results(tmp_path):
+  """SIGKILL a run several times at different points; each rerun resumes; results equal a clean run."""
+  args = ["--config=experiments/configs/imp.py:quick"]
+  clean = tmp_path / "clean"
+  assert _cli(args + [f"--workdir={clean}"], ROOT).returncode == 0
+  killed = tmp_path / "killed"
+  rng = np.random.default_rng(0)
+  for attempt in range(3):
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.run"] + args +
+                            [f"--workdir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(float(rng.uniform(4, 12)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for p in killed.rglob("*.json"):  # never half-written
+      json.loads(p.read_text())
+  assert _cli(args + [f"--workdir={killed}"], ROOT).returncode == 0
+  a = json.load(open(clean / "results.json"))["rows"]
+  b = json.load(open(killed / "results.json"))["rows"]
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
+  assert strip(a) == strip(b)
