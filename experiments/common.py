@@ -10,11 +10,13 @@ command in the same workdir skips everything already done and ends with the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Iterable
@@ -65,6 +67,28 @@ def _json_default(o):
   return str(o)
 
 
+def atomic_save_npz(path: str, **arrays: Any) -> None:
+  """``np.savez`` through a temporary file and a rename (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".npz")
+  os.close(fd)
+  try:
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def save_mask(path: str, mask: Any) -> None:
+  """A mask as ``.npz``, one boolean array per leaf, named by its path (``dense_0/kernel``)."""
+  from prunejax.masks import leaf_paths
+  atomic_save_npz(path, **dict(zip(leaf_paths(mask), jax.tree.leaves(jax.device_get(mask)))))
+
+
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   """A stable hash of the settings that change results (not progress bars or logging)."""
   d = config.to_dict()
@@ -107,11 +131,19 @@ class Units:
     return os.path.join(self.dir, key.replace("/", "_") + ".json")
 
   def get(self, key: str) -> Any | None:
+    """The result of a finished unit, or None. A file that does not parse (damaged on disk; our own
+    writes are atomic) is moved aside to ``*.corrupt`` and the unit counts as not done."""
     path = self._path(key)
     if not os.path.exists(path):
       return None
-    with open(path) as f:
-      return json.load(f)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      log.warning("unit %s: damaged result file, recomputing it", key)
+      if jax.process_index() == 0:
+        os.replace(path, path + ".corrupt")
+      return None
 
   def run(self, key: str, fn: Callable[[], Any]) -> Any:
     done = self.get(key)
@@ -260,9 +292,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Context:
                          tokenizer=dc.get("tokenizer", "bpe"), vocab_size=dc.get("vocab_size", 8192),
                          max_len=dc.get("max_len", 64), cache_dir=dc.get("cache_dir"))
   ds = ds.take(dc.get("num_train"), dc.get("num_test"))
-  labels_ok = (ds.train.y.min() >= 0) and (ds.train.y.max() < ds.num_classes)
-  if not labels_ok:
-    raise ConfigError(f"dataset {dc.name!r} has labels outside [0, {ds.num_classes})")
+  for split in (ds.train, ds.test):
+    if len(split) == 0:
+      raise ConfigError(f"dataset {dc.name!r} has an empty split (num_train={dc.get('num_train')}, "
+                        f"num_test={dc.get('num_test')})")
+    if split.y.min() < 0 or split.y.max() >= ds.num_classes:
+      raise ConfigError(f"dataset {dc.name!r} has labels outside [0, {ds.num_classes}): "
+                        f"{sorted(set(split.y[(split.y < 0) | (split.y >= ds.num_classes)].tolist()))[:5]}")
+  n_fit = len(ds.train) * (1 - 1 / config.cv_folds if config.get("cv_folds") else 1)
+  for f in config.data_pruning.keep_fractions:
+    if round(f * n_fit) < 1:
+      raise ConfigError(f"data_pruning.keep_fractions={f} keeps no example of {int(n_fit)}; "
+                        f"expected at least {1 / n_fit:.2g}")
   return Context(config, ds, parallel.data_mesh(), workdir, Units(workdir))
 
 
@@ -281,6 +322,7 @@ class Run:
   steps: int = 0
   wall: float = 0.0
   rewind_params: Any = None
+  history: list = dataclasses.field(default_factory=list)  # per epoch: train loss and accuracy
 
   @property
   def compute(self) -> float:
@@ -313,19 +355,22 @@ def train_model(ctx: Context, ids: np.ndarray, *, seed: int, epochs: int | None 
     steps_per_epoch = data.num_batches(max(1, int(round(cfg.data_pruning.dynamic_keep * len(ids)))), bs)
   else:
     steps_per_epoch = data.num_batches(len(ids), bs)
-  tx = train.make_optimizer(cfg.optimizer, steps_per_epoch, epochs)
+  tx = _optimizer(json.dumps(cfg.optimizer.to_dict(), sort_keys=True, default=str),
+                  steps_per_epoch, epochs, mask is not None)
   # The step donates the state's buffers: copy what the caller passed in so it stays usable.
   own = lambda tree: None if tree is None else jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
   mask, init_params = own(mask), own(init_params)
-  if mask is not None:
-    from prunejax import optim
-    tx = optim.masked(tx, mask)
   state = train.create_train_state(model, tx, jax.random.key(seed), ctx.x_example)
   if init_params is not None:
     state = state.replace(params=init_params, opt_state=tx.init(init_params))
+  if mask is not None and jax.tree.structure(mask) != jax.tree.structure(state.params):
+    raise ConfigError(f"mask structure {jax.tree.structure(mask)} does not match the params "
+                      f"{jax.tree.structure(state.params)}")
   if mask is not None:
+    from prunejax import optim
     from prunejax.masks import apply_mask
-    state = state.replace(params=apply_mask(state.params, mask))
+    state = state.replace(params=apply_mask(state.params, mask),
+                          opt_state=optim.set_mask(state.opt_state, mask))
   state = parallel.replicate(state, ctx.mesh)
   run = Run(state)
   step_fn = train.jit_train_step
@@ -337,7 +382,10 @@ def train_model(ctx: Context, ids: np.ndarray, *, seed: int, epochs: int | None 
     ib_state = parallel.replicate(dynamic.infobatch_init(len(ids)), ctx.mesh)
     pos_of = {int(i): p for p, i in enumerate(ids)}
   t0 = time.perf_counter()
-  for epoch in range(epochs):
+  from tqdm.auto import tqdm
+  bar = tqdm(range(epochs), desc=desc, leave=False, unit="epoch",
+             disable=not (cfg.train.get("progress", True) and sys.stderr.isatty()))
+  for epoch in bar:
     epoch_ids, extra = ids, None
     if dynamic_strategy == "random_dynamic":
       epoch_ids = dynamic.random_epoch_subset(ids, cfg.data_pruning.dynamic_keep, seed=seed,
@@ -358,12 +406,25 @@ def train_model(ctx: Context, ids: np.ndarray, *, seed: int, epochs: int | None 
     run.forward += fwd
     run.backward += bwd
     run.steps += steps
+    if run.history:
+      bar.set_postfix(loss=f"{run.history[-1]['loss']:.4f}", acc=f"{run.history[-1]['accuracy']:.3f}")
     if on_epoch is not None:
       on_epoch(epoch, state)
   jax.block_until_ready(state.params)
   run.wall = time.perf_counter() - t0
   run.state = state
   return run
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(cfg_json: str, steps_per_epoch: int, epochs: int, masked: bool):
+  """One optimizer object per (config, schedule length, masked): runs that share it share the
+  compiled train step (the optimizer is a static part of the state; the mask lives in its state)."""
+  tx = train.make_optimizer(ml_collections.ConfigDict(json.loads(cfg_json)), steps_per_epoch, epochs)
+  if masked:
+    from prunejax import optim
+    tx = optim.masked(tx)
+  return tx
 
 
 def _with_positions(batches: Iterable[dict], pos_of: dict[int, int]) -> Iterable[dict]:
@@ -399,6 +460,8 @@ def _epoch(ctx, state, batches, step_fn, strategy, ib_state, rewind_step, run, d
           "checkpoint is kept")
     bwd = float(acc["count"])
     fwd = float(acc.get("forward_count", acc["count"]))
+    run.history.append({"epoch": epoch, "loss": float(acc["loss_sum"]) / max(bwd, 1.0),
+                        "accuracy": float(acc["correct"]) / max(bwd, 1.0)})
   return state, fwd, bwd, steps, ib_state
 
 
@@ -426,7 +489,8 @@ def result_row(ctx: Context, strategy: str, r: int, run: Run, held_out: np.ndarr
   """One row of results.csv: test (and CV-fold) accuracy, compute, wall time."""
   row = {"strategy": strategy, "replicate": r, "test_accuracy": evaluate(ctx, run.state),
          "compute": run.compute, "forward_examples": run.forward,
-         "backward_examples": run.backward, "steps": run.steps, "wall_time": run.wall}
+         "backward_examples": run.backward, "steps": run.steps, "wall_time": run.wall,
+         "history": [{k: round(v, 6) for k, v in h.items()} for h in run.history]}
   if held_out is not None:
     row["val_accuracy"] = evaluate(ctx, run.state, held_out, split="train")
   row.setdefault("fraction_kept", 1.0)
@@ -457,6 +521,25 @@ class RoundCheckpoints:
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
+
+  def restore_latest(self, like: Any) -> tuple[int | None, Any]:
+    """(round, state) of the newest round that restores cleanly; a damaged round is moved aside
+    (``<round>.corrupt``) and the one before it is tried, so the run redoes the lost rounds instead of
+    starting over or crashing. (None, None) when no round survives."""
+    while (step := self.latest()) is not None:
+      try:
+        return step, self.restore(step, like)
+      except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged files.
+        log.warning("checkpoint %s round %d is damaged (%s); falling back", self.dir, step,
+                    type(e).__name__)
+        self.manager.close()
+        if jax.process_index() == 0:
+          os.replace(os.path.join(self.dir, str(step)),
+                     os.path.join(self.dir, f"{step}.corrupt-{time.time_ns()}"))
+        barrier(f"fallback {self.dir} {step}")
+        self.manager = self._ocp.CheckpointManager(
+            self.dir, options=self._ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+    return None, None
 
   def save(self, rnd: int, tree: Any) -> None:
     self.manager.save(rnd, args=self._ocp.args.StandardSave(jax.device_get(tree)))

@@ -35,11 +35,14 @@ def summarize(rows: list[dict], baseline_compute: float) -> list[dict]:
   """Mean and std over replicates of each (strategy, setting, fraction kept, sparsity)."""
   groups: dict[tuple, list[dict]] = defaultdict(list)
   for row in rows:
-    key = (row["strategy"], _setting(row), round(row.get("fraction_kept", 1.0), 4),
+    # Dynamic strategies keep a measured (not chosen) fraction: they group by their nominal one.
+    key = (row["strategy"], _setting(row),
+           round(row.get("nominal_fraction", row.get("fraction_kept", 1.0)), 4),
            round(row.get("sparsity", 0.0), 4))
     groups[key].append(row)
   out = []
-  for (strategy, setting, frac, sp), rs in groups.items():
+  for (strategy, setting, _, sp), rs in groups.items():
+    frac = float(np.mean([r.get("fraction_kept", 1.0) for r in rs]))
     acc = np.array([r["test_accuracy"] for r in rs])
     val = [r["val_accuracy"] for r in rs if "val_accuracy" in r]
     out.append({
@@ -166,6 +169,11 @@ def write_tensorboard(workdir: str, rows: list[dict]) -> None:
     w.add_scalar(f"{tag}/test_accuracy", r["test_accuracy"], i)
     w.add_scalar(f"{tag}/fraction_kept", r.get("fraction_kept", 1.0), i)
     w.add_scalar(f"{tag}/sparsity", r.get("sparsity", 0.0), i)
+    run_tag = (f"runs/{r['strategy']}_keep{r.get('fraction_kept', 1.0):.2f}"
+               f"_sparsity{r.get('sparsity', 0.0):.3f}_{r.get('convention', '')}_r{r['replicate']}")
+    for h in r.get("history", []):
+      w.add_scalar(f"{run_tag}/train_loss", h["loss"], h["epoch"])
+      w.add_scalar(f"{run_tag}/train_accuracy", h["accuracy"], h["epoch"])
   w.close()
 
 

@@ -60,6 +60,8 @@ def _subset_runs(ctx, strategy: str, kept_fn: Callable[[int, np.ndarray, int, fl
       for conv in dp.conventions:
         def unit(frac=frac, conv=conv):
           kept = kept_fn(r, ids, seed, frac)
+          common.atomic_save_npz(os.path.join(ctx.workdir, "subsets",
+                                              f"{strategy}_keep{frac}_r{r}.npz"), ids=kept)
           epochs = ctx.config.train.epochs
           if conv == "steps":  # same number of optimizer steps as full data
             epochs = int(round(epochs * len(ids) / max(len(kept), 1)))
@@ -90,7 +92,8 @@ def _dynamic(ctx: common.Context, strategy: str) -> Rows:
       kept = {"batch": ctx.config.batch_pruning.keep_fraction,
               "random_dynamic": ctx.config.data_pruning.dynamic_keep}.get(
                   strategy, run.backward / (len(ids) * ctx.config.train.epochs))
-      return common.result_row(ctx, strategy, r, run, held, fraction_kept=kept)
+      return common.result_row(ctx, strategy, r, run, held, fraction_kept=kept,
+                               nominal_fraction=-1.0)
     rows.append(ctx.units.run(f"{strategy}_r{r}", unit))
   return rows
 
@@ -122,23 +125,30 @@ SCORE_PASS_COST = {"el2n": 1.0, "grand": 3.0}  # example passes per scored examp
 
 def static_scores(ctx: common.Context, name: str, r: int, ids: np.ndarray, seed: int
                   ) -> tuple[np.ndarray, float]:
-  """Scores of replicate ``r``'s training ids: trained ``score_epochs`` epochs over ``score_seeds``
-  seeds and averaged (Paul et al. 2021). Saved to ``workdir/scores`` keyed by id; returns
-  (scores, scoring compute in example passes)."""
+  """Scores of replicate ``r``'s training ids, high = hard. EL2N and GraNd: after ``score_epochs``
+  epochs, averaged over ``score_seeds`` seeds (Paul et al. 2021); the others as their functions say.
+  Saved to ``workdir/scores`` keyed by id; returns (scores, scoring compute in example passes)."""
   dp = ctx.config.data_pruning
   path = os.path.join(ctx.workdir, "scores", f"{name}_r{r}.npz")
   if os.path.exists(path):
     loaded_ids, loaded = scores_lib.load_scores(path)
     np.testing.assert_array_equal(loaded_ids, ids)
     return loaded[name], float(loaded["compute"][0])
-  fn = {"el2n": scores_lib.el2n, "grand": scores_lib.grand}[name]
-  total, compute = np.zeros(len(ids), np.float64), 0.0
-  for s in range(dp.score_seeds):
-    run = common.train_model(ctx, ids, seed=seed * 1000 + s, epochs=dp.score_epochs,
-                             desc=f"score {name} seed {s}")
-    total += score_examples(ctx, run.state, ids, fn)
-    compute += run.compute + SCORE_PASS_COST[name] * len(ids)
-  avg = (total / dp.score_seeds).astype(np.float32)
+  if name in ("forgetting", "aum"):
+    avg, compute = dynamics_scores(ctx, name, ids, seed)
+  elif name == "prototypes":
+    avg, compute = prototype_scores(ctx, ids, seed)
+  elif name == "label_quality":
+    avg, compute = label_quality_scores(ctx, ids, seed)
+  else:
+    fn = {"el2n": scores_lib.el2n, "grand": scores_lib.grand}[name]
+    total, compute = np.zeros(len(ids), np.float64), 0.0
+    for s in range(dp.score_seeds):
+      run = common.train_model(ctx, ids, seed=seed * 1000 + s, epochs=dp.score_epochs,
+                               desc=f"score {name} seed {s}")
+      total += score_examples(ctx, run.state, ids, fn)
+      compute += run.compute + SCORE_PASS_COST[name] * len(ids)
+    avg = (total / dp.score_seeds).astype(np.float32)
   if jax.process_index() == 0:
     scores_lib.save_scores(path, ids, **{name: avg, "compute": np.full(len(ids), compute)})
   return avg, compute
@@ -153,9 +163,12 @@ def score_based(ctx: common.Context, name: str) -> Rows:
       cache[r] = static_scores(ctx, name, r, ids, seed)
     return cache[r]
 
+  # Label quality removes the probably-mislabeled: it always keeps the most self-confident.
+  keep = "easy" if name == "label_quality" else dp.keep
+
   def kept(r, ids, seed, frac):
     s, _ = get(r, ids, seed)
-    return select.select(ids, s, fraction=frac, keep=dp.keep, labels=ctx.ds.train.select(ids).y,
+    return select.select(ids, s, fraction=frac, keep=keep, labels=ctx.ds.train.select(ids).y,
                          class_balanced=dp.class_balanced, offset=dp.offset, seed=seed)
 
   def scoring_compute(r):
@@ -188,6 +201,8 @@ def iterative(ctx: common.Context) -> Rows:
         scoring = scoring + run.compute + SCORE_PASS_COST[it.score] * len(kept)
         n_keep = int(round(target * len(ids)))
         new_kept = select.select(kept, s, fraction=n_keep / len(kept), keep="hard", seed=seed)
+        common.atomic_save_npz(os.path.join(ctx.workdir, "subsets", f"iterative_round{rnd}_r{r}.npz"),
+                               ids=new_kept)
         final = common.train_model(ctx, new_kept, seed=seed, desc=f"iterative round {rnd} r{r}")
         row = common.result_row(ctx, "iterative", r, final, held, fraction_kept=target,
                                 round=rnd, scoring_compute=scoring)
@@ -199,14 +214,99 @@ def iterative(ctx: common.Context) -> Rows:
   return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Scores from training dynamics, embeddings and cross-validation.
+# ----------------------------------------------------------------------------------------------
+
+
+def _track(ctx, state, ids, tracker_state, update):
+  """One tracker update per example from the logits of the model after an epoch."""
+  apply_fn = make_apply_fn(state.model)
+  logits_fn = jax.jit(apply_fn)
+  for b in ctx.batches(ids, shuffle=False):
+    gb = parallel.shard_batch(b, ctx.mesh)
+    tracker_state = update(tracker_state, gb, logits_fn(state.variables, gb["x"]))
+  return tracker_state
+
+
+def dynamics_scores(ctx: common.Context, name: str, ids: np.ndarray, seed: int
+                    ) -> tuple[np.ndarray, float]:
+  """Forgetting counts or AUM, high = hard, averaged over ``score_seeds`` runs of
+  ``forgetting_epochs`` epochs. Each example is presented to the tracker once per epoch, with the
+  model at the end of the epoch (Toneva et al. record at every mini-batch; an epoch-end pass costs one
+  forward per example and gives every example the same number of presentations)."""
+  dp = ctx.config.data_pruning
+  tracker = {"forgetting": scores_lib.forgetting, "aum": scores_lib.aum}[name]()
+  update = jax.jit(tracker.update)
+  total, compute = np.zeros(len(ids), np.float64), 0.0
+  for s in range(dp.score_seeds):
+    holder = {"state": tracker.init(ids)}
+
+    def on_epoch(epoch, state):
+      holder["state"] = _track(ctx, state, ids, holder["state"], update)
+
+    run = common.train_model(ctx, ids, seed=seed * 1000 + s, epochs=dp.forgetting_epochs,
+                             desc=f"score {name} seed {s}", on_epoch=on_epoch)
+    st = holder["state"]
+    raw = np.asarray(st.scores() if name == "forgetting" else -st.mean())  # AUM: low = hard
+    order = np.searchsorted(np.asarray(st.ids), ids)  # tracker state is sorted by id
+    total += raw[order]
+    compute += run.compute + dp.forgetting_epochs * len(ids)
+  return (total / dp.score_seeds).astype(np.float32), compute
+
+
+def prototype_scores(ctx: common.Context, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+  """Distance to the nearest of ``prototypes_k`` k-means centroids of the penultimate features of a
+  model trained ``score_epochs`` epochs (Sorscher et al. 2022 use a self-supervised embedding; a
+  briefly trained supervised one is the cheap stand-in). High = atypical = hard."""
+  dp = ctx.config.data_pruning
+  run = common.train_model(ctx, ids, seed=seed * 1000, epochs=dp.score_epochs,
+                           desc="score prototypes")
+  apply_fn = make_apply_fn(run.state.model)
+  feats_fn = jax.jit(lambda v, x: scores_lib.penultimate(apply_fn, v, x)[0])
+  feats = {}
+  for b in ctx.batches(ids, shuffle=False):
+    gb = parallel.shard_batch(b, ctx.mesh)
+    h, gid, gm = (parallel.gather(a) for a in (feats_fn(run.state.variables, gb["x"]), gb["id"],
+                                               gb["mask"]))
+    feats.update(zip(gid[gm].tolist(), h[gm]))
+  emb = np.stack([feats[int(i)] for i in ids])
+  s = scores_lib.prototypes(emb, num_clusters=dp.prototypes_k, key=jax.random.key(seed))
+  return np.asarray(s, np.float32), run.compute + len(ids)
+
+
+def label_quality_scores(ctx: common.Context, ids: np.ndarray, seed: int
+                         ) -> tuple[np.ndarray, float]:
+  """Self-confidence of out-of-fold predicted probabilities from K-fold training (Northcutt et al.
+  2021), as hardness (1 - self-confidence: high = probably mislabeled). Each fold model trains
+  ``label_quality_epochs`` epochs."""
+  dp = ctx.config.data_pruning
+  labels = ctx.ds.train.select(ids).y
+  spent = [0.0]
+
+  def fit_predict(train_ids, heldout_ids):
+    run = common.train_model(ctx, train_ids, seed=seed, epochs=dp.label_quality_epochs,
+                             desc="label quality fold")
+    spent[0] += run.compute + len(heldout_ids)
+    return common.predict_probs(ctx, run.state, heldout_ids)
+
+  probs = scores_lib.out_of_fold_probs(fit_predict, ids, labels, num_folds=dp.label_quality_folds,
+                                       seed=seed)
+  issues = scores_lib.find_label_issues(probs, labels)
+  path = os.path.join(ctx.workdir, "scores", f"label_issues_seed{seed}.npz")
+  if jax.process_index() == 0:
+    scores_lib.save_scores(path, ids, probably_mislabeled=issues.astype(np.float32))
+  return (1.0 - scores_lib.self_confidence(probs, labels)).astype(np.float32), spent[0]
+
+
 REGISTRY: dict[str, Callable[[common.Context], Rows]] = {  # completed at the end of the module
     "dense": dense,
     "random": random_static,
     "random_dynamic": lambda ctx: _dynamic(ctx, "random_dynamic"),
     "batch": lambda ctx: _dynamic(ctx, "batch"),
     "semi_batch": lambda ctx: _dynamic(ctx, "semi_batch"),
-    "el2n": lambda ctx: score_based(ctx, "el2n"),
-    "grand": lambda ctx: score_based(ctx, "grand"),
+    **{name: functools.partial(score_based, name=name)
+       for name in ("el2n", "grand", "forgetting", "aum", "prototypes", "label_quality")},
     "iterative": iterative,
 }
 
@@ -245,7 +345,8 @@ def imp(ctx: common.Context, data_strategy: str | None = None, strategy: str = "
     ckpt = common.RoundCheckpoints(ctx.workdir, f"{strategy}_r{r}")
     init = _init_params(ctx, seed)
     like = {"trained": init, "rewind": init, "mask": masks.ones_mask(init)}
-    if ckpt.latest() is None:
+    last, state = ckpt.restore_latest(like)
+    if last is None:
       run0 = common.train_model(ctx, ids, seed=seed, rewind_step=cfg.rewind_step or None,
                                 dynamic_strategy=data_strategy, desc=f"{strategy} dense r{r}")
       rewind = run0.rewind_params if cfg.rewind_step else init
@@ -254,12 +355,13 @@ def imp(ctx: common.Context, data_strategy: str | None = None, strategy: str = "
                                  "steps of a training run")
       ctx.units.run(f"{strategy}_round0_r{r}", lambda: common.result_row(
           ctx, strategy, r, run0, held, sparsity=0.0, round=0))
-      ckpt.save(0, {"trained": run0.state.params, "rewind": rewind, "mask": like["mask"]})
-    last = ckpt.latest()
-    state = ckpt.restore(last, like)
+      state = {"trained": run0.state.params, "rewind": rewind, "mask": like["mask"]}
+      ckpt.save(0, state)
+      last = 0
     for rnd in range(last + 1, len(sparsities) + 1):
       mask = masks.magnitude(state["trained"], sparsities[rnd - 1], scope=cfg.scope,
                              filter_fn=filter_fn)
+      common.save_mask(os.path.join(ctx.workdir, "masks", f"{strategy}_round{rnd}_r{r}.npz"), mask)
       run = common.train_model(ctx, ids, seed=seed, mask=mask, init_params=state["rewind"],
                                dynamic_strategy=data_strategy, desc=f"{strategy} round {rnd} r{r}")
       ctx.units.run(f"{strategy}_round{rnd}_r{r}", lambda: common.result_row(
@@ -355,6 +457,7 @@ def pai(ctx: common.Context) -> Rows:
           else:
             mask = masks.synflow(apply_fn, init, sp, (1,) + ctx.x_example.shape[1:],
                                  filter_fn=filter_fn)
+          common.save_mask(os.path.join(ctx.workdir, "masks", f"pai_{method}_{sp}_r{r}.npz"), mask)
           run = common.train_model(ctx, ids, seed=seed, mask=mask, init_params=init,
                                    desc=f"pai {method} {sp} r{r}")
           return common.result_row(ctx, "pai", r, run, held, method=method,

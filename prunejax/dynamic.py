@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -151,6 +152,7 @@ def infobatch_train_step(state, ib_state: InfoBatchState, batch: dict):
 jit_infobatch_train_step = jax.jit(infobatch_train_step, donate_argnums=(0, 1))
 
 
+@functools.lru_cache(maxsize=32)
 def make_batch_pruned_step(k: int, score: str = "loss"):
   """A jitted :func:`batch_pruned_train_step` for a fixed ``k`` (state buffers donated)."""
   check_choice("batch_pruning.score", score, SELECTION_SCORES)

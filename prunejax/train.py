@@ -112,7 +112,7 @@ def train_step_with_losses(state: TrainState, batch: dict
                             batch_stats=updates.get("batch_stats", state.batch_stats))
   metrics = _metrics(logits, ce_B, batch)
   # Cheap on-device fault detection: one reduction over the gradient norm.
-  metrics["grad_nonfinite"] = (~jnp.isfinite(optax.global_norm(grads))).astype(jnp.float32)
+  metrics["grad_nonfinite"] = (~jnp.isfinite(optax.tree.norm(grads))).astype(jnp.float32)
   return new_state, metrics, ce_B
 
 

@@ -46,9 +46,41 @@ def _check_outputs(workdir, strategies):
   return rows
 
 
-def test_main_job_quick_runs_every_strategy(tmp_path):
+def _npz_files(workdir):
+  out = {}
+  for sub in ("scores", "subsets", "masks"):
+    d = os.path.join(workdir, sub)
+    for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+      with np.load(os.path.join(d, f)) as z:
+        out[f"{sub}/{f}"] = {k: z[k] for k in z.files}
+  return out
+
+
+def _strip(rows):
+  return [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
+
+
+def run_twice(cfg, tmp_path):
+  """Runs ``cfg`` in two fresh workdirs and checks that scores, kept ids, masks and every result
+  (but wall time) are bitwise identical; returns the first workdir."""
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  run.run(cfg, a)
+  run.run(cfg, b)
+  ra = json.load(open(os.path.join(a, "results.json")))["rows"]
+  rb = json.load(open(os.path.join(b, "results.json")))["rows"]
+  assert _strip(ra) == _strip(rb)
+  fa, fb = _npz_files(a), _npz_files(b)
+  assert fa.keys() == fb.keys()
+  for name in fa:
+    assert fa[name].keys() == fb[name].keys(), name
+    for k in fa[name]:
+      np.testing.assert_array_equal(fa[name][k], fb[name][k], err_msg=f"{name}:{k}")
+  return a
+
+
+def test_main_job_quick_runs_every_strategy_deterministically(tmp_path):
   cfg = _config("digits")
-  run.run(cfg, str(tmp_path))
+  tmp_path = run_twice(cfg, tmp_path)
   rows = _check_outputs(str(tmp_path), cfg.strategies)
   by = {r["strategy"]: r for r in rows}
   dense_fwd = float(by["dense"]["forward_examples"])
@@ -72,10 +104,10 @@ def test_main_job_quick_runs_every_strategy(tmp_path):
 
 @pytest.mark.parametrize("name", ["static_pruning", "iterative_data_pruning", "dynamic_pruning",
                                   "imp", "prune_at_init", "data_and_weights", "rotten_tomatoes"])
-def test_experiment_quick_configs(name, tmp_path):
+def test_experiment_quick_configs_run_deterministically(name, tmp_path):
   cfg = _config(name)
-  run.run(cfg, str(tmp_path))
-  rows = _check_outputs(str(tmp_path), cfg.strategies)
+  workdir = run_twice(cfg, tmp_path)
+  rows = _check_outputs(workdir, cfg.strategies)
   assert rows
 
 
@@ -165,5 +197,4 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
   assert _cli(args + [f"--workdir={killed}"], ROOT).returncode == 0
   a = json.load(open(clean / "results.json"))["rows"]
   b = json.load(open(killed / "results.json"))["rows"]
-  strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
-  assert strip(a) == strip(b)
+  assert _strip(a) == _strip(b)

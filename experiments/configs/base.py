@@ -21,11 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
       name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine",
       warmup_epochs=0.0, step_epochs=(), step_factor=0.1, b1=0.9, b2=0.999))
   c.train = ml_collections.ConfigDict(dict(epochs=20, batch_size=32, eval_batch_size=256,
-                                           progress=False))
+                                           progress=True))
   c.data_pruning = ml_collections.ConfigDict(dict(
       keep_fractions=(0.3, 0.5, 0.7), keep="hard", class_balanced=False, offset=0.0,
       conventions=("epochs",), score_epochs=3, score_seeds=2, dynamic_keep=0.5,
-      forgetting_epochs=10, prototypes_k=10))
+      forgetting_epochs=10, prototypes_k=10, label_quality_folds=5, label_quality_epochs=10))
   c.batch_pruning = ml_collections.ConfigDict(dict(keep_fraction=0.5, score="loss"))
   c.semi_batch = ml_collections.ConfigDict(dict(prune_ratio=0.5, delta=0.875))
   c.iterative = ml_collections.ConfigDict(dict(prune_per_round=0.3, target_keep=0.3, score="el2n",

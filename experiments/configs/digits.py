@@ -15,7 +15,7 @@ def get_config(variant: str = ""):
   c.strategies = ("dense", "random", "el2n", "grand", "batch", "semi_batch", "iterative", "imp")
   c.dataset.name = "digits"
   c.model.name = "mlp"
-  c.train.epochs = 15
+  c.train.epochs = 20
   if variant == "quick":
     c.replicates = 1
     c.train.epochs = 2

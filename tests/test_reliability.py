@@ -1,0 +1,66 @@
+"""Faults: non-finite losses stop the run with where it happened; damaged result files and checkpoints
+are detected and the run falls back instead of restarting or crashing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import common, run, strategies
+from experiments.configs import imp as imp_config
+from prunejax.train import NumericalError
+
+
+def _imp_cfg():
+  cfg = imp_config.get_config("quick")
+  cfg.dataset.num_train = 128
+  cfg.train.epochs = 1
+  cfg.strategies = ("imp",)
+  return cfg
+
+
+def test_nan_in_the_data_stops_with_epoch_step_and_example_ids(tmp_path):
+  cfg = _imp_cfg()
+  cfg.strategies = ("dense",)
+  common.prepare_workdir(str(tmp_path), cfg, False)
+  ctx = common.setup(cfg, str(tmp_path))
+  bad_id = int(ctx.ds.train.id[7])
+  ctx.ds.train.x[7] = np.nan
+  with pytest.raises(NumericalError, match=r"epoch 0, step \d+.*examples of that batch: \[.*") as e:
+    strategies.dense(ctx)
+  assert str(bad_id) in str(e.value)
+  assert not os.listdir(os.path.join(tmp_path, "units"))  # nothing half-done was recorded
+
+
+def _rows(workdir):
+  rows = json.load(open(os.path.join(workdir, "results.json")))["rows"]
+  return [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
+
+
+def test_damaged_round_checkpoint_falls_back_to_the_previous_round(tmp_path):
+  cfg = _imp_cfg()
+  clean = str(tmp_path / "clean")
+  run.run(cfg, clean)
+  ckpt_dir = os.path.join(clean, "checkpoints", "imp_r0")
+  rounds = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert rounds == [0, 1, 2]
+  # Truncate every file of the last round: orbax cannot read it back.
+  last = os.path.join(ckpt_dir, str(rounds[-1]))
+  damaged = 0
+  for root, _, files in os.walk(last):
+    for f in files:
+      with open(os.path.join(root, f), "r+b") as fh:
+        fh.truncate(max(os.path.getsize(os.path.join(root, f)) // 3, 1))
+        damaged += 1
+  assert damaged
+  # Also damage one unit file: it is recomputed.
+  unit = os.path.join(clean, "units", "imp_round2_r0.json")
+  with open(unit, "r+") as fh:
+    fh.truncate(10)
+  expected = _rows(clean)
+  run.run(cfg, clean)  # resumes from round 1, redoes round 2
+  assert _rows(clean) == expected
+  assert any(".corrupt" in d for d in os.listdir(ckpt_dir))
+  assert os.path.exists(unit + ".corrupt")
+  assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [0, 1, 2]
