@@ -46,10 +46,12 @@ def main(run: Callable, default_config: str) -> None:
       _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
       config = flags.FLAGS.config
+      config.get("name")  # a config file that failed to load raises only when first used
     except Exception as e:  # noqa: BLE001 - config_flags wraps a missing file in several types.
-      _fail(f"--config: {str(e).splitlines()[0]}")
+      _fail(f"--config: {_last_line(e)}")
     workdir = flags.FLAGS.workdir or default_workdir(config.get("name", "run"))
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    # JAX reports at INFO which backends it could not start (libtpu on a GPU or CPU machine).
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
       from prunejax import parallel
       parallel.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
@@ -70,10 +72,23 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).splitlines()[0])
+    line = str(e).splitlines()[0]
+    _fail(line if not line.rstrip().endswith(":") else f"{line} {_last_line(e)}")
+  except (KeyError, AttributeError) as e:  # an override of a field that does not exist
+    _fail(f"--config: no such config field {str(e).strip(chr(34))}; see the config file for the "
+          "fields that exist")
   except Exception as e:  # noqa: BLE001 - a config file that does not load, an override of a
     # field that does not exist: ml_collections raises KeyError/AttributeError/IOError here.
-    _fail(f"--config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    _fail(f"--config: {_last_line(e)}")
+
+
+def _last_line(e: BaseException) -> str:
+  """The informative line of an error that config_flags may have wrapped around a traceback."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if not lines:
+    return type(e).__name__
+  errno = [l for l in lines if "No such file" in l or "Errno" in l]
+  return errno[-1] if errno else lines[-1]
 
 
 def _fail(message: str, code: int = 2) -> None:
