@@ -213,27 +213,39 @@ def ordered_key(x: jax.Array) -> jax.Array:
   return jnp.where(sign == 1, ~b, b | (udt(1) << (bits - 1)))
 
 
-def _radix_select(keys: Sequence[jax.Array], k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The ``k``-th smallest of ``keys`` jointly, by one 16-bit-digit histogram per pass.
+def _radix_select(keys: Sequence[jax.Array], k: jax.Array,
+                  cands: Sequence[jax.Array] | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The ``k``-th smallest key among the candidates of ``keys`` jointly, 16 bits per pass.
 
-  Returns ``(t, r, e)``: the threshold key ``t``, how many entries equal to ``t`` must be taken
-  (``k - #{key < t}``; 0 when ``k == 0``) and how many entries equal ``t``.
+  Each pass histograms one 16-bit digit of the keys whose higher digits equal the prefix found so
+  far, and picks the bin where the running count reaches ``k``.
+
+  Args:
+    keys: unsigned-integer arrays (uint32: 2 passes, uint64: 4).
+    k: how many to select (``0 <= k <=`` number of candidates).
+    cands: optional bool arrays; only True entries take part.
+
+  Returns:
+    ``(t, r, e)``: the threshold key ``t``, how many candidates equal to ``t`` must be taken
+    (``k - #{key < t}``, 0 when ``k == 0``) and how many candidates equal ``t``.
   """
   udt = keys[0].dtype.type
   key_bits = 8 * keys[0].dtype.itemsize
   width, bins = 16, 1 << 16
+  cands = [None] * len(keys) if cands is None else cands
   prefix = jnp.zeros((), udt)
   k_rem = jnp.asarray(k, jnp.int32)
   hist, digit = None, None
   for done in range(0, key_bits, width):
     shift = key_bits - done - width
     hist = jnp.zeros((bins,), jnp.int32)
-    for key in keys:
+    for key, cand in zip(keys, cands):
       d = ((key >> shift) & udt(bins - 1)).astype(jnp.int32)
-      if done == 0:
-        hist = hist.at[d].add(1)
-      else:
-        hist = hist.at[d].add(((key >> (shift + width)) == prefix).astype(jnp.int32))
+      match = None if done == 0 else (key >> (shift + width)) == prefix
+      if cand is not None:
+        match = cand if match is None else match & cand
+      hist = hist.at[d].add(1 if match is None else match.astype(jnp.int32))
     digit, before = _find_bin(hist, k_rem)
     k_rem = k_rem - before
     prefix = (prefix << width) | digit.astype(udt)
@@ -262,7 +274,7 @@ def _find_bin(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
-  """Row-major flat index of every entry, built from iotas so it shards like the leaf."""
+  """Row-major flat index (uint32) of every entry, from iotas so that it shards like the leaf."""
   if not shape:
     return jnp.zeros((), jnp.uint32)
   idx = jnp.zeros(shape, jnp.uint32)
@@ -271,41 +283,6 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     idx = idx + lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)
     stride *= shape[d]
   return idx
-
-
-def _index_bound(eq: jax.Array, need: jax.Array) -> jax.Array:
-  """Smallest ``j`` with ``#{eq & flat index < j} >= need``, by bisection over the flat index."""
-  size = math.prod(eq.shape)
-  idx = _flat_index(eq.shape).astype(jnp.int32)
-
-  def body(_, lo_hi):
-    lo, hi = lo_hi
-    mid = lo + (hi - lo) // 2
-    enough = jnp.sum(eq & (idx < mid), dtype=jnp.int32) >= need
-    return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
-
-  _, hi = lax.fori_loop(0, max(1, math.ceil(math.log2(size + 1))), body,
-                        (jnp.int32(0), jnp.int32(size)))
-  return hi
-
-
-def _tie_masks(keys: list[jax.Array], t: jax.Array, r: jax.Array) -> list[jax.Array]:
-  """Prune masks when only ``r`` of the entries equal to ``t`` may go.
-
-  In leaf order, each leaf gives up as many tied entries as it has until ``r`` is used up; only the
-  leaf where ``r`` runs out needs a bisection over its flat index.
-  """
-  eq_counts = jnp.stack([jnp.sum(k == t, dtype=jnp.int32) for k in keys])
-  need = jnp.clip(r - (jnp.cumsum(eq_counts) - eq_counts), 0, eq_counts)
-  out = []
-  for i, key in enumerate(keys):
-    size = math.prod(key.shape)
-    full = jnp.where(need[i] == eq_counts[i], jnp.int32(size), jnp.int32(0))
-    is_partial = (need[i] > 0) & (need[i] < eq_counts[i])
-    bound = lax.cond(is_partial, lambda key=key, i=i: _index_bound(key == t, need[i]),
-                     lambda full=full: full)
-    out.append((key < t) | ((key == t) & (_flat_index(key.shape).astype(jnp.int32) < bound)))
-  return out
 
 
 def _select_by_sort(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
@@ -321,13 +298,29 @@ def _select_by_sort(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
   return out
 
 
+def _tie_masks(keys: list[jax.Array], t: jax.Array, r: jax.Array) -> list[jax.Array]:
+  """Prune masks when only ``r`` of the entries equal to ``t`` may go: the first ``r`` in
+  (leaf order, row-major flat index) order, found by a second radix select over positions."""
+  positions, offset = [], 0
+  for key in keys:
+    positions.append(_flat_index(key.shape) + jnp.uint32(offset))
+    offset += math.prod(key.shape)
+  eq = [key == t for key in keys]
+  last, _, _ = _radix_select(positions, r, cands=eq)
+  return [(key < t) | (e & (pos <= last)) for key, e, pos in zip(keys, eq, positions)]
+
+
 def _select_group(keys: list[jax.Array], k: jax.Array, sort_max: int) -> list[jax.Array]:
-  """Prune masks (True = pruned) of exactly ``k`` lowest keys over ``keys`` jointly."""
+  """Prune masks (True = pruned) of exactly ``k`` lowest keys over ``keys`` jointly.
+
+  Entries below the threshold key ``t`` go. Of the ``e`` entries equal to ``t``, ``r`` go: usually
+  all of them (or, for ``k == 0``, none); otherwise the first ``r`` in (leaf order, row-major flat
+  index) order, found by a second radix select over their positions.
+  """
   size = sum(math.prod(x.shape) for x in keys)
   if size <= sort_max:
     return _select_by_sort(keys, k)
   t, r, e = _radix_select(keys, jnp.clip(k, 0, size))
-  # Usually every entry equal to the threshold goes (or, for k == 0, none does).
   return lax.cond(r < e, lambda: _tie_masks(keys, t, r),
                   lambda: [(key < t) | ((key == t) & (r > 0)) for key in keys])
 

@@ -94,9 +94,9 @@ def _magnitude_mask(params, counts, filter_fn):
 
 @functools.partial(jax.jit, static_argnames=("filter_fn",))
 def _random_mask(key, params, counts, filter_fn):
-  leaves, treedef = jax.tree.flatten(params)
-  scores = [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(l))
-            for i, l in enumerate(leaves)]
+  leaves, flags, treedef = prunable_leaves(params, filter_fn)
+  scores = [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(l)) if f
+            else jnp.zeros(jnp.shape(l)) for i, (l, f) in enumerate(zip(leaves, flags))]
   return threshold_mask(jax.tree.unflatten(treedef, scores), counts, filter_fn=filter_fn)
 
 
