@@ -54,9 +54,13 @@ def test_experiment_runs_and_resumes_on_two_processes(tmp_path):
           "--config.strategies=('imp',)"]
   env_flags = lambda i, addr: [f"--coordinator_address={addr}", "--num_processes=2",
                                f"--process_id={i}"]
-  for attempt in range(2):  # the second launch resumes: everything is read back
+  stamps = []
+  for attempt in range(2):  # the second launch resumes: every unit is read back, none redone
     addr = f"127.0.0.1:{_free_port()}"
     _launch([base + env_flags(i, addr) for i in range(2)])
+    stamps.append({f: os.stat(workdir / "units" / f).st_mtime_ns
+                   for f in os.listdir(workdir / "units")})
+  assert stamps[0] == stamps[1]
   rows = json.loads((workdir / "results.json").read_text())["rows"]
-  assert [r["round"] for r in rows] == [0, 1]
-  assert sorted(os.listdir(workdir / "units")) == ["imp_round0_r0.json", "imp_round1_r0.json"]
+  assert [r["round"] for r in rows] == [0, 1, 2]
+  assert sorted(stamps[0]) == [f"imp_round{k}_r0.json" for k in range(3)]
