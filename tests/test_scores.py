@@ -197,6 +197,30 @@ def test_grand_exact_for_handwritten_function():
       assert _rel_err(got, expected) < 1e-8, method
 
 
+def _grouped_conv_apply(params, x):
+  """A grouped (feature_group_count=2), strided, dilated convolution and a dense head."""
+  h = jax.lax.conv_general_dilated(x, params["conv"], (2, 1), [(1, 2), (0, 1)], rhs_dilation=(1, 2),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=2)
+  return jnp.tanh(h).reshape(x.shape[0], -1) @ params["head"]
+
+
+def test_grand_exact_for_grouped_conv():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(B, 6, 5, 4)))
+    params = {"conv": jnp.asarray(rng.normal(size=(3, 2, 2, 6))), "head": None}
+    h_shape = jax.eval_shape(lambda p: jax.lax.conv_general_dilated(
+        x, p["conv"], (2, 1), [(1, 2), (0, 1)], rhs_dilation=(1, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2), params).shape
+    params["head"] = jnp.asarray(rng.normal(size=(int(np.prod(h_shape[1:])), 3)) * 0.1)
+    batch = {"x": x, "y": jnp.array([0, 1, 2, 0, 1])}
+    assert scores.ghost_plan(_grouped_conv_apply, params, x).describe()["['conv']"] == \
+        "conv/explicit"
+    got = jax.jit(functools.partial(scores.grand, _grouped_conv_apply))(params, batch)
+    assert _rel_err(got, _loop_grad_norms(_grouped_conv_apply, params, batch)) < 1e-8
+
+
 def test_grand_falls_back_without_layers():
   def apply_fn(params, x):  # parameters used only elementwise: no ghost rule applies.
     return jnp.stack([jnp.sum(x * params["a"], -1), jnp.sum(jnp.sin(x + params["b"]), -1)], -1)

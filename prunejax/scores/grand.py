@@ -13,8 +13,8 @@ returns the squared norm of the leaf's gradient:
 
 * dense on ``[D]``: ``||a||^2 ||d||^2``; on ``[T, D]``: the Gram form
   ``sum_{t,s} (a_t . a_s)(d_t . d_s)`` or the explicit ``||a^T d||^2``, whichever is smaller;
-* conv: the Gram form over output positions of the im2col patches, or the explicit per-example
-  kernel gradient, whichever is smaller;
+* conv: from the im2col patches ``U`` of the example, the Gram form over output positions or the
+  explicit ``||U^T d||^2``, whichever is smaller;
 * embedding: ``sum_{t,s} [tok_t = tok_s] (d_t . d_s)`` or the explicit scatter, whichever is smaller.
 
 The backward pass is the usual one, run for the example's summed cross-entropy, except that no
@@ -144,23 +144,25 @@ def _dense_rule(eqn, w_index: int) -> _DenseRule | None:
 
 @dataclasses.dataclass(frozen=True)
 class _ConvRule:
-  """``out = conv_general_dilated(act, w)``: Gram over im2col patches, or the explicit kernel grad."""
+  """``out = conv_general_dilated(act, w)``: from the im2col patches ``U`` (positions x patch) and
+  the cotangent ``D`` (positions x out channels), the Gram form or the explicit ``||U^T D||^2``
+  (per feature group).
+
+  The explicit form is a batched matmul, not the vmapped transpose convolution: that one is a
+  convolution grouped over examples, which XLA's SPMD partitioner gets wrong on a batch-sharded
+  input (jax 0.10, CPU), and partitions poorly elsewhere.
+  """
 
   kind = "conv"
   act_index = 0
   params: tuple[tuple[str, Any], ...]
   w_shape: tuple[int, ...]
-  w_dtype: Any
   form: str
 
   def sq_norm(self, act: jax.Array, delta: jax.Array) -> jax.Array:
     params = dict(self.params)
-    if self.form == "explicit":
-      w0 = jnp.zeros(self.w_shape, self.w_dtype)
-      _, pullback = jax.vjp(lambda w: lax.conv_general_dilated_p.bind(act, w, **params), w0)
-      (g,) = pullback(delta)
-      return jnp.sum(jnp.square(g.astype(_norm_dtype(g.dtype))))
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    groups = params["feature_group_count"]
     x_NxCxS = jnp.transpose(act, lhs_spec)
     filter_shape = [self.w_shape[d] for d in rhs_spec[2:]]
     patches = lax.conv_general_dilated_patches(
@@ -170,22 +172,28 @@ class _ConvRule:
     u_PxK = jnp.moveaxis(patches, 1, -1).reshape(-1, k)
     d = jnp.transpose(delta, out_spec)
     d_PxE = jnp.moveaxis(d, 1, -1).reshape(-1, d.shape[1])
-    return _outer_sq_norm(u_PxK, d_PxE, "gram")
+    if groups == 1:
+      return _outer_sq_norm(u_PxK, d_PxE, self.form)
+    # Patch features are ordered (input channel, filter position); channels split into groups.
+    dtype = _norm_dtype(u_PxK.dtype, d_PxE.dtype)
+    u_PxGxK = u_PxK.reshape(u_PxK.shape[0], groups, k // groups).astype(dtype)
+    d_PxGxE = d_PxE.reshape(d_PxE.shape[0], groups, -1).astype(dtype)
+    g_GxKxE = jnp.einsum("pgk,pge->gke", u_PxGxK, d_PxGxE, precision=_HIGHEST)
+    return jnp.sum(jnp.square(g_GxKxE))
 
 
 def _conv_rule(eqn, w_index: int) -> _ConvRule | None:
   p = eqn.params
   if w_index != 1 or p["batch_group_count"] != 1:
     return None
-  w_aval = eqn.invars[1].aval
-  out_aval = eqn.outvars[0].aval
+  w_shape = tuple(eqn.invars[1].aval.shape)
+  out_shape = eqn.outvars[0].aval.shape
   lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-  positions = math.prod(out_aval.shape[d] for d in (out_spec[0],) + tuple(out_spec[2:]))
-  patch = math.prod(w_aval.shape[d] for d in rhs_spec[1:]) * p["feature_group_count"]
-  form = _choose(positions * positions + positions * patch, math.prod(w_aval.shape))
+  positions = math.prod(out_shape[d] for d in (out_spec[0],) + tuple(out_spec[2:]))
+  form = _choose(positions * positions, math.prod(w_shape))
   if p["feature_group_count"] != 1:
     form = "explicit"
-  return _ConvRule(tuple(sorted(p.items())), tuple(w_aval.shape), w_aval.dtype, form)
+  return _ConvRule(tuple(sorted(p.items())), w_shape, form)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +260,15 @@ def _make_tap(rule: Any, norm_dtype: Any) -> Callable:
     return out, act
 
   def bwd(act, delta):
-    return delta, None, rule.sq_norm(act, delta).astype(norm_dtype)
+    # Data dependencies sequence the work (optimization barriers are dropped by XLA:CPU): the
+    # layer's norm reads the activation only through a zero that depends on the cotangent, so the
+    # patches or Gram matrices are not hoisted into the forward pass, and the cotangent flows on
+    # to earlier layers only after the norm, so one layer's temporaries are alive at a time.
+    # (XLA does not fold ``0 * x`` for floats: it is NaN for infinite x.)
+    zero = jnp.zeros((), act.dtype) if not jnp.issubdtype(act.dtype, jnp.floating) else (
+        0 * jnp.sum(delta[(0,) * delta.ndim]).astype(act.dtype))
+    sq = rule.sq_norm(act + zero.astype(act.dtype), delta).astype(norm_dtype)
+    return delta + (0 * sq).astype(delta.dtype), None, sq
 
   tap.defvjp(fwd, bwd)
   return tap
