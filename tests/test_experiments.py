@@ -185,15 +185,18 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
   assert _cli(args + [f"--workdir={clean}"], ROOT).returncode == 0
   killed = tmp_path / "killed"
   rng = np.random.default_rng(0)
+  interrupted = 0
   for attempt in range(3):
     proc = subprocess.Popen([sys.executable, "-m", "experiments.run"] + args +
                             [f"--workdir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     time.sleep(float(rng.uniform(4, 12)))
+    interrupted += proc.poll() is None  # still running when killed
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     for p in killed.rglob("*.json"):  # never half-written
       json.loads(p.read_text())
+  assert interrupted >= 2
   assert _cli(args + [f"--workdir={killed}"], ROOT).returncode == 0
   a = json.load(open(clean / "results.json"))["rows"]
   b = json.load(open(killed / "results.json"))["rows"]
