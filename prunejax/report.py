@@ -1,5 +1,5 @@
-"""Reporting helpers for pruned models: sparsity per layer and overall, remaining parameters, and the
-FLOPs of a forward pass before and after pruning.
+"""Reporting helpers for pruned models: sparsity per layer and overall, remaining parameters, and
+the FLOPs of a forward pass before and after pruning.
 
 FLOPs come two ways: :func:`forward_flops` asks XLA (``cost_analysis`` of the compiled forward pass:
 every op, but dense, so unstructured zeros still count), and :func:`linear_flops` counts the

@@ -58,8 +58,9 @@ def iterative(rate: float, steps_per_round: int, *, num_rounds: int | None = Non
   """Iterative geometric pruning, as iterative magnitude pruning (IMP) does.
 
   Round ``r = 1, 2, ...`` starts at step ``start_step + (r - 1) * steps_per_round`` and brings the
-  sparsity to ``1 - (1 - rate) ** r``. With ``target`` the sparsity is capped at it, so the last round
-  lands on the target exactly; ``num_rounds`` then defaults to the fewest rounds that reach it.
+  sparsity to ``1 - (1 - rate) ** r``. With ``target`` the sparsity is capped at it, so the last
+  round lands on the target exactly; ``num_rounds`` then defaults to the fewest rounds that reach
+  it.
 
   Args:
     rate: fraction of the remaining weights removed per round (0.2 in Frankle and Carbin).

@@ -1,4 +1,4 @@
-"""Compaction: structured-pruned MLP, CNN and GPT rebuilt smaller, with the masked model's logits."""
+"""Compaction: structured-pruned MLP, CNN and GPT rebuilt smaller, with the masked logits."""
 
 from __future__ import annotations
 

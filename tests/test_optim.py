@@ -68,8 +68,8 @@ def test_kept_weights_get_the_inner_update_unchanged():
   pruned = masks.apply_mask(params, mask)
   inner = optax.sgd(0.1)
   grads = jax.grad(_loss)(pruned, BATCH)
-  masked_updates, _ = optim.masked(inner, mask).update(grads, optim.masked(inner, mask).init(pruned),
-                                                       pruned)
+  masked_tx = optim.masked(inner, mask)
+  masked_updates, _ = masked_tx.update(grads, masked_tx.init(pruned), pruned)
   plain_updates, _ = inner.update(grads, inner.init(pruned), pruned)
   for u, v, m in zip(jax.tree.leaves(masked_updates), jax.tree.leaves(plain_updates),
                      jax.tree.leaves(mask)):
@@ -87,9 +87,10 @@ def test_gradual_pruning_on_a_schedule_inside_jit():
   seen = []
   for t in range(15):
     params, state = step(params, state)
-    seen.append(int(np.sum([np.sum(~np.asarray(m)) for m in jax.tree.leaves(optim.get_mask(state))])))
+    mask_leaves = jax.tree.leaves(optim.get_mask(state))
+    seen.append(int(sum(np.sum(~np.asarray(m)) for m in mask_leaves)))
     zeros = sum(int(np.sum(np.asarray(p) == 0)) for p, m in
-                zip(jax.tree.leaves(params), jax.tree.leaves(optim.get_mask(state))) if not np.all(m))
+                zip(jax.tree.leaves(params), mask_leaves) if not np.all(m))
     assert zeros >= seen[-1]  # pruned weights are exactly zero.
   expected = [round(float(schedule(t)) * n) for t in range(15)]
   assert seen == expected

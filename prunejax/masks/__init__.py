@@ -1,4 +1,4 @@
-"""Model pruning masks: pure functions from parameter pytrees to boolean masks of the same structure.
+"""Model pruning masks: pure functions from parameter pytrees to bool masks of the same structure.
 
 * :mod:`~prunejax.masks.core`: filters, :func:`threshold_mask` (exact, sort-free), applying and
   measuring masks.

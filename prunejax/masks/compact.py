@@ -1,17 +1,17 @@
 """Compaction: a structured-pruned model rebuilt as a physically smaller dense model.
 
-A unit is removable when, after the mask is applied, its whole incoming kernel slice and its bias are
-exactly zero: its pre-activation is then zero, its activation ``f(0) = 0`` (ReLU, GELU, max-pool) and
-everything it feeds receives zeros. :func:`prunejax.masks.structured.neurons` and
+A unit is removable when, after the mask is applied, its whole incoming kernel slice and its bias
+are exactly zero: its pre-activation is then zero, its activation ``f(0) = 0`` (ReLU, GELU,
+max-pool) and everything it feeds receives zeros. :func:`prunejax.masks.structured.neurons` and
 :func:`~prunejax.masks.structured.heads` produce exactly such masks. The compacted model drops
 those units and the matching input rows of the next layer, so its logits equal the masked model's
 (up to the order of float additions).
 
 Supported: :class:`~prunejax.models.MLP` (hidden neurons), :class:`~prunejax.models.CNN` (conv
 channels and the hidden dense layer) and :class:`~prunejax.models.GPTClassifier` (attention heads,
-whose value projection is zero, and MLP neurons). The GPT has one ``num_heads`` and one ``mlp_dim`` for
-all blocks, so each block keeps as many heads (neurons) as the block that keeps most; the extra ones
-are removable units, which contribute exactly zero.
+whose value projection is zero, and MLP neurons). The GPT has one ``num_heads`` and one ``mlp_dim``
+for all blocks, so each block keeps as many heads (neurons) as the block that keeps most; the extra
+ones are removable units, which contribute exactly zero.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def _compact_gpt(model: GPTClassifier, p: dict) -> tuple[nn.Module, dict]:
 
 
 def compact(model: nn.Module, params: Params, mask: Mask | None = None) -> tuple[nn.Module, Params]:
-  """A smaller dense model whose outputs equal those of ``model`` with ``params`` masked by ``mask``.
+  """A smaller dense model with the outputs of ``model`` with ``params`` masked by ``mask``.
 
   Args:
     model: an :class:`MLP`, :class:`CNN` or :class:`GPTClassifier`.

@@ -5,12 +5,13 @@ that a ``filter_fn(path, leaf)`` marks as not prunable get an all-``True`` mask,
 
 :func:`threshold_mask` prunes exactly ``k`` entries with the lowest scores without sorting: a radix
 select over an order-preserving unsigned-integer view of the float scores. Each pass builds a
-histogram of one digit (16 bits) of the candidates that match the prefix chosen so far, so two passes
-over the data fix the 32-bit threshold. Histograms are sums of counts, so under ``jit`` with sharded
-params XLA reduces them across devices and the result does not depend on the sharding. Ties at the
-threshold are broken deterministically: the first prunable leaves (in ``jax.tree.leaves`` order) lose
-first, and inside a leaf the lower row-major flat index loses first. (Groups of at most
-``_SORT_MAX`` entries, where a sort costs nothing, take a stable sort with the same result.)
+histogram of one digit (16 bits) of the candidates that match the prefix chosen so far, so two
+passes over the data fix the 32-bit threshold. Histograms are sums of counts, so under ``jit`` with
+sharded params XLA reduces them across devices and the result does not depend on the sharding.
+Ties at the threshold are broken deterministically: the first prunable leaves (in
+``jax.tree.leaves`` order) lose first, and inside a leaf the lower row-major flat index loses first.
+(Groups of at most ``_SORT_MAX`` entries, where a sort costs nothing, take a stable sort with the
+same result.)
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def make_filter_fn(*, prune_head: bool = True, include: Iterable[str] | None = N
   A leaf is prunable when all of these hold:
 
   * its last path entry is one of ``names`` (Flax's ``kernel`` of Dense/Conv and ``embedding`` of
-    Embed by default, so biases, norm scales and learned position tables are never pruned); a leaf
-    whose last path entry is not a name (a list or tuple of arrays) counts as a kernel when it has at
-    least two dimensions;
+    Embed by default, so biases, norm scales and learned position tables are never pruned); a
+    leaf whose last path entry is not a name (a list or tuple of arrays) counts as a kernel when it
+    has at least two dimensions;
   * if ``include`` is given, its ``"a/b/kernel"`` path matches at least one of these regular
     expressions (``re.search``);
   * its path matches none of the ``exclude`` regular expressions;
@@ -116,7 +117,8 @@ default_filter_fn: FilterFn = make_filter_fn()
 """Kernels and embeddings are prunable (the classifier head included); biases and norms are not."""
 
 
-def prunable_leaves(tree: PyTree, filter_fn: FilterFn | None = None) -> tuple[list, list[bool], Any]:
+def prunable_leaves(tree: PyTree, filter_fn: FilterFn | None = None
+                    ) -> tuple[list, list[bool], Any]:
   """``(leaves, prunable flags, treedef)`` of ``tree`` in ``jax.tree.leaves`` order."""
   filter_fn = filter_fn or default_filter_fn
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)

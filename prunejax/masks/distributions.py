@@ -1,8 +1,8 @@
 """Per-layer sparsity distributions: how a target sparsity is split over the prunable leaves.
 
-Each function returns a pytree with the structure of the params whose leaves are the sparsity of that
-leaf (0.0 on leaves that ``filter_fn`` excludes). Combined with a per-leaf exact select, leaf ``l``
-loses exactly ``round(s_l * n_l)`` weights.
+Each function returns a pytree with the structure of the params whose leaves are the sparsity of
+that leaf (0.0 on leaves that ``filter_fn`` excludes). Combined with a per-leaf exact select, leaf
+``l`` loses exactly ``round(s_l * n_l)`` weights.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Structured masks: whole output neurons, conv channels and attention heads, and N:M patterns.
 
-A structured mask removes a unit entirely: the kernel column of an output neuron (or channel) *and* its
-bias entry, so the unit's pre-activation is exactly zero. For activations with ``f(0) = 0`` (ReLU,
-GELU) the unit then outputs zero and the model equals the physically smaller model that
+A structured mask removes a unit entirely: the kernel column of an output neuron (or channel) *and*
+its bias entry, so the unit's pre-activation is exactly zero. For activations with ``f(0) = 0``
+(ReLU, GELU) the unit then outputs zero and the model equals the physically smaller model that
 :func:`prunejax.masks.compact.compact` builds. (BatchNorm after a pruned conv channel outputs its
 shift, not zero: such models need their norm parameters masked too and are not compacted here.)
 """
@@ -26,7 +26,7 @@ CRITERIA = ("l1", "l2")
 SCOPES = ("layerwise", "global")
 
 structured_filter_fn: FilterFn = make_filter_fn(prune_head=False, names=("kernel",))
-"""Default for structured masks: kernels, never the classifier head (its outputs are the classes)."""
+"""Default for structured masks: kernels, never the classifier head (its outputs are classes)."""
 
 
 def _flat(tree):
@@ -59,11 +59,11 @@ def neurons(params: Params, sparsity: Any, *, criterion: str = "l2", scores: PyT
             scope: str = "layerwise", filter_fn: FilterFn | None = None) -> Mask:
   """Removes whole output units (last kernel axis): neurons of Dense layers, channels of Convs.
 
-  Unit ``j`` of a kernel of shape ``(..., out)`` is scored by the L1 or L2 norm of ``kernel[..., j]``
-  (or by the sum of ``scores[..., j]``). Exactly ``round(sparsity * out)`` units of each kernel
-  (``scope="layerwise"``) or ``round(sparsity * total units)`` over all kernels (``"global"``) are
-  removed, ties going to the lower unit index; the mask is False on their kernel entries and on the
-  matching entries of the sibling ``bias`` leaf.
+  Unit ``j`` of a kernel of shape ``(..., out)`` is scored by the L1 or L2 norm of
+  ``kernel[..., j]`` (or by the sum of ``scores[..., j]``). Exactly ``round(sparsity * out)`` units
+  of each kernel (``scope="layerwise"``) or ``round(sparsity * total units)`` over all kernels
+  (``"global"``) are removed, ties going to the lower unit index; the mask is False on their kernel
+  entries and on the matching entries of the sibling ``bias`` leaf.
 
   Args:
     params: the params.
@@ -108,7 +108,7 @@ def _neurons_mask(params, scores, counts, *, chosen, criterion):
 
 
 channels = neurons
-"""Conv channels are the output units of conv kernels ``(h, w, in, out)``: same as :func:`neurons`."""
+"""Conv channels are the output units of conv kernels ``(h, w, in, out)``: see :func:`neurons`."""
 
 
 def _attention_modules(params, filter_fn, names, num_heads):

@@ -1,12 +1,12 @@
-"""Unstructured masks: magnitude, random, and gradient-based scores (SNIP, GraSP, SynFlow, movement).
+"""Unstructured masks: magnitude, random and gradient-based (SNIP, GraSP, SynFlow, movement).
 
 Each method computes a score pytree (higher = more important) and prunes the lowest scores with the
 exact, sort-free select of :func:`prunejax.masks.core.threshold_mask`, either globally over all
 prunable leaves or per leaf with a sparsity distribution (uniform, ERK or a custom map).
 
-Gradient-based scores take ``apply_fn(params, x) -> logits`` with ``params`` the pytree that is pruned
-(for a Flax model, ``lambda p, x: model.apply({"params": p}, x)``) and a batch dict with ``x``, ``y``
-and optionally ``mask`` (False on padding rows, which add nothing to the loss).
+Gradient-based scores take ``apply_fn(params, x) -> logits`` with ``params`` the pytree that is
+pruned (for a Flax model, ``lambda p, x: model.apply({"params": p}, x)``) and a batch dict with
+``x``, ``y`` and optionally ``mask`` (False on padding rows, which add nothing to the loss).
 """
 
 from __future__ import annotations
