@@ -48,7 +48,7 @@ def _model(name: str):
   if name == "gpt":
     return build_model("gpt", NUM_CLASSES, vocab_size=50, context=8, depth=2, width=16,
                        num_heads=2)
-  if name == "resnet":  # two stages with BatchNorm, a strided projection shortcut.
+  if name == "resnet":  # ResNet-18's blocks, two stages: BatchNorm, a strided 1x1 projection.
     return ResNet(NUM_CLASSES, (1, 1), (4, 8))
   kwargs = {"mlp": dict(hidden=(16, 8)), "cnn": dict(features=(4, 8), dense=16),
             "resnet18": dict(width_multiplier=0.125)}[name]
@@ -129,10 +129,10 @@ def test_margin_is_negative_when_misclassified():
 
 
 # Each model is checked with the forms its layers take by default ("auto") and, where that leaves
-# a form unused, forced to the other one: resnet18's auto mixes explicit and Gram convs (strided
+# a form unused, forced to the other one: the ResNet's auto mixes explicit and Gram convs (strided
 # ones included), the CNN's convs are explicit and GPT's dense and embedding layers Gram.
 @pytest.mark.parametrize("name,forms", [("mlp", ["auto"]), ("cnn", ["auto", "gram"]),
-                                        ("resnet18", ["auto"]), ("gpt", ["auto", "explicit"])])
+                                        ("resnet", ["auto"]), ("gpt", ["auto", "explicit"])])
 def test_grand_matches_float64_loop(name, forms, monkeypatch):
   with jax.enable_x64(True):
     apply_fn, variables, batch = _case(name)
@@ -144,13 +144,15 @@ def test_grand_matches_float64_loop(name, forms, monkeypatch):
       assert _rel_err(got, expected) < 1e-5, (name, form, got, expected)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18", "gpt"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "resnet18", "gpt"])
 def test_our_models_take_the_fast_path(name):
   apply_fn, variables, batch = _case(name)
   plan = scores.ghost_plan(apply_fn, variables, batch["x"])
   methods = plan.describe()
   heavy = [p for p in methods if p.endswith("['kernel']") or p.endswith("['embedding']")]
   assert heavy and all(methods[p].split("/")[0] in ("dense", "conv", "embed") for p in heavy), methods
+  if name in ("resnet", "resnet18"):
+    assert {methods[p] for p in heavy} >= {"conv/gram", "conv/explicit"}
   for p, m in methods.items():
     if p.startswith("['batch_stats']"):
       assert m == "zero"

@@ -59,7 +59,10 @@ from prunejax.types import ApplyFn, Batch, Params, Scores
 
 METHODS = ("auto", "ghost", "vmap")
 
-_HIGHEST = lax.Precision.HIGHEST
+# Precision of the per-layer norm products: None follows ``jax.default_matmul_precision``, the
+# precision of the model's own forward and backward passes (TF32 on recent GPUs unless set to
+# "highest"; exact float32/float64 on CPU).
+_PRECISION = None
 # Which form the ghost rules use: "auto" picks the smaller; tests force "gram" and "explicit".
 _FORM = "auto"
 
@@ -90,10 +93,10 @@ def _outer_sq_norm(a_NxK: jax.Array, d_NxE: jax.Array, form: str) -> jax.Array:
   if a_NxK.shape[0] == 1:
     return jnp.sum(jnp.square(a_NxK)) * jnp.sum(jnp.square(d_NxE))
   if form == "gram":
-    aa_NxN = jnp.einsum("nk,mk->nm", a_NxK, a_NxK, precision=_HIGHEST)
-    dd_NxN = jnp.einsum("ne,me->nm", d_NxE, d_NxE, precision=_HIGHEST)
+    aa_NxN = jnp.einsum("nk,mk->nm", a_NxK, a_NxK, precision=_PRECISION)
+    dd_NxN = jnp.einsum("ne,me->nm", d_NxE, d_NxE, precision=_PRECISION)
     return jnp.sum(aa_NxN * dd_NxN)
-  g_KxE = jnp.einsum("nk,ne->ke", a_NxK, d_NxE, precision=_HIGHEST)
+  g_KxE = jnp.einsum("nk,ne->ke", a_NxK, d_NxE, precision=_PRECISION)
   return jnp.sum(jnp.square(g_KxE))
 
 
@@ -167,7 +170,7 @@ class _ConvRule:
     filter_shape = [self.w_shape[d] for d in rhs_spec[2:]]
     patches = lax.conv_general_dilated_patches(
         x_NxCxS, filter_shape, params["window_strides"], params["padding"],
-        params["lhs_dilation"], params["rhs_dilation"], precision=_HIGHEST)
+        params["lhs_dilation"], params["rhs_dilation"], precision=_PRECISION)
     k = patches.shape[1]
     u_PxK = jnp.moveaxis(patches, 1, -1).reshape(-1, k)
     d = jnp.transpose(delta, out_spec)
@@ -178,7 +181,7 @@ class _ConvRule:
     dtype = _norm_dtype(u_PxK.dtype, d_PxE.dtype)
     u_PxGxK = u_PxK.reshape(u_PxK.shape[0], groups, k // groups).astype(dtype)
     d_PxGxE = d_PxE.reshape(d_PxE.shape[0], groups, -1).astype(dtype)
-    g_GxKxE = jnp.einsum("pgk,pge->gke", u_PxGxK, d_PxGxE, precision=_HIGHEST)
+    g_GxKxE = jnp.einsum("pgk,pge->gke", u_PxGxK, d_PxGxE, precision=_PRECISION)
     return jnp.sum(jnp.square(g_GxKxE))
 
 
@@ -218,7 +221,7 @@ class _EmbedRule:
       d_MxD = jnp.where(((idx_M >= 0) & (idx_M < self.rows))[:, None], d_MxD, 0.0)
     if self.form == "gram":
       same_MxM = idx_M[:, None] == idx_M[None, :]
-      dd_MxM = jnp.einsum("md,nd->mn", d_MxD, d_MxD, precision=_HIGHEST)
+      dd_MxM = jnp.einsum("md,nd->mn", d_MxD, d_MxD, precision=_PRECISION)
       return jnp.sum(jnp.where(same_MxM, dd_MxM, 0.0))
     g_VxD = jnp.zeros((self.rows, self.row_size), d_MxD.dtype).at[idx_M].add(d_MxD, mode="drop")
     return jnp.sum(jnp.square(g_VxD))
@@ -265,9 +268,9 @@ def _make_tap(rule: Any, norm_dtype: Any) -> Callable:
     # patches or Gram matrices are not hoisted into the forward pass, and the cotangent flows on
     # to earlier layers only after the norm, so one layer's temporaries are alive at a time.
     # (XLA does not fold ``0 * x`` for floats: it is NaN for infinite x.)
-    zero = jnp.zeros((), act.dtype) if not jnp.issubdtype(act.dtype, jnp.floating) else (
-        0 * jnp.sum(delta[(0,) * delta.ndim]).astype(act.dtype))
-    sq = rule.sq_norm(act + zero.astype(act.dtype), delta).astype(norm_dtype)
+    if jnp.issubdtype(act.dtype, jnp.floating):
+      act = act + 0 * delta.reshape(-1)[0].astype(act.dtype)
+    sq = rule.sq_norm(act, delta).astype(norm_dtype)
     return delta + (0 * sq).astype(delta.dtype), None, sq
 
   tap.defvjp(fwd, bwd)
