@@ -1,7 +1,7 @@
 """Throughput and peak memory of the data-importance scores against a plain train step.
 
-    python -m experiments.bench_scores                      # MLP, CNN, GPT, ResNet-18 at batch 128
-    python -m experiments.bench_scores --quick --batch_size=16   # a CPU smoke run
+    python -m experiments.bench_scores                         # MLP, CNN, GPT, ResNet-18, batch 128
+    python -m experiments.bench_scores --quick --batch_size=16  # CPU smoke run (~2 min)
     python -m experiments.bench_scores --models=gpt --repeats=10
 
 For each model it times, in one process and after a warm-up: a train step (SGD, forward + backward +
@@ -13,8 +13,9 @@ of the compiled function (arguments + outputs + temporaries - aliased buffers, f
 
 Inputs are random: 28x28x1 images for the MLP (LeNet-300-100), 32x32x3 for the CNN and ResNet-18
 (``--resnet_width`` times the standard widths), ``--gpt_tokens`` tokens for the GPT classifier of
-width ``--gpt_width``. Sized for a 2-core CPU: the full run takes about 4 minutes, most of it in the
-``jacrev`` and ``vmap`` baselines (``--skip_baselines`` leaves them out).
+width ``--gpt_width``. Sized for a 2-core CPU: the full run takes 2-3 minutes there, most of it in
+compiling and in the ``jacrev`` and ``vmap`` baselines (``--skip_baselines`` leaves them out). The
+results of a CPU and an H100 run are in BUILD_NOTES.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
@@ -117,7 +117,8 @@ def bench_model(name: str) -> list[dict]:
     repeats = FLAGS.repeats if fn_name in ("train step", "el2n", "grand") else max(
         1, min(3, FLAGS.repeats))
     seconds, peak = measure(fn, args, repeats)
-    rows.append({"model": name, "fn": fn_name, "examples_per_s": b / seconds, "peak_mb": peak / 2**20})
+    rows.append({"model": name, "fn": fn_name, "examples_per_s": b / seconds,
+                 "peak_mb": peak / 2**20})
   base = rows[0]
   for r in rows:
     r["speed_vs_train"] = r["examples_per_s"] / base["examples_per_s"]
@@ -130,7 +131,7 @@ def table(rows: list[dict]) -> str:
            "| --- | --- | ---: | ---: | ---: | ---: |"]
   for r in rows:
     speed = (f"{r['examples_per_s']:.0f} | {r['speed_vs_train']:.2f}"
-             if np.isfinite(r["examples_per_s"]) else f"not run (over --max_gb) | -")
+             if np.isfinite(r["examples_per_s"]) else "not run (over --max_gb) | -")
     lines.append(f"| {r['model']} | {r['fn']} | {speed} | {r['peak_mb']:.1f} | "
                  f"{r['memory_vs_train']:.2f} |")
   speedups = []
@@ -138,9 +139,10 @@ def table(rows: list[dict]) -> str:
     by_fn = {r["fn"]: r for r in rows if r["model"] == model}
     if "grand vmap(grad)" in by_fn:
       ours = by_fn["grand"]["examples_per_s"]
-      speedups.append(f"{model}: GraNd runs {ours / by_fn['grand vmap(grad)']['examples_per_s']:.1f}x "
-                      f"as fast as vmap(grad) and {ours / by_fn['grand jacrev']['examples_per_s']:.1f}x "
-                      "as fast as jacrev")
+      vs_vmap = ours / by_fn["grand vmap(grad)"]["examples_per_s"]
+      vs_jacrev = ours / by_fn["grand jacrev"]["examples_per_s"]
+      speedups.append(f"{model}: GraNd runs {vs_vmap:.1f}x as fast as vmap(grad) and "
+                      f"{vs_jacrev:.1f}x as fast as jacrev")
   return "\n".join(lines + [""] + speedups)
 
 

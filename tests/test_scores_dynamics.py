@@ -99,8 +99,10 @@ def test_aum_hand_computed():
   tracker = scores.aum()
   state = tracker.init(np.array([1, 2]))
   # Margins of id 1: (3 - 1) = 2 then (0 - 2) = -2; id 2 (label 1): (1 - 0) = 1 then (4 - 0) = 4.
-  state = tracker.update(state, _batch([1, 2], [0, 1]), jnp.array([[3.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
-  state = tracker.update(state, _batch([2, 1], [1, 0]), jnp.array([[0.0, 4.0, 0.0], [0.0, 2.0, 1.0]]))
+  state = tracker.update(state, _batch([1, 2], [0, 1]),
+                         jnp.array([[3.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
+  state = tracker.update(state, _batch([2, 1], [1, 0]),
+                         jnp.array([[0.0, 4.0, 0.0], [0.0, 2.0, 1.0]]))
   np.testing.assert_allclose(state.mean(), [0.0, 2.5])
 
 

@@ -50,13 +50,15 @@ for name, (model, x) in cases.items():
     sharded = fn(parallel.replicate(variables, mesh), sharded_batch)
     assert len(sharded.sharding.device_set) == 8
     sharded = np.asarray(sharded)
-    out[f"{name}/{score}"] = [float(np.max(np.abs(sharded - single) / np.maximum(np.abs(single), 1e-6))),
-                              float(np.max(np.abs(single[~mask]))), float(np.min(np.abs(single[mask])))]
+    rel_err = np.max(np.abs(sharded - single) / np.maximum(np.abs(single), 1e-6))
+    out[f"{name}/{score}"] = [float(rel_err), float(np.max(np.abs(single[~mask]))),
+                              float(np.min(np.abs(single[mask])))]
 # A tracker updated with sharded batches.
 tracker = scores.forgetting()
 ids = np.arange(B)[mask]
 logits = rng.normal(size=(3, B, 3)).astype(np.float32)
-host = {"y": rng.integers(0, 3, B).astype(np.int32), "mask": mask, "id": np.where(mask, np.arange(B), -1)}
+host = {"y": rng.integers(0, 3, B).astype(np.int32), "mask": mask,
+        "id": np.where(mask, np.arange(B), -1)}
 states = []
 for put in (lambda t: jax.device_put(t, jax.devices()[0]), lambda t: parallel.shard_batch(t, mesh)):
   state = tracker.init(ids)

@@ -1,10 +1,11 @@
 """Scores from training dynamics, as ``(init, update)`` pairs of pure functions.
 
-A :class:`Tracker` is ``init(ids) -> state`` and ``update(state, batch, values_B...) -> state``, where
-``batch`` carries ``id``, ``y`` and ``mask`` (padding rows are ignored) and the values are the logits of
-the batch (forgetting, cartography, AUM) or any per-example score (running mean). The state is a
-``NamedTuple`` of arrays with one entry per example, in increasing id order (``state.ids``), so it can
-be jitted, checkpointed and sharded like any pytree, and its methods read the scores out.
+A :class:`Tracker` is ``init(ids) -> state`` and ``update(state, batch, values) -> state``, where
+``batch`` carries ``id``, ``y`` and ``mask`` (padding rows are ignored) and the values are the
+logits of the batch (forgetting, cartography, AUM) or any per-example score (running mean). The
+state is a ``NamedTuple`` of arrays with one entry per example, in increasing id order
+(``state.ids``), so it can be jitted, checkpointed and sharded like any pytree, and its methods read
+the scores out.
 
 Call ``update`` once for every presentation of the examples (each epoch, or each step on the batch
 just trained on). An id that is not in ``state.ids`` is ignored; an id must not appear twice in one
@@ -26,7 +27,8 @@ from prunejax.types import ApplyFn, Batch, Params, Scores
 
 
 class Tracker(NamedTuple):
-  """An ``(init, update)`` pair: ``init(ids) -> state``, ``update(state, batch, values) -> state``."""
+  """An ``(init, update)`` pair: ``init(ids) -> state``,
+  ``update(state, batch, values) -> state``."""
 
   init: Callable[..., Any]
   update: Callable[..., Any]

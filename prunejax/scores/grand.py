@@ -1,21 +1,22 @@
 """GraNd: the exact norm of each example's full loss gradient, without per-example gradients.
 
-``grand(apply_fn, params, batch)`` returns ``||d CE(f(params, x_i), y_i) / d params||_2`` for every row
-``i``, over all parameter leaves. It never forms the ``B x P`` matrix of per-example gradients.
+``grand(apply_fn, params, batch)`` returns ``||d CE(f(params, x_i), y_i) / d params||_2`` for every
+row ``i``, over all parameter leaves. It never forms the ``B x P`` matrix of per-example gradients.
 
-How (``method="ghost"``, the "ghost norm" of Goodfellow 2015 and Li et al. 2022, applied to any JAX
-function): ``apply_fn`` is traced once for a single example into a jaxpr. A walk over that jaxpr finds
-where each parameter leaf meets the example: a ``dot_general`` (dense layers, on vectors or
-sequences), a ``conv_general_dilated`` or a row ``gather`` (embeddings), reached from the leaf through
-reshapes, transposes, slices or dtype casts only. At each such use the walk records the activation
-``a`` and wraps the output in an identity whose backward rule receives the output cotangent ``d`` and
-returns the squared norm of the leaf's gradient:
+How (``method="ghost"``, the "ghost norm" of Goodfellow 2015 and Li et al. 2022, applied to any
+JAX function): ``apply_fn`` is traced once for a single example into a jaxpr. A walk over that
+jaxpr finds where each parameter leaf meets the example: a ``dot_general`` (dense layers, on vectors
+or sequences), a ``conv_general_dilated`` or a row ``gather`` (embeddings), reached from the leaf
+through reshapes, transposes, slices or dtype casts only. At each such use the walk records the
+activation ``a`` and wraps the output in an identity whose backward rule receives the output
+cotangent ``d`` and returns the squared norm of the leaf's gradient:
 
 * dense on ``[D]``: ``||a||^2 ||d||^2``; on ``[T, D]``: the Gram form
   ``sum_{t,s} (a_t . a_s)(d_t . d_s)`` or the explicit ``||a^T d||^2``, whichever is smaller;
 * conv: from the im2col patches ``U`` of the example, the Gram form over output positions or the
   explicit ``||U^T d||^2``, whichever is smaller;
-* embedding: ``sum_{t,s} [tok_t = tok_s] (d_t . d_s)`` or the explicit scatter, whichever is smaller.
+* embedding: ``sum_{t,s} [tok_t = tok_s] (d_t . d_s)`` or the explicit scatter, whichever is
+  smaller.
 
 The backward pass is the usual one, run for the example's summed cross-entropy, except that no
 weight gradient is formed: each layer's contribution is reduced to one number per example as soon

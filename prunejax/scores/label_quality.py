@@ -11,7 +11,8 @@ These run once over the dataset on the host, in NumPy, and follow ``cleanlab`` 2
 the same probabilities (the tests check it).
 
 References:
-  Northcutt, Jiang, Chuang. "Confident Learning: Estimating Uncertainty in Dataset Labels." JAIR 2021.
+  Northcutt, Jiang, Chuang. "Confident Learning: Estimating Uncertainty in Dataset Labels."
+  JAIR 2021.
 """
 
 from __future__ import annotations
