@@ -183,7 +183,9 @@ def _handwritten_apply(params, x):
   return h @ params["head"] + extra[:, None] * params["head_bias"]
 
 
-def test_grand_exact_for_handwritten_function():
+@pytest.mark.parametrize("budget", [1 << 20, 0])  # 0: directly differentiated leaves in chunks.
+def test_grand_exact_for_handwritten_function(budget, monkeypatch):
+  monkeypatch.setattr(grand_lib, "_MATERIALIZED_BUDGET", budget)
   with jax.enable_x64(True):
     rng = np.random.default_rng(0)
     params = {"w1": rng.normal(size=(4, 4)), "b1": rng.normal(size=4), "gain": rng.normal(size=4),

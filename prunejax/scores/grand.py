@@ -66,6 +66,9 @@ METHODS = ("auto", "ghost", "vmap")
 _PRECISION = None
 # Which form the ghost rules use: "auto" picks the smaller; tests force "gram" and "explicit".
 _FORM = "auto"
+# Elements of per-example gradients of directly differentiated leaves (B x their size) allowed at
+# once, besides a full gradient's worth; past it the ghost path goes ``chunk_size`` rows at a time.
+_MATERIALIZED_BUDGET = 1 << 20
 
 # Higher-order primitives whose body is inlined when parameters and the example meet inside them.
 # Custom derivatives (custom_jvp/vjp) are not inlined: their rule is kept and their leaves are
@@ -570,7 +573,7 @@ def _ghost_sq_norms(plan: GhostPlan, params: Params, batch: Batch, chunk_size: i
   mat_size = sum(int(np.prod(jnp.shape(v))) for v in mat_vals)
   total = sum(int(np.prod(jnp.shape(l))) for l in leaves)
   # Materialized leaves cost B x their size; past a full gradient's worth, go in chunks.
-  chunk = None if mat_size * b <= max(total, 1 << 20) else chunk_size
+  chunk = None if mat_size * b <= max(total, _MATERIALIZED_BUDGET) else chunk_size
   return _map_chunks(example, chunk, x_leaves, batch["y"], batch_mask(batch, b))
 
 
