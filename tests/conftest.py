@@ -6,9 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
+
+# Share compiled XLA programs between test processes (xdist workers, subprocesses): the same model
+# inits and steps are compiled in many tests, and a compile can take 10+ s on a small CPU.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "prunejax-test-jax-cache"))
 
 
 def run_on_devices(code: str, num_devices: int = 8, timeout: int = 600) -> dict:
