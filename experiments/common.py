@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterable
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from prunejax import data, dynamic, parallel, train
 from prunejax.errors import ConfigError, check_choice, check_positive_int, check_range
+from prunejax.fileio import atomic_savez, atomic_write_text
 from prunejax.models import build_model, make_apply_fn
 
 log = logging.getLogger("prunejax")
@@ -35,22 +35,6 @@ log = logging.getLogger("prunejax")
 # ----------------------------------------------------------------------------------------------
 # Files: atomic writes and the workdir.
 # ----------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -68,19 +52,9 @@ def _json_default(o):
 
 
 def atomic_save_npz(path: str, **arrays: Any) -> None:
-  """``np.savez`` through a temporary file and a rename (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".npz")
-  os.close(fd)
-  try:
-    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Atomic ``np.savez`` by process 0 only."""
+  if jax.process_index() == 0:
+    atomic_savez(path, **arrays)
 
 
 def save_mask(path: str, mask: Any) -> None:

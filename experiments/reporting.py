@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from experiments import common
+from prunejax.fileio import atomic_open
 
 SUMMARY_FIELDS = ("strategy", "setting", "fraction_kept", "sparsity", "test_accuracy_mean",
                   "test_accuracy_std", "val_accuracy_mean", "relative_compute",
@@ -92,10 +93,8 @@ def plots(workdir: str, rows: list[dict], summary: list[dict]) -> list[str]:
   made = []
 
   def save(fig, name):
-    path = os.path.join(workdir, name)
-    tmp = os.path.join(workdir, f".tmp_{name}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    with atomic_open(os.path.join(workdir, name), "wb") as f:
+      fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
     made.append(name)
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
 
 from prunejax.errors import ConfigError, DataError, check_choice
+from prunejax.fileio import atomic_write_text
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 TOKENIZERS = ("bpe", "tiktoken_gpt2")
@@ -52,11 +52,8 @@ def train_bpe(texts: Sequence[str], vocab_size: int, *, name: str = "data",
     bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2,
                             special_tokens=[PAD, EOS], show_progress=False)
     tok = bpe._tokenizer
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".json.tmp")
-    os.close(fd)
-    tok.save(tmp)
-    os.replace(tmp, path)  # atomic: concurrent runs never read a half-written tokenizer.
+    # atomic: concurrent runs never read a half-written tokenizer.
+    atomic_write_text(path, tok.to_str())
   pad_id, eos_id = tok.token_to_id(PAD), tok.token_to_id(EOS)
   return Tokenizer("bpe", lambda b: [e.ids for e in tok.encode_batch(list(b))],
                    tok.get_vocab_size(), pad_id, eos_id)

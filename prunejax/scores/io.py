@@ -3,12 +3,10 @@ and reused. The file holds ``ids`` and one array per score, all of length N."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 
 from prunejax.errors import DataError
+from prunejax.fileio import atomic_savez
 
 
 def save_scores(path: str, ids: np.ndarray, **scores: np.ndarray) -> None:
@@ -37,19 +35,7 @@ def save_scores(path: str, ids: np.ndarray, **scores: np.ndarray) -> None:
       raise DataError(f"score {name!r} has shape {value.shape}; expected first dimension "
                       f"{len(ids)}")
     arrays[name] = value
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_scores_", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic_savez(path, **arrays)
 
 
 def load_scores(path: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
