@@ -88,6 +88,9 @@ def test_main_job_quick_runs_every_strategy_deterministically(tmp_path):
   assert float(by["batch"]["forward_examples"]) == dense_fwd
   assert float(by["batch"]["backward_examples"]) == pytest.approx(
       cfg.batch_pruning.keep_fraction * dense_fwd, rel=0.02)
+  # semi-batch pruning dropped some well-learned examples in its pruned epoch
+  assert float(by["semi_batch"]["backward_examples"]) < dense_fwd
+  assert float(by["semi_batch"]["forward_examples"]) == float(by["semi_batch"]["backward_examples"])
   # static subsets keep exactly the fraction asked for
   assert float(by["el2n"]["fraction_kept"]) == pytest.approx(0.5, abs=1e-3)
   imp_rows = [r for r in rows if r["strategy"] == "imp"]

@@ -35,6 +35,7 @@ def get_config(variant: str = ""):
     c.iterative.target_keep = 0.5
     c.imp.prune_per_round = 0.5
     c.imp.target_sparsity = 0.75
+    c.semi_batch.delta = 1.0  # two epochs: prune in the second (the first records the losses)
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; expected '' or 'quick'")
   return c
