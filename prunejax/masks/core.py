@@ -366,6 +366,8 @@ def threshold_mask(scores: PyTree, num_pruned: Any, *, filter_fn: FilterFn | Non
   """
   leaves, flags, treedef = prunable_leaves(scores, filter_fn)
   idx = [i for i, f in enumerate(flags) if f]
+  if not idx:  # nothing prunable (an empty tree included): everything is kept
+    return jax.tree.unflatten(treedef, [jnp.ones(jnp.shape(l), bool) for l in leaves])
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(num_pruned)):
     groups = (tuple(range(len(idx))),) if idx else ()
     counts = [jnp.asarray(num_pruned, jnp.int32)]

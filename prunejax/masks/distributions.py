@@ -55,12 +55,15 @@ def erk(params: Params, sparsity: float, filter_fn: FilterFn | None = None, *,
   num_to_prune(sparsity, 1)
   sparsity = float(sparsity)
   leaves, flags, treedef = prunable_leaves(params, filter_fn)
-  shapes = {i: tuple(np.shape(l)) for i, (l, f) in enumerate(zip(leaves, flags)) if f}
+  # Empty leaves have nothing to prune (sparsity 0); a 0-d leaf counts as density ``eps``.
+  shapes = {i: tuple(np.shape(l)) for i, (l, f) in enumerate(zip(leaves, flags))
+            if f and math.prod(np.shape(l)) > 0}
   out = [0.0] * len(leaves)
   if not shapes:
     return jax.tree.unflatten(treedef, out)
-  raw = {i: (sum(s) / math.prod(s)) ** power_scale for i, s in shapes.items()}
+  raw = {i: (sum(s) / math.prod(s)) ** power_scale if s else 1.0 for i, s in shapes.items()}
   dense: set[int] = set()
+  eps = 0.0
   while True:
     rhs, divisor = 0.0, 0.0
     for i, s in shapes.items():
