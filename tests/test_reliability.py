@@ -64,3 +64,51 @@ def test_damaged_round_checkpoint_falls_back_to_the_previous_round(tmp_path):
   assert any(".corrupt" in d for d in os.listdir(ckpt_dir))
   assert os.path.exists(unit + ".corrupt")
   assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [0, 1, 2]
+
+
+def test_config_validation_names_field_value_and_allowed(tmp_path):
+  from prunejax.errors import ConfigError
+  cases = [
+      ({"data_pruning.keep_fractions": (0.001,), "dataset.num_train": 100},
+       r"data_pruning.keep_fractions=0.001 keeps no example of 100"),
+      ({"cv_folds": 1}, r"cv_folds=1 is not allowed"),
+      ({"imp.max_rounds": 1, "imp.target_sparsity": 0.9}, r"imp.max_rounds=1 cannot reach"),
+      ({"pai.methods": ("snap",)}, r"pai.methods='snap' is not allowed; choose one of"),
+      ({"semi_batch.prune_ratio": 1.0}, r"semi_batch.prune_ratio=1.0 is out of range"),
+      ({"dataset.name": "imagenet"}, r"dataset.name='imagenet' is not allowed"),
+      ({"model.name": "vgg"}, r"model.name='vgg' is not allowed"),
+  ]
+  for overrides, match in cases:
+    cfg = _imp_cfg()
+    for k, v in overrides.items():
+      node = cfg
+      *parents, leaf = k.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = v
+    with pytest.raises(ConfigError, match=match) as e:
+      run.run(cfg, str(tmp_path / "w"), overwrite=True)
+    assert "\n" not in str(e.value)
+
+
+def test_labels_outside_the_class_range_and_mismatched_masks(tmp_path, monkeypatch):
+  from prunejax import data, masks
+  from prunejax.errors import ConfigError
+  cfg = _imp_cfg()
+  real = data.load_digits
+
+  def bad_digits():
+    ds = real()
+    ds.train.y[3] = 12
+    return ds
+
+  monkeypatch.setitem(data.EMBEDDED, "digits", bad_digits)
+  monkeypatch.setattr(data.datasets, "load_digits", bad_digits)
+  with pytest.raises(ConfigError, match=r"labels outside \[0, 10\): \[12\]"):
+    common.setup(cfg, str(tmp_path))
+  monkeypatch.undo()
+  ctx = common.setup(cfg, str(tmp_path))
+  params = strategies._init_params(ctx, 0)
+  wrong = masks.ones_mask({"only": params["head"]})
+  with pytest.raises(ConfigError, match="mask structure"):
+    common.train_model(ctx, ctx.ds.train.id[:32], seed=0, mask=wrong)
