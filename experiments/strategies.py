@@ -346,6 +346,11 @@ def imp(ctx: common.Context, data_strategy: str | None = None, strategy: str = "
     init = _init_params(ctx, seed)
     like = {"trained": init, "rewind": init, "mask": masks.ones_mask(init)}
     last, state = ckpt.restore_latest(like)
+    missing = [k for k in range(last + 1 if last is not None else 0)
+               if ctx.units.get(f"{strategy}_round{k}_r{r}") is None]
+    if missing:  # a round's result was lost (a damaged unit file): redo from the round before it
+      last = missing[0] - 1 if missing[0] > 0 else None
+      state = ckpt.restore(last, like) if last is not None else None
     if last is None:
       run0 = common.train_model(ctx, ids, seed=seed, rewind_step=cfg.rewind_step or None,
                                 dynamic_strategy=data_strategy, desc=f"{strategy} dense r{r}")

@@ -54,8 +54,8 @@ def test_damaged_round_checkpoint_falls_back_to_the_previous_round(tmp_path):
         fh.truncate(max(os.path.getsize(os.path.join(root, f)) // 3, 1))
         damaged += 1
   assert damaged
-  # Also damage one unit file: it is recomputed.
-  unit = os.path.join(clean, "units", "imp_round2_r0.json")
+  # Also damage a unit file of a round whose checkpoint survives: that round is redone.
+  unit = os.path.join(clean, "units", "imp_round1_r0.json")
   with open(unit, "r+") as fh:
     fh.truncate(10)
   expected = _rows(clean)
