@@ -6,10 +6,11 @@ Command:  python -m experiments.static_pruning --config=experiments/configs/data
             --config.dataset.data_dir=$TFDS_DIR --config.dataset.download=True --workdir=runs/datadiet
 Expected: EL2N at 50% pruned (keep 0.5) matches full-data accuracy (about 95%); random at 50% loses
           about 1 point (Paul et al. 2021, Fig. 1).
-Time:     a ResNet-18 train step at batch 128 is about 0.56 GFLOPs x 3 x 128 = 0.21 TFLOPs; 200 epochs are
-          78k steps = 1.7e16 FLOPs per run, i.e. about 25 minutes per run on one H100 at ~12 TFLOP/s
-          sustained in float32 (see BUILD_NOTES.md for the measured step time); scoring adds 10 runs x
-          20 epochs (one full run) and the sweep 5 keep fractions x 1-2 conventions.
+Time:     XLA's cost analysis of the compiled train step (ResNet-18, batch 128, 32x32x3) gives 373
+          GFLOPs per step; 200 epochs are 78.2k steps = 2.9e16 FLOPs per run, about 10 minutes on one
+          H100 at a sustained 50 TFLOP/s (TF32 convolutions; small CIFAR feature maps rarely do better),
+          if the input pipeline keeps up. Scoring adds 10 runs x 20 epochs (about one full run); the
+          sweep is 5 keep fractions.
 Quick:    :quick runs the same code on 64 examples of tfds.testing.mock_data (the tests do this).
 """
 
