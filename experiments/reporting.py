@@ -191,7 +191,8 @@ def write_report(workdir: str, config, rows: list[dict], baseline_compute: float
         "Test accuracy is mean +- std over replicates"
         + (f" ({config.cv_folds}-fold cross-validation)" if config.get("cv_folds") else " (seeds)")
         + ". Compute is in example passes (forward 1, backward 2) relative to one full-data "
-        "training run; scoring compute is what computing the scores cost, on the same scale.", "",
+        "training run; scoring compute is what computing the scores cost, on the same scale. "
+        "Wall time is training time after the first step (which may include compilation).", "",
         text, ""] + [f"![{m}]({m})" for m in made]
   common.atomic_write_text(os.path.join(workdir, "report.md"), "\n".join(md) + "\n")
   return text

@@ -359,7 +359,7 @@ def imp(ctx: common.Context, data_strategy: str | None = None, strategy: str = "
         raise common.ConfigError(f"imp.rewind_step={cfg.rewind_step} is beyond the {run0.steps} "
                                  "steps of a training run")
       ctx.units.run(f"{strategy}_round0_r{r}", lambda: common.result_row(
-          ctx, strategy, r, run0, held, sparsity=0.0, round=0))
+          ctx, strategy, r, run0, held, sparsity=0.0, round=0, **_data_kept(ctx, run0, ids)))
       state = {"trained": run0.state.params, "rewind": rewind, "mask": like["mask"]}
       ckpt.save(0, state)
       last = 0
@@ -371,12 +371,18 @@ def imp(ctx: common.Context, data_strategy: str | None = None, strategy: str = "
                                dynamic_strategy=data_strategy, desc=f"{strategy} round {rnd} r{r}")
       ctx.units.run(f"{strategy}_round{rnd}_r{r}", lambda: common.result_row(
           ctx, strategy, r, run, held, round=rnd,
-          sparsity=float(masks.sparsity_of(mask, filter_fn))))
+          sparsity=float(masks.sparsity_of(mask, filter_fn)), **_data_kept(ctx, run, ids)))
       state = {"trained": run.state.params, "rewind": state["rewind"], "mask": mask}
       ckpt.save(rnd, state)
     ckpt.close()
     rows += [ctx.units.get(f"{strategy}_round{rnd}_r{r}") for rnd in range(len(sparsities) + 1)]
   return rows
+
+
+def _data_kept(ctx, run, ids) -> dict:
+  """The fraction of examples back-propagated (for IMP with online data pruning, ``joint``)."""
+  return {"fraction_kept": run.backward / (len(ids) * ctx.config.train.epochs),
+          "nominal_fraction": -1.0}
 
 
 def _init_params(ctx, seed):

@@ -21,6 +21,7 @@ def get_config(variant: str = ""):
     c.train.epochs = 2
     c.dataset.num_train = 300
     c.imp.target_sparsity = 0.5
+    c.semi_batch.delta = 1.0  # two epochs: InfoBatch prunes in the second
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; expected '' or 'quick'")
   return c
