@@ -144,7 +144,8 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   with pytest.raises(ConfigError, match="holds a run of a different config"):
     run.run(other, str(tmp_path))
   run.run(other, str(tmp_path), overwrite=True)
-  assert json.load(open(os.path.join(tmp_path, "config.json")))["config"]["train"]["epochs"] == cfg.train.epochs + 1
+  stamped = json.load(open(os.path.join(tmp_path, "config.json")))["config"]
+  assert stamped["train"]["epochs"] == cfg.train.epochs + 1
 
 
 def _cli(args, cwd, timeout=600):
