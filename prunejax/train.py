@@ -20,7 +20,7 @@ from flax import struct
 
 from prunejax import parallel
 from prunejax.errors import ConfigError, check_choice, check_range
-from prunejax.types import PyTree
+from prunejax.types import PyTree, batch_mask
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("constant", "cosine", "step")
@@ -60,10 +60,6 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 def per_example_ce(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
   """Cross-entropy of each example, f32[B]."""
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), y_B)
-
-
-def batch_mask(batch: dict, n: int) -> jax.Array:
-  return batch["mask"] if "mask" in batch else jnp.ones((n,), bool)
 
 
 def masked_mean_loss(logits_BxC: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
+import jax.numpy
 
 PyTree = Any
 Params = PyTree
@@ -34,4 +35,9 @@ class ApplyFn(Protocol):
 
 
 FilterFn = Callable[[tuple, jax.Array], bool]
+
+
+def batch_mask(batch: Batch, n: int) -> jax.Array:
+  """``batch["mask"]`` as bools (False on padding rows), or all True when the batch has no mask."""
+  return batch["mask"].astype(bool) if "mask" in batch else jax.numpy.ones((n,), bool)
 """``filter_fn(path, leaf) -> bool``: whether a parameter leaf is prunable."""

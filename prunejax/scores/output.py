@@ -9,12 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from prunejax.types import ApplyFn, Batch, Params, Scores
-
-
-def batch_mask(batch: Batch, n: int) -> jax.Array:
-  """``batch["mask"]`` as bools, or all True when the batch has no mask."""
-  return batch["mask"].astype(bool) if "mask" in batch else jnp.ones((n,), bool)
+from prunejax.types import ApplyFn, Batch, Params, Scores, batch_mask
 
 
 def as_float(logits_BxC: jax.Array) -> jax.Array:
