@@ -12,12 +12,12 @@ the same command with the same ``--workdir`` resumes after the last finished uni
 
 from __future__ import annotations
 
-import logging
 import time
 
-from experiments import cli, common, reporting, strategies
+import jax
+from absl import logging
 
-log = logging.getLogger("prunejax")
+from experiments import cli, common, reporting, strategies
 
 
 def run(config, workdir: str, overwrite: bool = False) -> list[dict]:
@@ -26,19 +26,20 @@ def run(config, workdir: str, overwrite: bool = False) -> list[dict]:
   common.prepare_workdir(workdir, config, overwrite)
   ctx = common.setup(config, workdir)
   t0 = time.perf_counter()
-  print(f"prunejax: {config.get('name', 'run')} on {config.dataset.name} "
-        f"({len(ctx.ds.train)} train / {len(ctx.ds.test)} test), model {config.model.name}, "
-        f"{ctx.num_replicates} replicates; workdir {workdir}", flush=True)
+  logging.info("%s on %s (%d train / %d test), model %s, %d replicates; workdir %s",
+               config.get("name", "run"), config.dataset.name, len(ctx.ds.train), len(ctx.ds.test),
+               config.model.name, ctx.num_replicates, workdir)
   # ------------------------------------------------------------------------------ strategies
   rows: list[dict] = []
   for name in config.strategies:
     t = time.perf_counter()
     rows += strategies.REGISTRY[name](ctx)
-    print(f"  {name:<18s} done in {time.perf_counter() - t:6.1f} s", flush=True)
+    logging.info("%-18s done in %6.1f s", name, time.perf_counter() - t)
   # ------------------------------------------------------------------------------ report
   table = reporting.write_report(workdir, config, rows, strategies.baseline_compute(ctx))
-  print(table)
-  print(f"total {time.perf_counter() - t0:.1f} s; report: {workdir}/report.md", flush=True)
+  if jax.process_index() == 0:  # the summary is the script's output, not a log line
+    print(table)
+    print(f"total {time.perf_counter() - t0:.1f} s; report: {workdir}/report.md", flush=True)
   return rows
 
 
