@@ -452,16 +452,22 @@ def evaluate(ctx: Context, state: train.TrainState, ids: np.ndarray | None = Non
   return res["accuracy"]
 
 
+def map_examples(ctx: Context, ids: np.ndarray, fn: Callable[[dict], jax.Array]) -> np.ndarray:
+  """``fn(batch) -> [B, ...]`` over the training examples ``ids`` (sharded batches, every process
+  sees the gathered result); the rows of real examples, in the order of ``ids``."""
+  out = []
+  for b in ctx.batches(ids, shuffle=False):
+    gb = parallel.shard_batch(b, ctx.mesh)
+    values, mask = parallel.gather(fn(gb)), parallel.gather(gb["mask"])
+    out.append(values[mask])
+  return np.concatenate(out)
+
+
 def predict_probs(ctx: Context, state: train.TrainState, ids: np.ndarray) -> np.ndarray:
   """Softmax probabilities f32[len(ids), C] of the training examples ``ids``, in that order."""
   apply_fn = make_apply_fn(state.model)
   probs_fn = jax.jit(lambda v, x: jax.nn.softmax(apply_fn(v, x), -1))
-  out = []
-  for b in ctx.batches(ids, shuffle=False):
-    gb = parallel.shard_batch(b, ctx.mesh)
-    mask = parallel.gather(gb["mask"])
-    out.append(parallel.gather(probs_fn(state.variables, gb["x"]))[mask])
-  return np.concatenate(out)
+  return map_examples(ctx, ids, lambda b: probs_fn(state.variables, b["x"]))
 
 
 def result_row(ctx: Context, strategy: str, r: int, run: Run, held_out: np.ndarray | None,

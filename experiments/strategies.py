@@ -107,12 +107,7 @@ def score_examples(ctx: common.Context, state, ids: np.ndarray, score_fn) -> np.
   """``score_fn(apply_fn, params, batch)`` over the training examples ``ids``, in that order."""
   apply_fn = make_apply_fn(state.model)
   fn = jax.jit(functools.partial(score_fn, apply_fn))
-  out = np.zeros(len(ids), np.float32)
-  pos = {int(i): p for p, i in enumerate(ids)}
-  for b in ctx.batches(ids, shuffle=False):
-    gb = parallel.shard_batch(b, ctx.mesh)
-    s, gid, gmask = (parallel.gather(a) for a in (fn(state.variables, gb), gb["id"], gb["mask"]))
-    out[[pos[int(i)] for i in gid[gmask]]] = s[gmask]
+  out = common.map_examples(ctx, ids, lambda b: fn(state.variables, b)).astype(np.float32)
   if not np.all(np.isfinite(out)):
     from prunejax.train import NumericalError
     raise NumericalError(f"non-finite {getattr(score_fn, '__name__', 'score')} for examples "
@@ -264,13 +259,7 @@ def prototype_scores(ctx: common.Context, ids: np.ndarray, seed: int) -> tuple[n
                            desc="score prototypes")
   apply_fn = make_apply_fn(run.state.model)
   feats_fn = jax.jit(lambda v, x: scores_lib.penultimate(apply_fn, v, x)[0])
-  feats = {}
-  for b in ctx.batches(ids, shuffle=False):
-    gb = parallel.shard_batch(b, ctx.mesh)
-    h, gid, gm = (parallel.gather(a) for a in (feats_fn(run.state.variables, gb["x"]), gb["id"],
-                                               gb["mask"]))
-    feats.update(zip(gid[gm].tolist(), h[gm]))
-  emb = np.stack([feats[int(i)] for i in ids])
+  emb = common.map_examples(ctx, ids, lambda b: feats_fn(run.state.variables, b["x"]))
   s = scores_lib.prototypes(emb, num_clusters=dp.prototypes_k, key=jax.random.key(seed))
   return np.asarray(s, np.float32), run.compute + len(ids)
 
