@@ -9,6 +9,7 @@ models), :mod:`prunejax.scores` and :mod:`prunejax.select` (data-importance scor
 
 from prunejax import (data, dynamic, masks, models, optim, parallel, report, schedules, scores,
                       select, train)
+from prunejax import dedup
 from prunejax.errors import ConfigError, DataError, PrunejaxError
 
 __version__ = "0.1.0"
