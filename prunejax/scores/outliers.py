@@ -2,7 +2,7 @@
 
 This follows cleanlab's Datalab outlier issue on ``features`` (cleanlab 2.9,
 ``datalab/internal/issue_manager/outlier.py``): for each example, the mean distance to its ``k``
-nearest *other* examples (exact duplicates included, at distance 0), with the metric ``"cosine"``
+nearest *other* examples (exact duplicates included, at distance exactly 0), with the metric ``"cosine"``
 (``1 - cos``) when the embedding has more than 3 dimensions and ``"euclidean"`` otherwise;
 Datalab's quality score is ``exp(-t * avg / scale)`` with ``scale = median(avg)`` (at least
 ``100 * float64 eps``), set to 1 where ``avg`` is below a rounding tolerance (``100 * epsneg`` for
@@ -180,7 +180,8 @@ def _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh):
     dist = 1.0 - np.einsum("nd,nkd->nk", u, u[idx])
   else:
     dist = np.sqrt(np.sum(np.square(x[:, None, :] - x[idx]), axis=-1))
-  dist = np.maximum(dist, 0.0)
+  # Exact duplicates at exactly 0, as Datalab's duplicate correction of its kNN graph.
+  dist = np.where(np.all(x[:, None, :] == x[idx], axis=-1), 0.0, np.maximum(dist, 0.0))
   order = np.lexsort((idx, dist), axis=1)
   return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1), metric
 
