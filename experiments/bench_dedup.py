@@ -1,11 +1,11 @@
 """Time and peak memory of deduplication at scale: SemDeDup, and optionally MinHash-LSH and kNN.
 
-    python -m experiments.bench_dedup                          # SemDeDup on 100k x 256, 100 clusters
+    python -m experiments.bench_dedup               # SemDeDup on 100k x 256, 100 clusters
     python -m experiments.bench_dedup --n=20000 --what=semdedup,minhash,knn,exact
 
 Embeddings are synthetic: ``--n`` points around ``--centers`` random directions in ``--dim``
-dimensions, of which ``--dup_fraction`` are near-copies (tiny noise) of other points, so SemDeDup has
-something to find. Each step is timed twice in one process: the first call includes compilation,
+dimensions, of which ``--dup_fraction`` are near-copies (tiny noise) of other points, so SemDeDup
+has something to find. Each step is timed twice in one process: the first call includes compilation,
 the second does not. Peak memory is the process's peak resident set size (``ru_maxrss``), printed
 with the RSS before the step, so the figure includes the JAX runtime and the input arrays. Goal on
 the 2-core development CPU: SemDeDup on 100k x 256 in under a minute, peak RSS below 1 GB.
@@ -68,7 +68,8 @@ def timed(label: str, fn, repeats: int = 2):
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; start RSS {current_rss_mb():.0f} MB")
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; start RSS "
+        f"{current_rss_mb():.0f} MB")
   if "semdedup" in FLAGS.what:
     x = synthetic_embeddings(FLAGS.n, FLAGS.dim, FLAGS.centers, FLAGS.dup_fraction)
     print(f"embeddings {x.shape} ({x.nbytes / 2**20:.0f} MB)")

@@ -343,7 +343,8 @@ def test_semdedup_bad_input_is_one_line():
   r = dedup.semdedup(x, clusters_N=np.zeros(10, int))
   cases = [
       (DataError, r"NaN or inf in 1 rows \(ids \[104\]\)",
-       lambda: dedup.semdedup(nan, num_clusters=2, key=jax.random.key(0), ids_N=np.arange(100, 110))),
+       lambda: dedup.semdedup(nan, num_clusters=2, key=jax.random.key(0),
+                              ids_N=np.arange(100, 110))),
       (DataError, r"zero norm \(ids \[6\]\)",
        lambda: dedup.semdedup(zero, num_clusters=2, key=jax.random.key(0))),
       (ConfigError, r"semdedup.eps=-0.1 is out of range; expected a value in \[0.0, 1.0\]",
@@ -383,7 +384,7 @@ def _mix64_py(x: int) -> int:
   return x ^ (x >> 31)
 
 
-def _signature_py(text: str, seeds, ngram: int):
+def _signature_py(text: str, seeds, mults, ngram: int):
   """MinHash of one text with Python ints and string slicing: the reference."""
   s = dedup.normalize_text(text)
   grams = [s[i:i + ngram] for i in range(len(s) - ngram + 1)] if len(s) >= ngram else \
@@ -394,16 +395,19 @@ def _signature_py(text: str, seeds, ngram: int):
     for ch in g:
       h = _mix64_py(h ^ ord(ch))
     hashes.append(h)
-  return [min((_mix64_py(h ^ int(seed)) for h in hashes), default=_MASK) for seed in seeds]
+  return [min((((h ^ int(seed)) * int(mult)) & _MASK for h in hashes), default=_MASK)
+          for seed, mult in zip(seeds, mults)]
 
 
 def test_minhash_signatures_match_python_reference():
-  texts = ["The quick brown fox", "the  QUICK brown fox", "abc", "", "x", "caf\u00e9 \u00fcber \U0001F600 na\u00efve",
-           "aaaaaaa"]
+  texts = ["The quick brown fox", "the  QUICK brown fox", "abc", "", "x",
+           "caf\u00e9 \u00fcber \U0001F600 na\u00efve", "aaaaaaa"]
   ngram, num_perm, seed = 4, 16, 3
   sig = dedup.minhash_signatures(texts, num_perm=num_perm, ngram=ngram, seed=seed)
-  seeds = np.random.default_rng(seed).integers(0, 2**64, size=num_perm, dtype=np.uint64)
-  ref = np.array([_signature_py(t, seeds, ngram) for t in texts], np.uint64)
+  rng = np.random.default_rng(seed)
+  seeds = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64)
+  mults = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
+  ref = np.array([_signature_py(t, seeds, mults, ngram) for t in texts], np.uint64)
   np.testing.assert_array_equal(sig, ref)
   np.testing.assert_array_equal(sig[0], sig[1])  # normalization.
   # Many texts crossing the vectorized chunk boundary give the same rows as one at a time.

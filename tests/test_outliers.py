@@ -78,7 +78,8 @@ def test_knn_outlier_bad_input_is_one_line():
       (ConfigError, r"k=12 nearest neighbours need more than k examples; got N=12, so k must be "
        r"at most 11", lambda: scores.knn_outlier_score(x, 12)),
       (ConfigError, "k=0 is not allowed", lambda: scores.knn_outlier_score(x, 0)),
-      (DataError, r"NaN or inf in 1 rows \(positions \[3\]\)", lambda: scores.knn_outlier_score(nan)),
+      (DataError, r"NaN or inf in 1 rows \(positions \[3\]\)",
+       lambda: scores.knn_outlier_score(nan)),
       (DataError, r"zero norm \(positions \[2\]\)",
        lambda: scores.knn_outlier_score(zero, 3, metric="cosine")),
       (ConfigError, "metric='manhattan' is not allowed",

@@ -11,8 +11,8 @@ Every example gets a 128-bit BLAKE2b digest of its content (``bytes16[N]``, NumP
   padded to another length (or left- instead of right-padded) collides.
 
 Duplicates are then found exactly on the digests (a false match needs a 128-bit collision). All
-functions are host-side NumPy; :func:`hash_batches` streams over ``{"id", "x", "mask"}`` batches so a
-dataset never has to be held at once.
+functions are host-side NumPy; :func:`hash_batches` streams over ``{"id", "x", "mask"}`` batches,
+so a dataset never has to be held at once.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def content_hashes(x: Any, *, kind: str, pad_id: int | None = None) -> np.ndarra
       out.append(_digest(kind, normalize_text(s).encode("utf-8")))
     return np.array(out, HASH_DTYPE).reshape(len(out))
   if pad_id is None:
-    raise ConfigError("content_hashes(kind='tokens') needs pad_id (the padding token id; pass an id "
-                      "that never occurs when the tokens are not padded)")
+    raise ConfigError("content_hashes(kind='tokens') needs pad_id (the padding token id; pass an "
+                      "id that never occurs when the tokens are not padded)")
   rows = list(x) if not isinstance(x, np.ndarray) else x
   out = []
   for i, row in enumerate(rows):
@@ -146,7 +146,7 @@ def hash_batches(batches: Iterable[Mapping[str, Any]], *, kind: str, pad_id: int
     ids_parts.append(ids[mask])
     hash_parts.append(content_hashes(content[mask], kind=kind, pad_id=pad_id))
   if not ids_parts or sum(len(p) for p in ids_parts) == 0:
-    raise DataError("hash_batches: the batches hold no real rows (every row is padding, or none came)")
+    raise DataError("hash_batches: the batches hold no real rows (all padding, or no batch came)")
   ids = _check_ids(np.concatenate(ids_parts), field="hash_batches ids")
   return ids, np.concatenate(hash_parts)
 

@@ -380,7 +380,8 @@ def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.A
                                            sample=sample)
   else:
     clusters = np.asarray(clusters_N)
-    if clusters.shape != (n,) or not np.issubdtype(clusters.dtype, np.integer) or clusters.min() < 0:
+    if (clusters.shape != (n,) or not np.issubdtype(clusters.dtype, np.integer)
+        or clusters.min() < 0):
       raise DataError(f"semdedup.clusters_N must be {n} non-negative ints; got dtype "
                       f"{clusters.dtype}, shape {clusters.shape}")
     clusters = jnp.asarray(clusters, jnp.int32)

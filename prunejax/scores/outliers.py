@@ -2,12 +2,13 @@
 
 This follows cleanlab's Datalab outlier issue on ``features`` (cleanlab 2.9,
 ``datalab/internal/issue_manager/outlier.py``): for each example, the mean distance to its ``k``
-nearest *other* examples (exact duplicates included, at distance exactly 0), with the metric ``"cosine"``
-(``1 - cos``) when the embedding has more than 3 dimensions and ``"euclidean"`` otherwise;
-Datalab's quality score is ``exp(-t * avg / scale)`` with ``scale = median(avg)`` (at least
-``100 * float64 eps``), set to 1 where ``avg`` is below a rounding tolerance (``100 * epsneg`` for
-cosine, ``sqrt(100 * eps)`` for euclidean). It is low for outliers; :func:`knn_outlier_score` returns
-``1 - `` that score, so **high = outlier**, and ranks examples exactly as the average distance does.
+nearest *other* examples (exact duplicates included, at distance exactly 0), with the metric
+``"cosine"`` (``1 - cos``) when the embedding has more than 3 dimensions and ``"euclidean"``
+otherwise; Datalab's quality score is ``exp(-t * avg / scale)`` with ``scale = median(avg)`` (at
+least ``100 * float64 eps``), set to 1 where ``avg`` is below a rounding tolerance (``100 * epsneg``
+for cosine, ``sqrt(100 * eps)`` for euclidean). It is low for outliers; :func:`knn_outlier_score`
+returns ``1 -`` that score, so **high = outlier**, and ranks examples exactly as the average
+distance does.
 
 Differences from Datalab: the neighbours are found by exact brute force in JAX (f32, tiled, so
 memory is ``tile x chunk`` similarities, never ``N x N``) and the distances to the neighbours found
@@ -215,7 +216,8 @@ def knn_outlier_score(embeddings_NxD: Any, k: int = 10, *, metric: str = "auto",
   if scaling_factor is None:
     scale = max(float(np.median(avg_N)), 100 * np.finfo(np.float64).eps)
   elif not (isinstance(scaling_factor, (int, float)) and scaling_factor > 0):  # NaN included.
-    raise ConfigError(f"scaling_factor={scaling_factor!r} is not allowed; expected a positive number")
+    raise ConfigError(f"scaling_factor={scaling_factor!r} is not allowed; expected a positive "
+                      f"number")
   else:
     scale = float(scaling_factor)
   quality_N = np.exp(-t * avg_N / scale)

@@ -27,7 +27,8 @@ def _sq_dists(x_NxD: jax.Array, c_KxD: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("num_clusters", "num_iters", "spherical"))
 def kmeans(key: jax.Array, x_NxD: jax.Array, num_clusters: int, *, num_iters: int = 50,
-           weights_N: jax.Array | None = None, spherical: bool = False) -> tuple[jax.Array, jax.Array]:
+           weights_N: jax.Array | None = None,
+           spherical: bool = False) -> tuple[jax.Array, jax.Array]:
   """k-means (Lloyd) from a k-means++ start; deterministic given ``key``.
 
   Args:
