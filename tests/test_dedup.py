@@ -334,6 +334,28 @@ def test_spherical_kmeans_centroids_are_normalized_means():
     np.testing.assert_allclose(c[k], mean / np.linalg.norm(mean), atol=1e-5)
 
 
+def test_semdedup_on_penultimate_features_of_a_plain_function():
+  # Any apply_fn: a plain-dict two-layer network; the features are the input of its last layer.
+  rng = np.random.default_rng(12)
+  params = {"w1": rng.normal(size=(10, 16)).astype(np.float32) / 3,
+            "b1": rng.normal(size=16).astype(np.float32),
+            "W_out": rng.normal(size=(16, 3)).astype(np.float32)}
+
+  def apply_fn(p, x):
+    return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["W_out"]
+
+  x = rng.normal(size=(64, 10)).astype(np.float32)
+  x[40:44] = x[3]                                          # exact copies of example 3
+  x[50] = x[7] + 1e-4 * rng.normal(size=10)                # a near-copy of example 7
+  feats = scores.penultimate(apply_fn, params, x)[0]
+  assert feats.shape == (64, 16)
+  ids = np.arange(64) + 500
+  result = dedup.semdedup(feats, num_clusters=3, key=jax.random.key(0), ids_N=ids,
+                          keep="lowest_id")
+  np.testing.assert_array_equal(result.removed_ids(1e-4), [540, 541, 542, 543, 550])
+  np.testing.assert_array_equal(result.duplicate_of[[40, 41, 50]], [503, 503, 507])
+
+
 def test_semdedup_bad_input_is_one_line():
   x = np.random.default_rng(9).normal(size=(10, 4)).astype(np.float32)
   nan = x.copy()
