@@ -34,6 +34,7 @@ from prunejax.scores.io import align, load_scores, save_scores
 from prunejax.scores.label_quality import (confident_joint, find_label_issues, normalized_margin,
                                            out_of_fold_probs, self_confidence, stratified_folds)
 from prunejax.scores.dataset import map_batches, score_dataset
+from prunejax.scores.outliers import knn_distances, knn_outlier_score
 from prunejax.scores.output import el2n, entropy, loss, margin
 from prunejax.scores.prototypes import kmeans, prototypes
 from prunejax.scores.registry import (BATCH_SCORES, HIGHER_IS_HARDER, SCORES, TRACKER_SCORES,
