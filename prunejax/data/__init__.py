@@ -5,3 +5,4 @@ from prunejax.data.datasets import (ALL_DATASETS, EMBEDDED, TEXT_DATASETS, TFDS_
                                     load_rotten_tomatoes, load_tfds, read_rotten_tomatoes)
 from prunejax.data.pipeline import (PAD_ID, augment_by_id, augment_images, batches, epoch_order, make_batch,
                                     num_batches, prefetch)
+from prunejax.data.noise import flip_labels
