@@ -279,3 +279,35 @@ def test_fine_tuning_gradients_with_dropout_leave_the_pad_row_at_zero(tmp_path):
   emb_grad = np.asarray(g["wte"]["embedding"])
   np.testing.assert_array_equal(emb_grad[61], 0)  # padding never reaches a real position
   assert np.abs(emb_grad[:61]).max() > 0 and np.abs(np.asarray(g["head"]["kernel"])).max() > 0
+
+
+def test_logits_match_transformers_gpt2(tmp_path):
+  """Hugging Face's own GPT-2 (PyTorch, float64) as the reference where it is installed.
+
+  `transformers` and PyTorch are not test dependencies (CI skips this); it was run on a machine that
+  has them. The checkpoint is the one `save_pretrained` writes, "transformer." prefix included.
+  """
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg = transformers.GPT2Config(vocab_size=101, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                initializer_range=0.2, bos_token_id=100, eos_token_id=100)
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(cfg).eval()
+  with torch.no_grad():  # biases and LayerNorm parameters away from their init of 0 and 1
+    for name, p in hf.named_parameters():
+      if name.endswith("bias") or ".ln_" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  hf.save_pretrained(str(tmp_path / "ckpt"))
+  model, params = models.load_gpt2_classifier(str(tmp_path / "ckpt"), 3, key=jax.random.key(0))
+  seqs, tokens = _padded_batch(np.random.default_rng(1), {"vocab_size": 101}, [16, 1, 5, 9, 12],
+                               101, 16)
+  with jax.default_matmul_precision("highest"):
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)))
+  head_w = np.asarray(params["head"]["kernel"], np.float64)
+  head_b = np.asarray(params["head"]["bias"], np.float64)
+  base = hf.transformer.double()
+  with torch.no_grad():
+    ref = np.stack([base(torch.tensor([[int(t) for t in s]])).last_hidden_state[0, -1].numpy()
+                    @ head_w + head_b for s in seqs])
+  assert np.abs(ref).max() > 0.1
+  np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5)

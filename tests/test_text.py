@@ -54,9 +54,8 @@ def _corpus(n: int, seed: int) -> list[str]:
   return out
 
 
-@pytest.fixture(scope="module")
-def gpt2_format_dir(tmp_path_factory):
-  """A byte-level BPE trained here, written in GPT-2's file layout.
+def write_gpt2_format_files(d) -> tuple[dict[str, int], int]:
+  """Trains a byte-level BPE and writes it to ``d`` in GPT-2's file layout; (vocab, merge count).
 
   GPT-2's vocab.json: ids 0-255 are the 256 bytes in GPT-2's byte order, then one id per merge in
   merge order, then <|endoftext|> last; merges.txt starts with a version line.
@@ -74,11 +73,17 @@ def gpt2_format_dir(tmp_path_factory):
   for a, b in merges:
     vocab[a + b] = len(vocab)
   vocab[text.EOS] = len(vocab)
-  d = tmp_path_factory.mktemp("gpt2_tok")
   (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
   (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                 encoding="utf-8")
-  return d, vocab, len(merges)
+  return vocab, len(merges)
+
+
+@pytest.fixture(scope="module")
+def gpt2_format_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("gpt2_tok")
+  vocab, num_merges = write_gpt2_format_files(d)
+  return d, vocab, num_merges
 
 
 def _tiktoken_encoding(d, eot, monkeypatch):
@@ -146,3 +151,23 @@ def test_gpt2_tokenizer_bad_input_is_one_line_error(gpt2_format_dir, tmp_path):
   (tmp_path / "merges.txt").write_text((d / "merges.txt").read_text("utf-8"), "utf-8")
   with pytest.raises(DataError, match="has no '<\\|endoftext\\|>' token"):
     text.gpt2_tokenizer(str(tmp_path))
+
+
+def test_gpt2_tokenizer_matches_transformers(gpt2_format_dir, monkeypatch):
+  """Hugging Face's GPT-2 tokenizer as a second reference where `transformers` is installed.
+
+  `transformers` is not a test dependency (CI skips this); it was run on a machine that has it.
+  The one known difference: Hugging Face turns a literal "<|endoftext|>" inside a text into the
+  control token, prunejax spells it out as ordinary text, so such strings are left out here.
+  """
+  transformers = pytest.importorskip("transformers")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  d, vocab, _ = gpt2_format_dir
+  hf = transformers.GPT2TokenizerFast.from_pretrained(str(d))
+  assert hf.eos_token_id == vocab[text.EOS] and len(hf) == len(vocab)
+  tok = text.gpt2_tokenizer(str(d))
+  strings = [s for s in _corpus(400, seed=2) if text.EOS not in s]
+  ours = tok.encode_batch(strings)
+  ref = [hf.encode(s, add_special_tokens=False) for s in strings]
+  mismatches = [(s, a, b) for s, a, b in zip(strings, ours, ref) if a != b]
+  assert len(strings) > 390 and not mismatches, mismatches[:3]
