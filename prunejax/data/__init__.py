@@ -6,6 +6,7 @@
 * :mod:`~prunejax.data.augment`: :class:`Preprocess`, normalization and crop + flip on device.
 * :mod:`~prunejax.data.datasets`: datasets by name (embedded, TFDS, registered).
 * :mod:`~prunejax.data.ids`: :class:`IdIndex`, the one id -> row lookup.
+* :mod:`~prunejax.data.noise`: :func:`flip_labels`, seeded label noise recorded by id.
 """
 
 from prunejax.data.augment import Preprocess, augment, crop_flip_params, example_keys
@@ -15,5 +16,6 @@ from prunejax.data.datasets import (EMBEDDED, TFDS_DATASETS, Dataset, TFDSLayout
                                     read_rotten_tomatoes, register_dataset)
 from prunejax.data.ids import IdIndex
 from prunejax.data.loader import PAD_ID, batches, epoch_order, num_batches, prefetch
+from prunejax.data.noise import flip_labels
 from prunejax.data.sources import (ArrayRecordSource, ArraySource, RecordSource, Source,
                                    SubsetSource, write_array_record)

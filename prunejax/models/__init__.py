@@ -13,6 +13,8 @@ from prunejax.errors import check_choice
 from prunejax.models.cnn import CNN
 from prunejax.models.gpt import GPTClassifier
 from prunejax.models.mlp import MLP
+from prunejax.models.pretrained import (GPT2Config, gpt2_classifier, gpt2_config_from_dict,
+                                        gpt2_tensor_shapes, load_gpt2_classifier, read_gpt2_config)
 from prunejax.models.resnet import ResNet, resnet18, resnet20
 
 MODELS = ("mlp", "cnn", "resnet18", "resnet20", "gpt")
