@@ -18,12 +18,22 @@ import jax
 from absl import logging
 
 from experiments import cli, common, reporting, strategies
+from prunejax import checkpoint
 
 
 def run(config, workdir: str, overwrite: bool = False) -> list[dict]:
   # ------------------------------------------------------------------------------ data, model
   common.validate_config(config)
-  common.prepare_workdir(workdir, config, overwrite)
+  # The workdir's lock is held for the whole run: a second run on it is refused before it touches
+  # anything, and the lock goes with the process on any exit.
+  with common.prepare_workdir(workdir, config, overwrite):
+    try:
+      return _run(config, workdir)
+    finally:
+      checkpoint.close_all()  # no checkpoint thread outlives the run, whatever stopped it
+
+
+def _run(config, workdir: str) -> list[dict]:
   ctx = common.setup(config, workdir)
   t0 = time.perf_counter()
   logging.info("%s on %s (%d train / %d test), model %s, %d replicates; workdir %s",

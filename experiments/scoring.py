@@ -14,6 +14,7 @@ hardness means hard whatever the score's own direction.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Callable
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from experiments import trainer
 from prunejax import scores as scores_lib
-from prunejax.errors import DataError
+from prunejax.errors import DataError, PrunejaxError
 
 
 def batch_score(ctx, name: str, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
@@ -111,7 +112,8 @@ def label_quality_scores(ctx, ids: np.ndarray, seed: int) -> tuple[np.ndarray, f
   issues = scores_lib.find_label_issues(probs, labels)
   path = os.path.join(ctx.workdir, "scores", f"label_issues_seed{seed}.npz")
   if jax.process_index() == 0:
-    scores_lib.save_scores(path, ids, probably_mislabeled=issues.astype(np.float32))
+    scores_lib.save_scores(path, ids, meta={"fingerprint": ctx.units.fingerprint, "seed": seed},
+                           probably_mislabeled=issues.astype(np.float32))
   return (1.0 - scores_lib.self_confidence(probs, labels)).astype(np.float32), spent[0]
 
 
@@ -129,14 +131,25 @@ def static_scores(ctx, name: str, r: int, ids: np.ndarray, seed: int
                   ) -> tuple[np.ndarray, float]:
   """Hardness of replicate ``r``'s training ids (high = hard) by the score ``name``, saved to
   ``workdir/scores`` keyed by id (and read back from there on a rerun); returns (hardness, scoring
-  compute in example passes)."""
+  compute in example passes).
+
+  The file records what made it (the run's fingerprint: config, data, code; the score, replicate and
+  seed); one that is damaged, of another run or of other examples is recomputed, never used. It is
+  recorded with the unit of work that asked for it, so a rerun redoes that unit if it is damaged.
+  """
   path = os.path.join(ctx.workdir, "scores", f"{name}_r{r}.npz")
+  meta = {"fingerprint": ctx.units.fingerprint, "score": name, "replicate": r, "seed": seed}
   if os.path.exists(path):
-    loaded_ids, loaded = scores_lib.load_scores(path)
-    if not np.array_equal(loaded_ids, ids):
-      raise DataError(f"{path} holds scores of other examples than replicate {r}'s; delete it or "
-                      "choose another workdir")
-    return loaded[name], float(loaded["compute"][0])
+    try:
+      loaded_ids, loaded = scores_lib.load_scores(path, meta=meta)
+      if not np.array_equal(loaded_ids, ids):
+        raise DataError(f"{path} holds scores of other examples than replicate {r}'s")
+      if name not in loaded or "compute" not in loaded:
+        raise DataError(f"{path} has no {name!r} or 'compute' array")
+      _record(path)
+      return loaded[name], float(loaded["compute"][0])
+    except PrunejaxError as e:
+      logging.warning("%s; recomputing the scores", e)
   if name in DATASET_SCORES:
     hardness, compute = DATASET_SCORES[name](ctx, ids, seed)
   elif scores_lib.SCORES[name].kind == "tracker":
@@ -144,5 +157,15 @@ def static_scores(ctx, name: str, r: int, ids: np.ndarray, seed: int
   else:
     hardness, compute = batch_score(ctx, name, ids, seed)
   if jax.process_index() == 0:
-    scores_lib.save_scores(path, ids, **{name: hardness, "compute": np.full(len(ids), compute)})
+    scores_lib.save_scores(path, ids, meta=meta,
+                           **{name: hardness, "compute": np.full(len(ids), compute)})
+  _record(path)
   return hardness, compute
+
+
+def _record(path: str) -> None:
+  from prunejax.checkpoint import current_unit
+  from prunejax.fileio import npz_digest
+  unit = current_unit()
+  if unit is not None and jax.process_index() == 0:
+    unit.add(path, npz_digest(path))

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from prunejax import online, parallel, train
-from prunejax.checkpoint import RunCheckpoint
+from prunejax.checkpoint import RunCheckpoint, interrupted_at_step, stop_at_step
 from prunejax.errors import ConfigError
 from prunejax.masks import RewindPoint, apply_mask, rewind, save_rewind_point
 from prunejax.scores import jit_score, map_batches, score_dataset
@@ -118,7 +118,8 @@ class _Checkpointing:
     tc = ctx.config.train
     self.every = int(tc.get("checkpoint_every_steps", 0) or 0)
     self.minutes = float(tc.get("checkpoint_minutes", 0) or 0)
-    self.ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", key))
+    self.ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", key),
+                               fingerprint=ctx.units.fingerprint)
                  if key and (self.every or self.minutes) else None)
     self.last = time.monotonic()
     self.mesh = ctx.mesh
@@ -244,8 +245,11 @@ def _after_step(run: Run, ck: _Checkpointing, rewind_step, epoch: int, start: in
       run.first_step_end = time.perf_counter()
     if rewind_step is not None and run.rewind_point is None and global_step == rewind_step:
       run.rewind_point = save_rewind_point(global_step, state.params, state.opt_state)
-    if ck.due(global_step):
+    stop = stop_at_step()  # SIGTERM / SIGINT / a preemption notice: save here, then stop
+    if ck.due(global_step) or (stop and ck.ckpt is not None):
       ck.save(run, state, pstate, plan, metrics, epoch, start + i + 1, global_step)
+    if stop:
+      raise interrupted_at_step(global_step, saved=ck.ckpt is not None)
   return hook
 
 
