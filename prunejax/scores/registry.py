@@ -87,6 +87,8 @@ SCORES: dict[str, ScoreSpec] = _specs(
               description="std of p(y|x) over training (dataset cartography)"),
     ScoreSpec("prototypes", True, 1.0,
               description="distance to the nearest k-means centroid of embeddings"),
+    ScoreSpec("knn_outlier", True, 1.0,
+              description="k-nearest-neighbour outlier score of embeddings (cleanlab Datalab)"),
     ScoreSpec("self_confidence", False, 1.0,
               description="out-of-fold p(label) (Confident Learning)"),
     ScoreSpec("normalized_margin", False, 1.0,
