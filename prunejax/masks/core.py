@@ -197,8 +197,8 @@ def nothing_selected_error(tree: PyTree, what: str, filter_fn: FilterFn | None) 
   listed = ", ".join(_describe(p, l) for p, l in path_leaves[:_LISTED_PATHS])
   more = len(path_leaves) - _LISTED_PATHS
   listed += f" and {more} more" if more > 0 else ""
-  which = "the default filter (float leaves of >= 2 dims named kernel, weight, w, W_*, embedding, " \
-          "...)" if filter_fn is None else "filter_fn"
+  which = ("the default filter (float leaves named kernel or embedding, or of >= 2 dims named "
+           "weight, w, W_*, embeddings, ...)") if filter_fn is None else "filter_fn"
   return ConfigError(
       f"{what}: {which} selects none of the {len(path_leaves)} leaves ({listed}); choose the "
       "prunable leaves with filter_fn=prunejax.masks.make_filter_fn(names=(...)) or "
@@ -314,7 +314,7 @@ def ones_mask(params: Params) -> Mask:
   return jax.tree.map(lambda p: jnp.ones_like(p, dtype=bool), params)
 
 
-def _like(m: jax.Array, p: jax.Array) -> jax.Array:
+def reshard_like(m: jax.Array, p: jax.Array) -> jax.Array:
   """Mask leaf ``m`` resharded like ``p`` where explicit mesh axes make their shardings types."""
   sm, sp = _sharding(m), _sharding(p)
   if (_explicit_axes(sm) or _explicit_axes(sp)) and sm != sp and sp is not None:
@@ -322,8 +322,15 @@ def _like(m: jax.Array, p: jax.Array) -> jax.Array:
   return m
 
 
-def check_mask(mask: Mask, params: Params, what: str = "mask") -> None:
+def check_mask(mask: Mask, params: Params, what: str = "mask", *, bool_leaves: bool = True
+               ) -> None:
   """Raises unless ``mask`` has exactly the structure of ``params`` and each leaf its shape.
+
+  Args:
+    mask: the mask (or, with ``bool_leaves=False``, any tree that must match ``params``).
+    params: the params.
+    what: names ``mask`` in the error.
+    bool_leaves: whether the leaves must be bool.
 
   Raises:
     ConfigError: one line naming the first leaf whose structure, shape or dtype differs.
@@ -335,8 +342,8 @@ def check_mask(mask: Mask, params: Params, what: str = "mask") -> None:
     m_paths = [path_str(p) for p, _ in m_leaves]
     missing = [p for p in p_paths if p not in m_paths]
     extra = [p for p in m_paths if p not in p_paths]
-    detail = (f"missing {missing[:3]}" if missing else "") + \
-             (f"{'; ' if missing else ''}unexpected {extra[:3]}" if extra else "")
+    detail = "; ".join(([f"missing {missing[:3]}"] if missing else [])
+                       + ([f"unexpected {extra[:3]}"] if extra else []))
     raise ConfigError(f"{what} does not have the structure of the params "
                       f"({detail or f'{len(m_paths)} leaves against {len(p_paths)}'}); build it "
                       "from these params (prunejax.masks.*) or with jax.tree.map over them")
@@ -344,14 +351,15 @@ def check_mask(mask: Mask, params: Params, what: str = "mask") -> None:
     if tuple(jnp.shape(m)) != tuple(jnp.shape(p)):
       raise ConfigError(f"{what} leaf {path_str(path)} has shape {tuple(jnp.shape(m))}; its "
                         f"parameter has shape {tuple(jnp.shape(p))} (masks are never broadcast)")
-    if getattr(m, "dtype", None) != jnp.bool_:
-      raise ConfigError(f"{what} leaf {path_str(path)} has dtype {getattr(m, 'dtype', type(m))}; "
-                        "expected bool")
+    if bool_leaves and getattr(m, "dtype", None) != jnp.bool_:
+      raise ConfigError(f"{what} leaf {path_str(path)} has dtype "
+                        f"{getattr(m, 'dtype', type(m).__name__)}; expected bool")
 
 
 @jax.jit
 def _apply_mask(params: Params, mask: Mask) -> Params:
-  return jax.tree.map(lambda p, m: jnp.where(_like(m, p), p, jnp.zeros_like(p)), params, mask)
+  return jax.tree.map(lambda p, m: jnp.where(reshard_like(m, p), p, jnp.zeros_like(p)), params,
+                      mask)
 
 
 def apply_mask(params: Params, mask: Mask) -> Params:
