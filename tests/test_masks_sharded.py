@@ -1,4 +1,4 @@
-"""Masks, output scores and selection on 8 forced CPU devices equal one device's, in both mesh styles.
+"""Masks, output scores and selection on 8 CPU devices equal one device's, in both mesh styles.
 
 One subprocess per mesh style: a classic ``Mesh`` with ``NamedSharding`` (no mesh context), and
 ``jax.make_mesh`` + ``jax.set_mesh`` with explicit axis types. Each computes every mask on params
