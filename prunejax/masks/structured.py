@@ -122,8 +122,19 @@ def leaf_layout(path: Sequence[Any], leaf: Any, layout: Layout = "auto", *,
       "layout='out_in' ((out, in, ...): Equinox, PyTorch) or a {path regex: layout} map")
 
 
+def _bias_names(weight_name: str) -> tuple[str, ...]:
+  """Names of the bias beside a weight: ``bias``, ``b``, and ``b_in`` / ``b1`` beside plain-dict
+  weights named ``W_in`` / ``w1``."""
+  suffix = re.match(r"(?i)^w_?(.+)$", weight_name)
+  if suffix is None:
+    return BIAS_NAMES
+  return BIAS_NAMES + (f"b_{suffix.group(1)}", f"b{suffix.group(1)}")
+
+
 def _sibling_bias(i: int, names: list[tuple[str, ...]], index: dict, leaves: list) -> int | None:
-  for b in BIAS_NAMES:
+  if not names[i]:
+    return None
+  for b in _bias_names(names[i][-1]):
     j = index.get(names[i][:-1] + (b,))
     if j is not None and j != i:
       return j
@@ -186,7 +197,8 @@ def neurons(params: Params, sparsity: Any, *, criterion: str = "l2", scores: PyT
   of ``scores`` there. Exactly ``round(sparsity * units)`` units of each weight
   (``scope="layerwise"``) or ``round(sparsity * total units)`` over all weights (``"global"``) are
   removed, ties going to the lower unit index; the mask is False on their weight entries and on
-  the matching entries of the sibling bias (``bias`` or ``b``).
+  the matching entries of the sibling bias (``bias`` or ``b``; ``b_in`` beside a plain-dict
+  ``W_in``).
 
   Args:
     params: the params (Flax linen / NNX, Equinox, Haiku, a plain dict).
