@@ -320,3 +320,23 @@ def test_heads_of_equinox_haiku_and_nnx_attention():
     masks.heads(narrow, 0.5, num_heads=2, layout="out_in")
   with pytest.raises(ConfigError, match="no attention module"):
     masks.heads({"dense": {"kernel": jnp.ones((4, 4))}}, 0.5)
+
+
+def test_trees_that_do_not_match_the_params_are_errors_not_broadcasts():
+  params = {"a": {"kernel": _normal(4, 8), "bias": _normal(8)}}
+  wide = {"a": {"kernel": _normal(1, 8), "bias": _normal(8)}}  # would broadcast over the rows.
+  for call in (lambda: masks.neurons(params, 0.5, scores=wide),
+               lambda: masks.heads(params, 0.5, scores=wide),
+               lambda: masks.n_m(params, 2, 4, scores=wide)):
+    with pytest.raises(ConfigError, match=r"scores leaf a/kernel has shape \(1, 8\)"):
+      call()
+  with pytest.raises(ConfigError, match="num_pruned is neither"):
+    masks.threshold_mask(params, {"a": 1})
+  with pytest.raises(ConfigError, match=r"mask leaf a/kernel has shape \(1, 8\)"):
+    masks.apply_mask(params, jax.tree.map(lambda l: jnp.ones(l.shape, bool), wide))
+  model = MLP(num_classes=3, hidden=(8,))
+  mlp = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 2, 2, 1)))["params"]
+  mlp = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), mlp)
+  row = jax.tree.map(lambda l: jnp.ones((1,) + l.shape[1:], bool), mlp)
+  with pytest.raises(ConfigError, match="compact: mask leaf"):
+    masks.compact(model, mlp, row)

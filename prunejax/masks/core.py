@@ -621,7 +621,11 @@ def threshold_mask_flags(scores: PyTree, num_pruned: Any, flags: Sequence[bool])
     groups = (tuple(range(len(idx))),) if idx else ()
     counts = [jnp.asarray(num_pruned, jnp.int32)]
   else:
-    count_leaves = treedef.flatten_up_to(num_pruned)
+    try:
+      count_leaves = treedef.flatten_up_to(num_pruned)
+    except (ValueError, TypeError):
+      raise ConfigError("num_pruned is neither one count nor a pytree with the structure of the "
+                        "scores (one count per leaf)") from None
     groups = tuple((j,) for j in range(len(idx)))
     counts = [jnp.asarray(count_leaves[i], jnp.int32) for i in idx]
   for members in groups:

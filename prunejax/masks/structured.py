@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunejax.errors import ConfigError, check_choice
-from prunejax.masks.core import (check_not_varying, make_filter_fn, nothing_selected_error,
+from prunejax.masks.core import (check_mask, check_not_varying, make_filter_fn,
+                                 nothing_selected_error,
                                  num_to_prune, ordered_key, path_names, path_str, run_sharded,
                                  threshold_mask_flags)
 from prunejax.types import FilterFn, Mask, Params, PyTree
@@ -76,6 +77,11 @@ def _group_score(x: jax.Array, axes: tuple[int, ...], criterion: str | None) -> 
   if criterion == "l1":
     return jnp.sum(jnp.abs(x), axis=axes)
   return jnp.sum(jnp.square(x), axis=axes)  # the squared L2 norm ranks units like the norm.
+
+
+def _check_scores(scores: PyTree | None, params: Params, what: str) -> None:
+  if scores is not None:
+    check_mask(scores, params, f"{what}: scores", bool_leaves=False)
 
 
 def _unit_counts(units: Sequence[int], sparsity: Any, scope: str) -> Any:
@@ -224,6 +230,7 @@ def neurons(params: Params, sparsity: Any, *, criterion: str = "l2", scores: PyT
     Li et al. 2017, "Pruning Filters for Efficient ConvNets" (L1-norm filter pruning).
   """
   check_choice("criterion", criterion, CRITERIA)
+  _check_scores(scores, params, "neurons")
   chosen = _chosen(params, filter_fn, layout, "neurons")
   leaves = jax.tree.leaves(params)
   units = [math.prod(jnp.shape(leaves[i])[a] for a in axes) for i, axes, _ in chosen]
@@ -384,6 +391,7 @@ def heads(params: Params, sparsity: Any, *, num_heads: int | None = None, criter
   """
   check_choice("criterion", criterion, CRITERIA)
   _check_layout_arg(layout)
+  _check_scores(scores, params, "heads")
   filter_fn = filter_fn or structured_filter_fn
   modules = _attention_modules(params, filter_fn, names, num_heads, layout)
   if not modules:
@@ -474,6 +482,7 @@ def n_m(params: Params, n: int, m: int, *, scores: PyTree | None = None,
     raise ConfigError(f"m={m!r} is not allowed; expected a positive integer")
   if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= m:
     raise ConfigError(f"n={n!r} is not allowed; expected an integer in [0, m={m}]")
+  _check_scores(scores, params, "n_m")
   chosen = _chosen(params, filter_fn or _n_m_filter_fn, layout, "n_m")
   paths, leaves, _, _ = _flat(params)
   inputs = []
