@@ -15,7 +15,7 @@ from flax import nnx
 
 from prunejax import masks
 from prunejax.errors import ConfigError
-from prunejax.masks import core, unstructured
+from prunejax.masks import core, structured, unstructured
 from prunejax.models import CNN, MLP, GPTClassifier, resnet20
 
 RNG = np.random.default_rng(0)
@@ -80,6 +80,8 @@ def test_default_filter_on_an_equinox_partition():
                              "attn/key_proj/weight", "attn/value_proj/weight",
                              "attn/output_proj/weight"}
   assert {"ln/weight", "conv/bias", "pos_embed"} <= set(masks.leaf_paths(params))
+  # Structured masks leave the embedding alone although Equinox calls it "weight".
+  assert _chosen(params, masks.structured_filter_fn) == _chosen(params) - {"emb/weight"}
 
 
 def test_default_filter_on_haiku_params():
@@ -116,8 +118,12 @@ def test_default_filter_on_plain_dicts():
 ], ids=["mlp", "cnn", "resnet20", "gpt"])
 def test_default_filter_selects_what_it_selected_on_our_models(model, x):
   params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-  flax_names = masks.make_filter_fn(names=masks.PRUNABLE_NAMES)
-  assert core.prunable_leaves(params)[1] == core.prunable_leaves(params, flax_names)[1]
+  flags = lambda fn: core.prunable_leaves(params, fn)[1]
+  assert flags(None) == flags(masks.make_filter_fn(names=masks.PRUNABLE_NAMES))
+  kernels = masks.make_filter_fn(names=("kernel",))  # structured masks' filters before.
+  assert flags(masks.structured_filter_fn) == flags(masks.make_filter_fn(prune_head=False,
+                                                                         names=("kernel",)))
+  assert flags(structured._n_m_filter_fn) == flags(kernels)
 
 
 def test_masks_of_an_nnx_state_equal_those_of_its_pure_dict():

@@ -41,6 +41,9 @@ EMBEDDING_NAME = re.compile(
 POSITION_NAME = re.compile(r"(?i)^(wpe|w_?pos)$|pos(ition)?(al)?_?(emb|enc)|position")
 """Path entries of learned position tables (``wpe``, ``W_pos``, ``pos_embedding``), never
 pruned by the default filter."""
+EMBEDDING_MODULE = re.compile(r"(?i)emb|^wte$")
+"""Path entries of embedding modules (``embedding``, ``tok_emb``, ``wte``), whose weights
+``make_filter_fn(embeddings=False)`` leaves out whatever the leaf is called."""
 _MAX_ENTRIES = 2**31 - 1
 # Groups this small are selected by a stable sort: as fast, and much quicker to compile. Larger
 # groups (the ones that matter) never sort.
@@ -127,7 +130,9 @@ def make_filter_fn(*, prune_head: bool = True, include: Iterable[str] | None = N
     exclude: regular expressions of leaves that are never prunable.
     names: exact leaf names that are prunable (e.g. ``PRUNABLE_NAMES``), instead of the name rules.
     head_name: the module name of the classifier head.
-    embeddings: whether embedding tables are prunable (with ``names=None``).
+    embeddings: whether embedding tables are prunable (with ``names=None``). ``False`` also
+      leaves out every leaf under a path entry like ``embedding``, ``tok_emb`` or ``wte``
+      (:data:`EMBEDDING_MODULE`), since Equinox and PyTorch call embedding tables ``weight``.
 
   Returns:
     The filter function.
@@ -159,6 +164,8 @@ def make_filter_fn(*, prune_head: bool = True, include: Iterable[str] | None = N
         return False
     if names is None and any(POSITION_NAME.search(p) for p in parts):
       return False
+    if names is None and not embeddings and any(EMBEDDING_MODULE.search(p) for p in parts[:-1]):
+      return False  # e.g. the ``weight`` of an Equinox ``Embedding`` stored as ``tok_emb``.
     if not prune_head and head_name in parts:
       return False
     s = "/".join(parts)

@@ -301,6 +301,7 @@ def _attention_modules(params, filter_fn, names, num_heads, layout):
         continue
       modules.append(_attention_module(n[:-2], ids, paths, leaves, index, num_heads, layout,
                                        (q_name, k_name, v_name)))
+      break
   return tuple(modules)
 
 
