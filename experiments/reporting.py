@@ -13,8 +13,8 @@ from collections import defaultdict
 import jax
 import numpy as np
 
-from experiments import common
-from prunejax.fileio import atomic_open
+
+from prunejax.fileio import atomic_open, atomic_write_json, atomic_write_text
 
 SUMMARY_FIELDS = ("strategy", "setting", "fraction_kept", "sparsity", "test_accuracy_mean",
                   "test_accuracy_std", "val_accuracy_mean", "relative_compute",
@@ -182,9 +182,9 @@ def write_report(workdir: str, config, rows: list[dict], baseline_compute: float
   text = table(summary)
   if jax.process_index() != 0:
     return text
-  common.atomic_write_json(os.path.join(workdir, "results.json"),
+  atomic_write_json(os.path.join(workdir, "results.json"),
                            {"rows": rows, "summary": summary, "baseline_compute": baseline_compute})
-  common.atomic_write_text(os.path.join(workdir, "results.csv"), _csv(rows))
+  atomic_write_text(os.path.join(workdir, "results.csv"), _csv(rows))
   made = plots(workdir, rows, summary)
   write_tensorboard(workdir, rows)
   md = [f"# {config.get('name', 'experiment')}: {config.dataset.name}, {config.model.name}", "",
@@ -194,5 +194,5 @@ def write_report(workdir: str, config, rows: list[dict], baseline_compute: float
         "training run; scoring compute is what computing the scores cost, on the same scale. "
         "Wall time is training time after the first step (which may include compilation).", "",
         text, ""] + [f"![{m}]({m})" for m in made]
-  common.atomic_write_text(os.path.join(workdir, "report.md"), "\n".join(md) + "\n")
+  atomic_write_text(os.path.join(workdir, "report.md"), "\n".join(md) + "\n")
   return text

@@ -1,15 +1,18 @@
 """prunejax: data pruning and model pruning in JAX.
 
-Subpackages: :mod:`prunejax.data` (datasets with stable ids, batching), :mod:`prunejax.models` (Flax
-models), :mod:`prunejax.scores` and :mod:`prunejax.select` (data-importance scores and subsets),
-:mod:`prunejax.dynamic` (online data pruning), :mod:`prunejax.masks`, :mod:`prunejax.schedules`,
-:mod:`prunejax.optim` (weight masks, sparsity schedules, masked optax), :mod:`prunejax.train`,
-:mod:`prunejax.parallel`, :mod:`prunejax.report`; :mod:`prunejax.adapters` (Flax NNX, Equinox and
-Haiku models as ``(apply_fn, params)``).
+Subpackages: :mod:`prunejax.data` (id-keyed sources, the grain loader, on-device preprocessing),
+:mod:`prunejax.models` (Flax models), :mod:`prunejax.scores` and :mod:`prunejax.select`
+(data-importance scores and subsets), :mod:`prunejax.online` (online data pruning),
+:mod:`prunejax.masks`, :mod:`prunejax.schedules`, :mod:`prunejax.optim` (weight masks, sparsity
+schedules, masked optax), :mod:`prunejax.train` (steps and the epoch loop), :mod:`prunejax.losses`,
+:mod:`prunejax.checkpoint` (resumable units, round and mid-run checkpoints),
+:mod:`prunejax.dedup` (exact and semantic duplicates, train/test leakage), :mod:`prunejax.parallel`,
+:mod:`prunejax.report`, :mod:`prunejax.adapters` (Flax NNX, Equinox and Haiku models as
+``(apply_fn, params)`` and back).
 """
 
-from prunejax import (adapters, data, dynamic, masks, models, optim, parallel, report, schedules,
-                      scores, select, train)
+from prunejax import (adapters, checkpoint, data, dedup, losses, masks, models, online, optim,
+                      parallel, report, schedules, scores, select, train)
 from prunejax.errors import ConfigError, DataError, PrunejaxError
 
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ a reader (or a run resumed after a kill) never sees a half-written file."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from typing import IO, Iterator
@@ -38,3 +39,22 @@ def atomic_savez(path: str, **arrays: np.ndarray) -> None:
   """``np.savez(path, **arrays)``, atomically."""
   with atomic_open(path, "wb") as f:
     np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def _json_default(o):
+  if isinstance(o, np.integer):
+    return int(o)
+  if isinstance(o, np.floating):
+    return float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def to_json(obj) -> str:
+  """``obj`` as indented JSON with sorted keys (NumPy scalars and arrays as numbers and lists)."""
+  return json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n"
+
+
+def atomic_write_json(path: str, obj) -> None:
+  atomic_write_text(path, to_json(obj))

@@ -93,3 +93,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     raise ConfigError(f"process_id={process_id} is out of range; expected 0..{num_processes - 1}")
   jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -53,6 +53,19 @@ def rounds_to_reach(target: float, rate: float) -> int:
   return r
 
 
+def geometric_levels(rate: float, target: float, *, remaining: bool = False) -> list[float]:
+  """Levels after each round of removing ``rate`` of what remains until ``target`` is reached.
+
+  Sparsities ``round(1 - (1 - rate) ** r, 6)`` for the rounds before the last, then exactly
+  ``target`` (IMP's schedule); with ``remaining=True``, the fractions that remain,
+  ``round((1 - rate) ** r, 6)``, ending at ``target`` read as the fraction to keep (iterative data
+  pruning).
+  """
+  total = rounds_to_reach(1.0 - target if remaining else target, rate)
+  level = (lambda r: (1.0 - rate) ** r) if remaining else (lambda r: 1.0 - (1.0 - rate) ** r)
+  return [round(level(r), 6) for r in range(1, total)] + [target]
+
+
 def iterative(rate: float, steps_per_round: int, *, num_rounds: int | None = None,
               target: float | None = None, start_step: int = 0) -> Schedule:
   """Iterative geometric pruning, as iterative magnitude pruning (IMP) does.

@@ -1,15 +1,17 @@
-"""Training: a ``TrainState``, pure ``train_step`` / ``eval_step``, optimizers and schedules from config,
-and a data-parallel epoch loop with metrics accumulated on device.
+"""Training: a ``TrainState``, pure train and eval steps, optimizers and schedules from config, and the
+one epoch loop (data-parallel, metrics accumulated on device, one host sync per epoch).
 
-The loss of a batch is ``sum_i mask_i * w_i * CE_i / sum_i mask_i``: padding rows (``mask`` False) add
-nothing, and optional per-example weights ``w`` (``batch["weight"]``, e.g. InfoBatch's rescaling) scale
-each example's contribution.
+The loss of a batch is ``sum_i mask_i * w_i * CE_i / sum_i mask_i`` (:func:`prunejax.losses.masked_mean`):
+padding rows (``mask`` False) add nothing, and optional per-example weights ``w`` (``batch["weight"]``,
+e.g. InfoBatch's rescaling) scale each example's contribution. Inputs go through the state's
+:class:`~prunejax.data.Preprocess` on device (normalization; crop + flip in training, keyed by the run
+key, the epoch and the example id). Models with dropout draw it from ``fold_in(run key, step)``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,38 +20,53 @@ import numpy as np
 import optax
 from flax import struct
 
-from prunejax import parallel
+from prunejax import losses, parallel
+from prunejax.data.augment import Preprocess
 from prunejax.errors import ConfigError, check_choice, check_range
 from prunejax.types import PyTree, batch_mask
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("constant", "cosine", "step")
+_DROPOUT_STREAM = 0xD50
 
 
 class TrainState(struct.PyTreeNode):
-  """Everything a step changes. ``batch_stats`` is ``{}`` for models without BatchNorm."""
+  """Everything a step changes, plus the static model, optimizer and input preprocessing.
+
+  ``batch_stats`` is ``{}`` for models without BatchNorm; ``rng`` is the raw data of the run's key
+  (augmentation and dropout randomness derive from it).
+  """
 
   step: jax.Array
   params: PyTree
   batch_stats: PyTree
   opt_state: optax.OptState
+  rng: jax.Array
   model: nn.Module = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  preprocess: Preprocess = struct.field(pytree_node=False, default=Preprocess())
 
   @property
   def variables(self) -> dict:
     """The Flax variables dict, the ``params`` argument of :func:`prunejax.models.make_apply_fn`."""
     return {"params": self.params, **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
 
+  @property
+  def key(self) -> jax.Array:
+    return jax.random.wrap_key_data(self.rng)
+
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       x_example: jax.Array) -> TrainState:
+                       x_example: jax.Array, preprocess: Preprocess | None = None) -> TrainState:
+  """A fresh state: variables initialized from ``key`` (on ``preprocess.eval(x_example)``), which
+  is also the run key."""
   from prunejax.models import init_variables
-  variables = init_variables(model, key, x_example)
+  preprocess = preprocess or Preprocess()
+  variables = init_variables(model, key, preprocess.eval(jnp.asarray(x_example)))
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    model=model, tx=tx)
+                    rng=jax.random.key_data(key), model=model, tx=tx, preprocess=preprocess)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,25 +75,33 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 
 
 def per_example_ce(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
-  """Cross-entropy of each example, f32[B]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), y_B)
+  """Cross-entropy of each example, f32[B] (:func:`prunejax.losses.cross_entropy`)."""
+  return losses.cross_entropy(logits_BxC, y_B)
 
 
 def masked_mean_loss(logits_BxC: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
   """(mean loss over real rows, per-example CE). Padding rows and ``weight`` as in the module doc."""
   ce_B = per_example_ce(logits_BxC, batch["y"])
-  mask_B = batch_mask(batch, ce_B.shape[0]).astype(jnp.float32)
-  w_B = mask_B * batch["weight"] if "weight" in batch else mask_B
-  return jnp.sum(jnp.where(mask_B > 0, ce_B * w_B, 0.0)) / jnp.maximum(mask_B.sum(), 1.0), ce_B
+  return losses.masked_mean(ce_B, batch), ce_B
 
 
-def _metrics(logits_BxC, ce_B, batch) -> dict[str, jax.Array]:
+def metrics_of(logits_BxC: jax.Array, ce_B: jax.Array, batch: dict) -> dict[str, jax.Array]:
+  """Summed metrics of the real rows: loss, correct predictions, count, non-finite losses."""
   mask_B = batch_mask(batch, ce_B.shape[0])
   correct = (jnp.argmax(logits_BxC, -1) == batch["y"]) & mask_B
   return {"loss_sum": jnp.sum(jnp.where(mask_B, ce_B, 0.0)),
           "correct": correct.sum().astype(jnp.float32),
           "count": mask_B.sum().astype(jnp.float32),
           "nonfinite": jnp.sum(mask_B & ~jnp.isfinite(ce_B)).astype(jnp.float32)}
+
+
+def train_inputs(state: TrainState, batch: dict) -> jax.Array:
+  """The model input of a training step: the batch through the state's preprocessing."""
+  if not state.preprocess.augments:
+    return state.preprocess.eval(batch["x"])
+  b = batch["y"].shape[0]
+  epoch_B = batch["epoch"] if "epoch" in batch else jnp.zeros((b,), jnp.int32)
+  return state.preprocess.train(batch["x"], batch["id"], epoch_B, state.key)
 
 
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -89,15 +114,18 @@ def train_step_with_losses(state: TrainState, batch: dict
                            ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
   """:func:`train_step` that also returns the per-example losses f32[B] of its forward pass."""
   has_bn = bool(state.batch_stats)
+  x = train_inputs(state, batch)
+  rngs = {"dropout": jax.random.fold_in(jax.random.fold_in(state.key, _DROPOUT_STREAM),
+                                        state.step)}
 
   def loss_fn(params):
     variables = {"params": params, **({"batch_stats": state.batch_stats} if has_bn else {})}
     if has_bn:
-      logits, updates = state.model.apply(variables, batch["x"], train=True,
+      logits, updates = state.model.apply(variables, x, train=True, rngs=rngs,
                                           mask=batch_mask(batch, batch["y"].shape[0]),
                                           mutable=["batch_stats"])
     else:
-      logits, updates = state.model.apply(variables, batch["x"], train=True), {}
+      logits, updates = state.model.apply(variables, x, train=True, rngs=rngs), {}
     loss, ce_B = masked_mean_loss(logits, batch)
     return loss, (logits, ce_B, updates)
 
@@ -106,26 +134,31 @@ def train_step_with_losses(state: TrainState, batch: dict
   params = optax.apply_updates(state.params, updates_p)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=updates.get("batch_stats", state.batch_stats))
-  metrics = _metrics(logits, ce_B, batch)
+  metrics = metrics_of(logits, ce_B, batch)
   # Cheap on-device fault detection: one reduction over the gradient norm.
   metrics["grad_nonfinite"] = (~jnp.isfinite(optax.tree.norm(grads))).astype(jnp.float32)
   return new_state, metrics, ce_B
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_metrics(model: nn.Module, variables: dict, batch: dict) -> dict[str, jax.Array]:
-  logits = model.apply(variables, batch["x"], train=False)
-  return _metrics(logits, per_example_ce(logits, batch["y"]), batch)
+def eval_logits(state: TrainState, x: jax.Array) -> jax.Array:
+  """Logits in evaluation mode (frozen BatchNorm statistics, no dropout, no augmentation)."""
+  return state.model.apply(state.variables, state.preprocess.eval(x), train=False)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_metrics(model: nn.Module, preprocess: Preprocess, variables: dict,
+                  batch: dict) -> dict[str, jax.Array]:
+  logits = model.apply(variables, preprocess.eval(batch["x"]), train=False)
+  return metrics_of(logits, per_example_ce(logits, batch["y"]), batch)
 
 
 def eval_step(state: TrainState, batch: dict) -> dict[str, jax.Array]:
-  """Summed metrics of ``batch`` in evaluation mode. Jitted on (model, variables) only, so runs that
-  differ in optimizer share one compilation."""
-  return _eval_metrics(state.model, state.variables, batch)
+  """Summed metrics of ``batch`` in evaluation mode, jitted on (model, preprocessing, variables)
+  only, so runs that differ in optimizer share one compilation."""
+  return _eval_metrics(state.model, state.preprocess, state.variables, batch)
 
 
 jit_train_step = jax.jit(train_step, donate_argnums=0)
-jit_eval_step = eval_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,12 +213,8 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, epochs: float) -> optax.Gradi
 
 
 # ----------------------------------------------------------------------------------------------
-# Loops.
+# The epoch loop.
 # ----------------------------------------------------------------------------------------------
-
-
-def _sum_metrics(acc, m):
-  return m if acc is None else jax.tree.map(jnp.add, acc, m)
 
 
 class NumericalError(RuntimeError):
@@ -193,36 +222,69 @@ class NumericalError(RuntimeError):
 
 
 def summarize(metrics: dict) -> dict[str, float]:
-  """Host summary of summed metrics: mean loss, accuracy, example count."""
-  m = jax.device_get(metrics)
-  n = max(float(m["count"]), 1.0)
-  return {"loss": float(m["loss_sum"]) / n, "accuracy": float(m["correct"]) / n,
-          "count": float(m["count"])}
+  """Host summary of summed metrics: mean loss and accuracy over the back-propagated examples, and
+  the example counts (``forward_count`` defaults to ``count``)."""
+  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  n = max(m["count"], 1.0)
+  return {**m, "loss": m["loss_sum"] / n, "accuracy": m["correct"] / n,
+          "forward_count": m.get("forward_count", m["count"])}
 
 
-def run_epoch(state: TrainState, host_batches: Iterable[dict], mesh=None, *,
-              step_fn: Callable = jit_train_step, log_every: int = 0,
-              log_fn: Callable[[int, dict], None] | None = None, progress: bool = False,
-              desc: str = "train", total: int | None = None) -> tuple[TrainState, dict[str, float]]:
-  """Trains over ``host_batches`` once; metrics stay on device until a log point or the end."""
-  from prunejax.data.pipeline import prefetch
-  from tqdm.auto import tqdm
+class EpochResult(NamedTuple):
+  """What one pass over an epoch's batches returns: the new states, the summed metrics (on device,
+  ``None`` when there was no batch) and the number of steps."""
+
+  state: Any
+  pruner_state: Any
+  metrics: dict | None
+  steps: int
+
+
+StepFn = Callable[[Any, Any, dict], tuple[Any, Any, dict]]
+
+
+def run_epoch(state: Any, host_batches: Iterable[dict], step_fn: StepFn, mesh=None, *,
+              pruner_state: Any = (), metrics: dict | None = None, desc: str = "train",
+              after_step: Callable[[int, Any, Any, dict], None] | None = None) -> EpochResult:
+  """Trains over ``host_batches`` once: ``step_fn(state, pruner_state, batch) -> (state,
+  pruner_state, summed metrics)`` on each batch, sharded over ``mesh``'s ``data`` axis.
+
+  Batches are put on the devices by a background thread two ahead; metrics stay on device, summed
+  into ``metrics`` (pass a partial sum to continue a resumed epoch), with one host sync at the end.
+  A non-finite loss or gradient then raises :class:`NumericalError` naming ``desc``, the step and
+  the ids of its batch. ``after_step(i, state, pruner_state, metrics)`` runs after step ``i``
+  (0-based within this call), e.g. to checkpoint or capture a rewind point.
+  """
+  from prunejax.data.loader import prefetch
   mesh = mesh or parallel.data_mesh()
-  put = functools.partial(parallel.shard_batch, mesh=mesh)
-  acc, window = None, None
-  bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-  for i, batch in enumerate(prefetch(iter(host_batches), 2, put)):
-    state, m = step_fn(state, batch)
-    acc, window = _sum_metrics(acc, m), _sum_metrics(window, m)
-    bar.update(1)
-    if log_every and (i + 1) % log_every == 0:
-      s = summarize(window)  # one host sync per log interval.
-      bar.set_postfix(loss=f"{s['loss']:.4f}", acc=f"{s['accuracy']:.3f}")
-      if log_fn:
-        log_fn(int(state.step), s)
-      window = None
-  bar.close()
-  return state, (summarize(acc) if acc is not None else {"loss": float("nan"), "accuracy": float("nan"), "count": 0.0})
+  put = lambda b: (b["id"][b["mask"]], parallel.shard_batch(b, mesh))
+  faults, batch_ids, steps = [], [], 0
+  for host_ids, batch in prefetch(iter(host_batches), 2, put):
+    state, pruner_state, m = step_fn(state, pruner_state, batch)
+    batch_ids.append(host_ids)
+    faults.append(m["nonfinite"] + m["grad_nonfinite"])
+    metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+    if after_step is not None:
+      after_step(steps, state, pruner_state, metrics)
+    steps += 1
+  if faults:
+    flags = np.asarray(jax.device_get(faults))  # the epoch's one host sync
+    if np.any(flags > 0):
+      bad = int(np.argmax(flags > 0))
+      raise NumericalError(f"non-finite loss or gradient in {desc}, step {bad + 1} of this pass; "
+                           f"examples of that batch: {batch_ids[bad][:16].tolist()}")
+  return EpochResult(state, pruner_state, metrics, steps)
+
+
+def plain_step(step: Callable[[Any, dict], tuple[Any, dict]]) -> StepFn:
+  """A ``(state, batch) -> (state, metrics)`` step as a :data:`StepFn` (the pruner state passes
+  through unchanged)."""
+
+  def fn(state, pruner_state, batch):
+    state, m = step(state, batch)
+    return state, pruner_state, m
+
+  return fn
 
 
 def evaluate(state: TrainState, host_batches: Iterable[dict], mesh=None) -> dict[str, float]:
@@ -230,5 +292,8 @@ def evaluate(state: TrainState, host_batches: Iterable[dict], mesh=None) -> dict
   mesh = mesh or parallel.data_mesh()
   acc = None
   for batch in host_batches:
-    acc = _sum_metrics(acc, jit_eval_step(state, parallel.shard_batch(batch, mesh)))
+    m = eval_step(state, parallel.shard_batch(batch, mesh))
+    acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
+  if acc is None:
+    raise ConfigError("evaluate got no batches")
   return summarize(acc)

@@ -25,10 +25,11 @@ from prunejax.models import build_model, make_apply_fn  # noqa: E402
 parallel.initialize_distributed(coordinator, int(nproc), int(pid))
 mesh = parallel.data_mesh()
 ds = data.load_digits()
-ids = np.sort(ds.train.id)[:200]
+ids = np.sort(ds.train.ids)[:200]
+prep = ds.preprocess()
 model = build_model("mlp", 10, hidden=(32,))
 state = train.create_train_state(model, optax.sgd(0.1, momentum=0.9), jax.random.key(0),
-                                 ds.train.x[:1])
+                                 ds.train.example(), prep)
 init_params = jax.device_get(state.params)
 state = parallel.replicate(state, mesh)
 pi, pc = jax.process_index(), jax.process_count()
@@ -36,7 +37,7 @@ pi, pc = jax.process_index(), jax.process_count()
 
 def score_all(variables, fn):
   out = {}
-  jf = jax.jit(functools.partial(fn, make_apply_fn(model)))
+  jf = jax.jit(functools.partial(fn, make_apply_fn(model, prep)))
   for b in data.batches(ds.train, ids, batch_size=64, shuffle=False, process_index=pi,
                         process_count=pc):
     gb = parallel.shard_batch(b, mesh)

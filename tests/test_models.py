@@ -92,3 +92,69 @@ def test_apply_fn_gradients_ignore_batch_statistics():
   g = jax.grad(lambda v: models.make_apply_fn(model)(v, x).sum())(v)
   assert all(np.all(np.asarray(l) == 0) for l in jax.tree.leaves(g["batch_stats"]))
   assert any(np.any(np.asarray(l) != 0) for l in jax.tree.leaves(g["params"]))
+
+
+def _gpt_dropout(**rates):
+  model = models.GPTClassifier(vocab_size=30, num_classes=3, context=16, depth=2, width=32,
+                               num_heads=2, pad_id=0, **rates)
+  tokens = jax.random.randint(jax.random.key(5), (8, 16), 1, 30).at[:, 12:].set(0)
+  plain = model.clone(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+  return model, models.init_variables(plain, jax.random.key(1), tokens), tokens
+
+
+def test_gpt_dropout_is_off_in_evaluation_and_at_rate_zero():
+  model, v, tokens = _gpt_dropout(embd_dropout=0.3, attn_dropout=0.3, resid_dropout=0.3)
+  plain = model.clone(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+  ref = plain.apply(v, tokens, train=False)
+  # train=False: bitwise the dropout-free model, and no rng is needed.
+  np.testing.assert_array_equal(model.apply(v, tokens, train=False), ref)
+  np.testing.assert_array_equal(models.make_apply_fn(model)(v, tokens), ref)
+  # Rate 0 (the default): train=True is the same model and needs no rng either.
+  np.testing.assert_array_equal(plain.apply(v, tokens, train=True), ref)
+  with pytest.raises(ConfigError, match="GPTClassifier.attn_dropout=1.0 is out of range"):
+    model.clone(attn_dropout=1.0).apply(v, tokens)
+
+
+def test_gpt_dropout_in_training_is_deterministic_per_key():
+  model, v, tokens = _gpt_dropout(embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+  run = lambda k: model.apply(v, tokens, train=True, rngs={"dropout": jax.random.key(k)})
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+  assert not np.allclose(run(0), model.apply(v, tokens, train=False))
+
+
+@pytest.mark.parametrize("site,path,input_path", [
+    ("embd_dropout", ("drop",), None),  # input: the embeddings, computed from the params
+    ("attn_dropout", ("block_0", "attn", "attn_drop"), ()),  # input: the probs without dropout
+    ("resid_dropout", ("block_1", "attn", "resid_drop"), ("block_1", "attn", "out")),
+    ("resid_dropout", ("block_1", "mlp_drop"), ("block_1", "mlp_proj")),
+])
+def test_gpt_dropout_keeps_the_expected_share_and_rescales(site, path, input_path):
+  rate = 0.3
+  model, v, tokens = _gpt_dropout(**{site: rate})
+  _, state = model.apply(v, tokens, train=True, rngs={"dropout": jax.random.key(7)},
+                         capture_intermediates=True, mutable=["intermediates"])
+
+  def get(state, p):
+    out = state["intermediates"]
+    for name in p:
+      out = out[name]
+    return np.asarray(out["__call__"][0])
+
+  dropped = get(state, path)
+  if input_path is None:
+    before = np.asarray(v["params"]["wte"]["embedding"][tokens] + v["params"]["wpe"][None, :16])
+  elif not input_path:  # the first dropout site: the same site of the dropout-free model
+    _, plain = model.clone(**{site: 0.0}).apply(v, tokens, train=True, capture_intermediates=True,
+                                                 mutable=["intermediates"])
+    before = get(plain, path)
+  else:  # the output of the layer that feeds this site, in the same run
+    before = get(state, input_path)
+  live = before != 0  # attention probabilities are exactly 0 where masked (causal, padding)
+  kept = dropped[live] != 0
+  n = live.sum()
+  assert n > 1000
+  # Keep share 1 - rate within 5 standard deviations of a binomial draw.
+  assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+  np.testing.assert_allclose(dropped[live][kept], before[live][kept] / (1 - rate), rtol=1e-5)
+  assert np.all(dropped[~live] == 0)

@@ -146,7 +146,8 @@ def test_rewind_state_of_a_train_state():
   tx = optim.masked(optax.sgd(0.1, momentum=0.9))
   params = _params()
   state = TrainState(step=jnp.asarray(7, jnp.int32), params=params, batch_stats={},
-                     opt_state=tx.init(params), model=MODEL, tx=tx)
+                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)),
+                     model=MODEL, tx=tx)
   point = masks.save_rewind_point(2, _params(seed=1))
   mask = masks.magnitude(params, 0.5)
   rewound = masks.rewind_state(state, point, mask)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import common, run, strategies
+from experiments import common, run, strategies, trainer
 from experiments.configs import imp as imp_config
 from prunejax.train import NumericalError
 
@@ -21,15 +21,22 @@ def _imp_cfg():
 
 
 def test_nan_in_the_data_stops_with_epoch_step_and_example_ids(tmp_path):
+  from prunejax import data
+  x = np.random.default_rng(0).random((96, 8, 8, 1)).astype(np.float32)
+  x[7] = np.nan  # a user's float dataset with one bad example (id 1007)
+  y = np.arange(96) % 10
+  data.register_dataset("with_a_nan", lambda **_: data.Dataset(
+      "with_a_nan", data.ArraySource(x[:64], y[:64], np.arange(1000, 1064)),
+      data.ArraySource(x[64:], y[64:], np.arange(2000, 2032)), 10, "image", {"scale": 1.0}))
   cfg = _imp_cfg()
   cfg.strategies = ("dense",)
+  cfg.dataset.name = "with_a_nan"
+  cfg.dataset.num_train = None
   common.prepare_workdir(str(tmp_path), cfg, False)
   ctx = common.setup(cfg, str(tmp_path))
-  bad_id = int(ctx.ds.train.id[7])
-  ctx.ds.train.x[7] = np.nan
   with pytest.raises(NumericalError, match=r"epoch 0, step \d+.*examples of that batch: \[.*") as e:
     strategies.dense(ctx)
-  assert str(bad_id) in str(e.value)
+  assert "1007" in str(e.value)
   assert not os.listdir(os.path.join(tmp_path, "units"))  # nothing half-done was recorded
 
 
@@ -97,7 +104,7 @@ def test_labels_outside_the_class_range_and_mismatched_masks(tmp_path, monkeypat
   cfg = _imp_cfg()
   real = data.load_digits
 
-  def bad_digits():
+  def bad_digits(**_):
     ds = real()
     ds.train.y[3] = 12
     return ds
@@ -111,4 +118,4 @@ def test_labels_outside_the_class_range_and_mismatched_masks(tmp_path, monkeypat
   params = strategies._init_params(ctx, 0)
   wrong = masks.ones_mask({"only": params["head"]})
   with pytest.raises(ConfigError, match="mask structure"):
-    common.train_model(ctx, ctx.ds.train.id[:32], seed=0, mask=wrong)
+    trainer.train_model(ctx, ctx.ds.train.ids[:32], seed=0, mask=wrong)

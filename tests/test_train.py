@@ -88,11 +88,14 @@ def test_digits_mlp_reaches_97_percent():
   tx = train.make_optimizer(_opt(lr=0.1, nesterov=True, weight_decay=1e-3, schedule="cosine"),
                             data.num_batches(len(ds.train), bs), epochs)
   mesh = parallel.data_mesh()
-  state = parallel.replicate(
-      train.create_train_state(model, tx, jax.random.key(0), jnp.zeros((1, 8, 8, 1))), mesh)
+  state = parallel.replicate(train.create_train_state(
+      model, tx, jax.random.key(0), ds.train.example(), ds.preprocess()), mesh)
+  step = train.plain_step(train.jit_train_step)
   for epoch in range(epochs):
-    state, _ = train.run_epoch(state, data.batches(ds.train, batch_size=bs, seed=0, epoch=epoch),
-                               mesh)
+    state, _, metrics, steps = train.run_epoch(
+        state, data.batches(ds.train, batch_size=bs, seed=0, epoch=epoch), step, mesh)
+    assert steps == data.num_batches(len(ds.train), bs)
+    assert train.summarize(metrics)["count"] == len(ds.train)
   result = train.evaluate(state, data.batches(ds.test, batch_size=128, shuffle=False), mesh)
   assert result["count"] == len(ds.test)
   assert result["accuracy"] >= 0.97

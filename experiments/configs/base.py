@@ -10,28 +10,37 @@ def get_config() -> ml_collections.ConfigDict:
   c.replicates = 2  # seeds; ignored when cv_folds > 0
   c.cv_folds = 0  # K > 0: replicate r trains on all folds but r and also reports accuracy on fold r
   c.strategies = ("dense",)
+  none = lambda t: ml_collections.FieldReference(None, field_type=t)
   c.dataset = ml_collections.ConfigDict(dict(
-      name="digits", data_dir=ml_collections.FieldReference(None, field_type=str), download=False,
-      num_train=ml_collections.FieldReference(None, field_type=int),
-      num_test=ml_collections.FieldReference(None, field_type=int),
-      tokenizer="bpe", vocab_size=8192, max_len=64, augment=False,
-      cache_dir=ml_collections.FieldReference(None, field_type=str)))
+      name="digits", data_dir=none(str), download=False, manual_dir=none(str),
+      num_train=none(int), num_test=none(int),
+      # TFDS datasets outside the catalog defaults: feature keys and splits.
+      x_key=none(str), text_keys=none(tuple), label_key=none(str), train_split=none(str),
+      test_split=none(str), image_size=none(int),
+      tokenizer="bpe", tokenizer_dir=none(str), vocab_size=8192, max_len=64,
+      # images: on-device crop (after zero padding) + flip, and standardization after scaling.
+      augment=False, crop_padding=4, mean=none(tuple), std=none(tuple),
+      num_threads=none(int),  # loader reader threads (default: 0 in memory, 8 on disk)
+      cache_dir=none(str)))
   c.model = ml_collections.ConfigDict(dict(name="mlp"))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine",
       warmup_epochs=0.0, step_epochs=(), step_factor=0.1, b1=0.9, b2=0.999))
-  c.train = ml_collections.ConfigDict(dict(epochs=20, batch_size=32, eval_batch_size=256,
-                                           progress=True))
+  c.train = ml_collections.ConfigDict(dict(
+      epochs=20, batch_size=32, eval_batch_size=256, progress=True,
+      # mid-run checkpoints (a killed run resumes at the batch where it stopped); 0 = off.
+      checkpoint_every_steps=0, checkpoint_minutes=10.0))
   c.data_pruning = ml_collections.ConfigDict(dict(
       keep_fractions=(0.3, 0.5, 0.7), keep="hard", class_balanced=False, offset=0.0,
       conventions=("epochs",), score_epochs=3, score_seeds=2, dynamic_keep=0.5,
-      forgetting_epochs=10, prototypes_k=10, label_quality_folds=5, label_quality_epochs=10))
+      tracker_epochs=10, prototypes_k=10, label_quality_folds=5, label_quality_epochs=10))
   c.batch_pruning = ml_collections.ConfigDict(dict(keep_fraction=0.5, score="loss"))
   c.semi_batch = ml_collections.ConfigDict(dict(prune_ratio=0.5, delta=0.875))
   c.iterative = ml_collections.ConfigDict(dict(prune_per_round=0.3, target_keep=0.3, score="el2n",
                                                score_epochs=3))
   c.imp = ml_collections.ConfigDict(dict(
-      prune_per_round=0.5, target_sparsity=0.9, scope="global", rewind_step=0, reset_optimizer=True,
+      method="magnitude", prune_per_round=0.5, target_sparsity=0.9, scope="global", rewind_step=0,
+      reset_optimizer=True,
       max_rounds=ml_collections.FieldReference(None, field_type=int), prune_head=True))
   c.pai = ml_collections.ConfigDict(dict(methods=("magnitude", "random", "snip", "grasp", "synflow"),
                                          sparsities=(0.5, 0.8, 0.9)))

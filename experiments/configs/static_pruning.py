@@ -30,7 +30,7 @@ def get_config(variant: str = ""):
     c.data_pruning.keep_fractions = (0.5,)
     c.data_pruning.score_epochs = 1
     c.data_pruning.score_seeds = 1
-    c.data_pruning.forgetting_epochs = 2
+    c.data_pruning.tracker_epochs = 2
     c.data_pruning.label_quality_folds = 2
     c.data_pruning.label_quality_epochs = 1
   elif variant:

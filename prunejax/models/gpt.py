@@ -1,13 +1,20 @@
 """A GPT-2-style transformer classifier (Radford et al. 2019).
 
 Token and learned position embeddings, ``depth`` pre-LayerNorm blocks of causal multi-head
-self-attention and a GELU MLP, a final LayerNorm, and a linear head on the hidden state of the last
-real (non-padding) token. Padding is right-padding with ``pad_id``: padded keys are masked out of
-attention, so a padded sequence gives the same logits as the unpadded one.
+self-attention and a GELU (tanh approximation) MLP, a final LayerNorm, and a linear head on the
+hidden state of the last real (non-padding) token. Padding is right-padding with ``pad_id``: padded
+keys are masked out of attention, so a padded sequence gives the same logits as the unpadded one.
 
-``num_heads``, ``head_dim`` and ``mlp_dim`` are separate fields so that structured pruning can compact
-the model to fewer heads or MLP neurons. The optional tied LM head (``lm_head=True``) is only used to
-count parameters against GPT-2 "small" (124M).
+``num_heads``, ``head_dim`` and ``mlp_dim`` are separate fields so that structured pruning can
+compact the model to fewer heads or MLP neurons. The optional tied LM head (``lm_head=True``) is
+only used to count parameters against GPT-2 "small" (124M). Pretrained GPT-2 weights load with
+:func:`prunejax.models.load_gpt2_classifier`.
+
+Dropout follows GPT-2: on the summed embeddings (``embd_dropout``), on the attention probabilities
+(``attn_dropout``) and on the residual branches after the attention and MLP output projections
+(``resid_dropout``). It is active only with ``train=True`` and a rate above 0, and then draws from
+the Flax rng stream ``"dropout"`` (``model.apply(..., train=True, rngs={"dropout": key})``). The
+rates default to 0, where the model is exactly the dropout-free one and needs no rng.
 """
 
 from __future__ import annotations
@@ -16,14 +23,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from prunejax.errors import check_range
+
 
 class Attention(nn.Module):
   num_heads: int
   head_dim: int
   width: int
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, h_BxTxD: jax.Array, keep_BxT: jax.Array) -> jax.Array:
+  def __call__(self, h_BxTxD: jax.Array, keep_BxT: jax.Array, train: bool = False) -> jax.Array:
     b, t, _ = h_BxTxD.shape
     inner = self.num_heads * self.head_dim
     split = lambda z: z.reshape(b, t, self.num_heads, self.head_dim)
@@ -38,8 +49,10 @@ class Attention(nn.Module):
     allowed = allowed | jnp.eye(t, dtype=bool)[None, None]
     logits_BxHxTxT = jnp.where(allowed, logits_BxHxTxT, jnp.finfo(logits_BxHxTxT.dtype).min)
     probs = jax.nn.softmax(logits_BxHxTxT, axis=-1)
+    probs = nn.Dropout(self.attn_dropout, name="attn_drop")(probs, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, inner)
-    return nn.Dense(self.width, name="out")(out)
+    out = nn.Dense(self.width, name="out")(out)
+    return nn.Dropout(self.resid_dropout, name="resid_drop")(out, deterministic=not train)
 
 
 class Block(nn.Module):
@@ -47,20 +60,43 @@ class Block(nn.Module):
   head_dim: int
   width: int
   mlp_dim: int
+  ln_epsilon: float = 1e-5
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, h, keep_BxT):
-    h = h + Attention(self.num_heads, self.head_dim, self.width, name="attn")(
-        nn.LayerNorm(epsilon=1e-5, name="ln_1")(h), keep_BxT)
-    z = nn.LayerNorm(epsilon=1e-5, name="ln_2")(h)
+  def __call__(self, h, keep_BxT, train: bool = False):
+    h = h + Attention(self.num_heads, self.head_dim, self.width, self.attn_dropout,
+                      self.resid_dropout, name="attn")(
+                          nn.LayerNorm(epsilon=self.ln_epsilon, name="ln_1")(h), keep_BxT, train)
+    z = nn.LayerNorm(epsilon=self.ln_epsilon, name="ln_2")(h)
     z = nn.Dense(self.mlp_dim, name="mlp_fc")(z)
     z = nn.gelu(z, approximate=True)
-    return h + nn.Dense(self.width, name="mlp_proj")(z)
+    z = nn.Dense(self.width, name="mlp_proj")(z)
+    return h + nn.Dropout(self.resid_dropout, name="mlp_drop")(z, deterministic=not train)
 
 
 class GPTClassifier(nn.Module):
-  """Args: vocab_size, num_classes, context (max tokens), depth, width, num_heads, head_dim (default
-  width // num_heads), mlp_dim (default 4 * width), pad_id, lm_head (tied, for parameter counts)."""
+  """GPT-2-style classifier: right-padded tokens ``i32[B, T]`` to logits ``f32[B, num_classes]``.
+
+  Attributes:
+    vocab_size: rows of the token embedding (including the pad id's row).
+    num_classes: outputs of the classification head.
+    context: the longest sequence (rows of the learned position table).
+    depth: number of transformer blocks.
+    width: hidden size.
+    num_heads: attention heads per block.
+    head_dim: size of each head (default ``width // num_heads``).
+    mlp_dim: hidden size of the MLP (default ``4 * width``).
+    pad_id: the padding token; ``tokens != pad_id`` is the attention mask, and the head reads the
+      last position that is not padding.
+    lm_head: add the tied LM head's use of the embedding (no parameters), only for parameter counts.
+    ln_epsilon: LayerNorm epsilon (GPT-2: ``layer_norm_epsilon``, 1e-5).
+    embd_dropout: dropout rate on the summed token and position embeddings (GPT-2: ``embd_pdrop``).
+    attn_dropout: dropout rate on the attention probabilities (GPT-2: ``attn_pdrop``).
+    resid_dropout: dropout rate on the attention and MLP output projections before they are added to
+      the residual stream (GPT-2: ``resid_pdrop``).
+  """
 
   vocab_size: int = 8192
   num_classes: int = 2
@@ -72,6 +108,10 @@ class GPTClassifier(nn.Module):
   mlp_dim: int | None = None
   pad_id: int = 0
   lm_head: bool = False
+  ln_epsilon: float = 1e-5
+  embd_dropout: float = 0.0
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
 
   def setup_dims(self):
     head_dim = self.head_dim or self.width // self.num_heads
@@ -80,7 +120,14 @@ class GPTClassifier(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, train: bool = False,
                mask: jax.Array | None = None) -> jax.Array:
-    del train, mask
+    """Logits ``f32[B, num_classes]``; dropout is active only with ``train=True``.
+
+    ``mask`` (the batch's padding-row mask) is accepted for the trainer's uniform call and unused:
+    rows never interact in this model.
+    """
+    del mask
+    for field in ("embd_dropout", "attn_dropout", "resid_dropout"):
+      check_range(f"GPTClassifier.{field}", getattr(self, field), 0.0, 1.0, hi_open=True)
     head_dim, mlp_dim = self.setup_dims()
     b, t = tokens_BxT.shape
     tokens_BxT = tokens_BxT.astype(jnp.int32)
@@ -89,9 +136,11 @@ class GPTClassifier(nn.Module):
                    embedding_init=nn.initializers.normal(0.02))
     wpe = self.param("wpe", nn.initializers.normal(0.01), (self.context, self.width))
     h = wte(tokens_BxT) + wpe[None, :t]
+    h = nn.Dropout(self.embd_dropout, name="drop")(h, deterministic=not train)
     for i in range(self.depth):
-      h = Block(self.num_heads, head_dim, self.width, mlp_dim, name=f"block_{i}")(h, keep_BxT)
-    h = nn.LayerNorm(epsilon=1e-5, name="ln_f")(h)
+      h = Block(self.num_heads, head_dim, self.width, mlp_dim, self.ln_epsilon, self.attn_dropout,
+                self.resid_dropout, name=f"block_{i}")(h, keep_BxT, train)
+    h = nn.LayerNorm(epsilon=self.ln_epsilon, name="ln_f")(h)
     if self.lm_head:  # tied output embedding: adds no parameters, used only for counting.
       _ = wte.attend(h[:, :1])
     last = jnp.maximum(keep_BxT.sum(axis=1) - 1, 0)

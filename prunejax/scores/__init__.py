@@ -1,7 +1,7 @@
 """Data-importance scores: rank every training example.
 
-Per-batch scores share one contract, ``fn(apply_fn, params, batch) -> f32[B]`` (0 on padding rows),
-and are listed in :data:`SCORES`:
+Per-batch scores share one contract, ``fn(apply_fn, params, batch) -> f32[B]`` (0 on padding rows).
+:data:`SCORES` (:mod:`~prunejax.scores.registry`) registers every score with its direction and cost:
 
 * :mod:`~prunejax.scores.output`: ``el2n``, ``loss``, ``margin``, ``entropy``.
 * :mod:`~prunejax.scores.grand`: ``grand`` (exact, per-layer ghost norms), ``grand_last_layer``, and
@@ -13,7 +13,8 @@ Scores over training are ``(init, update)`` trackers in :mod:`~prunejax.scores.d
 :mod:`~prunejax.scores.label_quality`. :func:`save_scores` / :func:`load_scores` store scores by id.
 
 :data:`HIGHER_IS_HARDER` gives each score's direction; :mod:`prunejax.select` expects high = hard,
-so negate the others before selecting.
+so negate the others before selecting (``SCORES[name].hardness(scores)``). :func:`score_dataset` runs
+a per-batch score over a whole stream of batches, keyed by id.
 """
 
 from __future__ import annotations
@@ -32,25 +33,13 @@ from prunejax.scores.grand import (GhostPlan, ghost_plan, grand, grand_jacrev, g
 from prunejax.scores.io import align, load_scores, save_scores
 from prunejax.scores.label_quality import (confident_joint, find_label_issues, normalized_margin,
                                            out_of_fold_probs, self_confidence, stratified_folds)
+from prunejax.scores.dataset import map_batches, score_dataset
+from prunejax.scores.outliers import knn_distances, knn_outlier_score
 from prunejax.scores.output import el2n, entropy, loss, margin
 from prunejax.scores.prototypes import kmeans, prototypes
+from prunejax.scores.registry import (BATCH_SCORES, HIGHER_IS_HARDER, SCORES, TRACKER_SCORES,
+                                      ScoreSpec)
 from prunejax.types import ApplyFn, Params, Batch, Scores
-
-SCORES: dict[str, Callable[..., Scores]] = {
-    "el2n": el2n,
-    "loss": loss,
-    "margin": margin,
-    "entropy": entropy,
-    "grand": grand,
-    "grand_last_layer": grand_last_layer,
-}
-
-HIGHER_IS_HARDER: dict[str, bool] = {
-    "el2n": True, "loss": True, "margin": False, "entropy": True, "grand": True,
-    "grand_last_layer": True, "forgetting": True, "aum": False, "confidence": False,
-    "variability": True, "prototypes": True, "self_confidence": False,
-    "normalized_margin": False,
-}
 
 
 def jit_score(score: str | Callable[..., Scores], apply_fn: ApplyFn,
@@ -61,6 +50,6 @@ def jit_score(score: str | Callable[..., Scores], apply_fn: ApplyFn,
   shapes reuses the compiled function.
   """
   if isinstance(score, str):
-    check_choice("score", score, SCORES)
-  fn = SCORES[score] if isinstance(score, str) else score
+    check_choice("score", score, BATCH_SCORES)
+  fn = SCORES[score].fn if isinstance(score, str) else score
   return jax.jit(functools.partial(fn, apply_fn, **kwargs))

@@ -5,7 +5,7 @@ A :class:`Tracker` is ``init(ids) -> state`` and ``update(state, batch, values) 
 logits of the batch (forgetting, cartography, AUM) or any per-example score (running mean). The
 state is a ``NamedTuple`` of arrays with one entry per example, in increasing id order
 (``state.ids``), so it can be jitted, checkpointed and sharded like any pytree, and its methods read
-the scores out.
+the scores out; ``Tracker.read`` is the one read-out every tracker has.
 
 Call ``update`` once for every presentation of the examples (each epoch, or each step on the batch
 just trained on). An id that is not in ``state.ids`` is ignored; an id must not appear twice in one
@@ -27,11 +27,13 @@ from prunejax.types import ApplyFn, Batch, Params, Scores
 
 
 class Tracker(NamedTuple):
-  """An ``(init, update)`` pair: ``init(ids) -> state``,
-  ``update(state, batch, values) -> state``."""
+  """An ``(init, update)`` pair: ``init(ids) -> state``, ``update(state, batch, values) -> state``,
+  and ``read(state) -> f32[N]``, the tracker's score of each example in ``state.ids`` order (its
+  direction is in :data:`prunejax.scores.SCORES`)."""
 
   init: Callable[..., Any]
   update: Callable[..., Any]
+  read: Callable[[Any], Scores] | None = None
 
 
 def _sorted_ids(ids: Any) -> jax.Array:
@@ -116,7 +118,7 @@ def forgetting() -> Tracker:
         state.learned.at[pos_B].set(learned_B, mode="drop"),
         state.forgets.at[pos_B].add(forgot_B, mode="drop"))
 
-  return Tracker(init, update)
+  return Tracker(init, update, ForgettingState.scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def cartography() -> Tracker:
         state.m2.at[pos_B].set(new_m2_B, mode="drop"),
         state.correct.at[pos_B].add(_correct(batch, logits_BxC).astype(jnp.int32), mode="drop"))
 
-  return Tracker(init, update)
+  return Tracker(init, update, CartographyState.confidence)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def aum() -> Tracker:
   def update(state: MeanState, batch: Batch, logits_BxC: jax.Array) -> MeanState:
     return _mean_add(state, batch, margin_from_logits(logits_BxC, batch["y"]))
 
-  return Tracker(_mean_init, update)
+  return Tracker(_mean_init, update, MeanState.mean)
 
 
 def running_mean() -> Tracker:
@@ -241,7 +243,7 @@ def running_mean() -> Tracker:
     Paul, Ganguli, Dziugaite. "Deep Learning on a Data Diet: Finding Important Examples Early in
     Training." NeurIPS 2021.
   """
-  return Tracker(_mean_init, _mean_add)
+  return Tracker(_mean_init, _mean_add, MeanState.mean)
 
 
 def average_over_checkpoints(score_fn: Callable[..., Scores], apply_fn: ApplyFn,

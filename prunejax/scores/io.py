@@ -52,12 +52,9 @@ def align(ids: np.ndarray, scores_ids: np.ndarray, scores: np.ndarray) -> np.nda
   Raises:
     DataError: an id of ``ids`` has no score.
   """
-  scores_ids = np.asarray(scores_ids)
-  order = np.argsort(scores_ids, kind="stable")
-  sorted_ids = scores_ids[order]
-  ids = np.asarray(ids)
-  pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
-  if len(sorted_ids) == 0 or not np.array_equal(sorted_ids[pos], ids):
-    missing = ids[(len(sorted_ids) == 0) | (sorted_ids[pos] != ids)] if len(sorted_ids) else ids
-    raise DataError(f"{len(missing)} ids have no score (first: {missing[:5].tolist()})")
-  return np.asarray(scores)[order[pos]]
+  from prunejax.data.ids import IdIndex
+  index, ids = IdIndex(scores_ids, "the scores"), np.asarray(ids, np.int64)
+  found = index.contains(ids)
+  if not np.all(found):
+    raise DataError(f"{int(np.sum(~found))} ids have no score (first: {ids[~found][:5].tolist()})")
+  return np.asarray(scores)[index.rows(ids)]

@@ -25,9 +25,10 @@ def _sq_dists(x_NxD: jax.Array, c_KxD: jax.Array) -> jax.Array:
   return jnp.maximum(d, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("num_clusters", "num_iters"))
+@functools.partial(jax.jit, static_argnames=("num_clusters", "num_iters", "spherical"))
 def kmeans(key: jax.Array, x_NxD: jax.Array, num_clusters: int, *, num_iters: int = 50,
-           weights_N: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           weights_N: jax.Array | None = None,
+           spherical: bool = False) -> tuple[jax.Array, jax.Array]:
   """k-means (Lloyd) from a k-means++ start; deterministic given ``key``.
 
   Args:
@@ -37,6 +38,9 @@ def kmeans(key: jax.Array, x_NxD: jax.Array, num_clusters: int, *, num_iters: in
     num_iters: Lloyd iterations (a fixed count, so the function is jit-able).
     weights_N: optional non-negative weights; points of weight 0 are ignored (used to cluster one
       class of a larger array).
+    spherical: rescale every centroid to unit norm after each update (spherical k-means, as faiss's
+      ``spherical=True``). For unit-norm points the nearest centroid is then the one of highest
+      cosine similarity.
 
   Returns:
     ``(centroids_KxD, assignment_N)``. A cluster that loses all its points keeps its centroid.
@@ -71,8 +75,12 @@ def kmeans(key: jax.Array, x_NxD: jax.Array, num_clusters: int, *, num_iters: in
     onehot_NxK = jax.nn.one_hot(assign_N, num_clusters, dtype=x_NxD.dtype) * w_N[:, None]
     counts_K = jnp.sum(onehot_NxK, axis=0)
     sums_KxD = onehot_NxK.T @ x_NxD
-    return jnp.where(counts_K[:, None] > 0, sums_KxD / jnp.maximum(counts_K, 1e-30)[:, None],
-                     c_KxD)
+    new_KxD = jnp.where(counts_K[:, None] > 0, sums_KxD / jnp.maximum(counts_K, 1e-30)[:, None],
+                        c_KxD)
+    if spherical:  # a mean of zero norm (opposite points) keeps the previous centroid.
+      norm_K1 = jnp.linalg.norm(new_KxD, axis=-1, keepdims=True)
+      new_KxD = jnp.where(norm_K1 > 0, new_KxD / jnp.maximum(norm_K1, 1e-30), c_KxD)
+    return new_KxD
 
   c_KxD = lax.fori_loop(0, num_iters, lloyd_step, c_KxD)
   return c_KxD, jnp.argmin(_sq_dists(x_NxD, c_KxD), axis=1)

@@ -1,0 +1,148 @@
+"""How the experiments compute a static score of every training example, by the score's kind.
+
+* per-batch scores (``prunejax.scores.SCORES`` of kind "batch": EL2N, GraNd, loss, ...): after
+  ``data_pruning.score_epochs`` epochs, averaged over ``score_seeds`` seeds (Paul et al. 2021);
+* tracked scores (kind "tracker": forgetting, AUM, cartography): over ``tracker_epochs`` epochs, one
+  presentation per example per epoch with the model at the end of the epoch;
+* dataset-level recipes (:data:`DATASET_SCORES`): prototypes (k-means on embeddings) and label quality
+  (Confident Learning on out-of-fold probabilities).
+
+Every function returns ``(hardness f32[N] in the order of ids, compute in example passes)``; high
+hardness means hard whatever the score's own direction.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+
+from experiments import trainer
+from prunejax import scores as scores_lib
+from prunejax.errors import DataError
+
+
+def batch_score(ctx, name: str, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+  dp, spec = ctx.config.data_pruning, scores_lib.SCORES[name]
+  total, compute = np.zeros(len(ids), np.float64), 0.0
+  for s in range(dp.score_seeds):
+    run = trainer.train_model(ctx, ids, seed=seed * 1000 + s, epochs=dp.score_epochs,
+                              desc=f"score {name} seed {s}")
+    total += trainer.score_ids(ctx, run.state, ids, name)
+    compute += run.compute + spec.passes * len(ids)
+  return spec.hardness((total / dp.score_seeds).astype(np.float32)), compute
+
+
+def _track(ctx, state, ids: np.ndarray, tracker_state, update):
+  """One tracker update per example from the logits of the model after an epoch."""
+  logits_fn = _logits_fn(ctx.apply_fn(state.model))
+  from prunejax import parallel
+  for b in ctx.batches(ids):
+    gb = parallel.shard_batch(b, ctx.mesh)
+    tracker_state = update(tracker_state, gb, logits_fn(state.variables, gb["x"]))
+  return tracker_state
+
+
+@functools.lru_cache(maxsize=64)
+def _logits_fn(apply_fn):
+  return jax.jit(apply_fn)
+
+
+def tracker_score(ctx, name: str, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+  """Each example is presented to the tracker once per epoch, with the model at the end of the
+  epoch (Toneva et al. record at every mini-batch; an epoch-end pass costs one forward per example
+  and gives every example the same number of presentations)."""
+  dp, spec = ctx.config.data_pruning, scores_lib.SCORES[name]
+  tracker = spec.tracker()
+  update = jax.jit(tracker.update)
+  total, compute = np.zeros(len(ids), np.float64), 0.0
+  for s in range(dp.score_seeds):
+    holder = {"state": tracker.init(ids)}
+
+    def on_epoch(epoch, state):
+      holder["state"] = _track(ctx, state, ids, holder["state"], update)
+
+    run = trainer.train_model(ctx, ids, seed=seed * 1000 + s, epochs=dp.tracker_epochs,
+                              desc=f"score {name} seed {s}", on_epoch=on_epoch)
+    st = holder["state"]
+    raw = spec.hardness(np.asarray(spec.read_tracker(st)))
+    total += scores_lib.align(ids, np.asarray(st.ids), raw)  # tracker state is sorted by id
+    compute += run.compute + dp.tracker_epochs * len(ids) * spec.passes
+  return (total / dp.score_seeds).astype(np.float32), compute
+
+
+def prototype_scores(ctx, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+  """Distance to the nearest of ``prototypes_k`` k-means centroids of the penultimate features of a
+  model trained ``score_epochs`` epochs (Sorscher et al. 2022 use a self-supervised embedding; a
+  briefly trained supervised one is the cheap stand-in). High = atypical = hard."""
+  dp = ctx.config.data_pruning
+  run = trainer.train_model(ctx, ids, seed=seed * 1000, epochs=dp.score_epochs,
+                            desc="score prototypes")
+  feats_fn = _features_fn(ctx.apply_fn(run.state.model))
+  emb = trainer.map_ids(ctx, ids, lambda b: feats_fn(run.state.variables, b["x"]))
+  s = scores_lib.prototypes(emb, num_clusters=dp.prototypes_k, key=jax.random.key(seed))
+  return np.asarray(s, np.float32), run.compute + len(ids)
+
+
+@functools.lru_cache(maxsize=64)
+def _features_fn(apply_fn):
+  return jax.jit(lambda v, x: scores_lib.penultimate(apply_fn, v, x)[0])
+
+
+def label_quality_scores(ctx, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+  """``1 -`` self-confidence of out-of-fold predicted probabilities from K-fold training (Northcutt
+  et al. 2021): high = probably mislabeled. Each fold model trains ``label_quality_epochs`` epochs;
+  the probably-mislabeled ids (``find_label_issues``) are saved beside the scores."""
+  dp = ctx.config.data_pruning
+  labels = ctx.labels(ids)
+  spent = [0.0]
+
+  def fit_predict(train_ids, heldout_ids):
+    run = trainer.train_model(ctx, train_ids, seed=seed, epochs=dp.label_quality_epochs,
+                              desc="label quality fold")
+    spent[0] += run.compute + len(heldout_ids)
+    return trainer.predict_probs(ctx, run.state, heldout_ids)
+
+  probs = scores_lib.out_of_fold_probs(fit_predict, ids, labels, num_folds=dp.label_quality_folds,
+                                       seed=seed)
+  issues = scores_lib.find_label_issues(probs, labels)
+  path = os.path.join(ctx.workdir, "scores", f"label_issues_seed{seed}.npz")
+  if jax.process_index() == 0:
+    scores_lib.save_scores(path, ids, probably_mislabeled=issues.astype(np.float32))
+  return (1.0 - scores_lib.self_confidence(probs, labels)).astype(np.float32), spent[0]
+
+
+DATASET_SCORES: dict[str, Callable] = {
+    "prototypes": prototype_scores,
+    "label_quality": label_quality_scores,
+}
+"""Scores computed from the whole dataset at once, by the recipes above."""
+
+STATIC_SCORES = scores_lib.BATCH_SCORES + scores_lib.TRACKER_SCORES + tuple(DATASET_SCORES)
+"""Every score a static (score, then keep a subset) strategy can use."""
+
+
+def static_scores(ctx, name: str, r: int, ids: np.ndarray, seed: int
+                  ) -> tuple[np.ndarray, float]:
+  """Hardness of replicate ``r``'s training ids (high = hard) by the score ``name``, saved to
+  ``workdir/scores`` keyed by id (and read back from there on a rerun); returns (hardness, scoring
+  compute in example passes)."""
+  path = os.path.join(ctx.workdir, "scores", f"{name}_r{r}.npz")
+  if os.path.exists(path):
+    loaded_ids, loaded = scores_lib.load_scores(path)
+    if not np.array_equal(loaded_ids, ids):
+      raise DataError(f"{path} holds scores of other examples than replicate {r}'s; delete it or "
+                      "choose another workdir")
+    return loaded[name], float(loaded["compute"][0])
+  if name in DATASET_SCORES:
+    hardness, compute = DATASET_SCORES[name](ctx, ids, seed)
+  elif scores_lib.SCORES[name].kind == "tracker":
+    hardness, compute = tracker_score(ctx, name, ids, seed)
+  else:
+    hardness, compute = batch_score(ctx, name, ids, seed)
+  if jax.process_index() == 0:
+    scores_lib.save_scores(path, ids, **{name: hardness, "compute": np.full(len(ids), compute)})
+  return hardness, compute

@@ -1,0 +1,322 @@
+"""The one trainer of the experiments, composed from library pieces, and the passes around it.
+
+:func:`train_model` builds a train state (fresh, or rewound with :func:`prunejax.masks.rewind`), then
+for each epoch asks the online pruner (:mod:`prunejax.online`) for the epoch's plan, streams its
+batches through :func:`prunejax.data.batches` and runs :func:`prunejax.train.run_epoch`. With a
+``checkpoint`` key it saves the run mid-way (:class:`prunejax.checkpoint.RunCheckpoint`) and a rerun
+resumes at the batch where it stopped. Compute is counted in example passes (forward 1, backward 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from prunejax import online, parallel, train
+from prunejax.checkpoint import RunCheckpoint
+from prunejax.errors import ConfigError
+from prunejax.masks import RewindPoint, apply_mask, rewind, save_rewind_point
+from prunejax.scores import jit_score, map_batches, score_dataset
+
+
+@dataclasses.dataclass
+class Run:
+  """A finished training run: its state and what it cost (in example passes: forward 1, backward 2)."""
+
+  state: train.TrainState
+  forward: float = 0.0
+  backward: float = 0.0
+  steps: int = 0
+  wall: float = 0.0
+  rewind_point: RewindPoint | None = None
+  history: list = dataclasses.field(default_factory=list)  # per epoch: train loss and accuracy
+  first_step_end: float | None = None  # perf_counter after the first step (compile included)
+
+  @property
+  def compute(self) -> float:
+    return self.forward + 2.0 * self.backward
+
+  def add_epoch(self, epoch: int, metrics: dict | None, steps: int) -> None:
+    self.steps += steps
+    if metrics is None:
+      return
+    m = train.summarize(metrics)
+    self.forward += m["forward_count"]
+    self.backward += m["count"]
+    self.history.append({"epoch": epoch, "loss": m["loss"], "accuracy": m["accuracy"]})
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(cfg_json: str, steps_per_epoch: int, epochs: int, masked: bool):
+  """One optimizer object per (config, schedule length, masked): runs that share it share the
+  compiled train step (the optimizer is a static part of the state; the mask lives in its state)."""
+  tx = train.make_optimizer(ml_collections.ConfigDict(json.loads(cfg_json)), steps_per_epoch, epochs)
+  if masked:
+    from prunejax import optim
+    tx = optim.masked(tx)
+  return tx
+
+
+def _copy(tree):
+  # Steps donate the state's buffers: copy what the caller passed in so it stays usable.
+  return None if tree is None else jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def initial_state(ctx, ids: np.ndarray, *, seed: int, epochs: int, pruner: online.OnlinePruner,
+                  mask: Any = None, rewind_to: RewindPoint | None = None) -> train.TrainState:
+  """A fresh train state, or the rewind point's weights with ``mask`` (and the optimizer state
+  ``imp.reset_optimizer`` asks for), replicated over the mesh."""
+  cfg = ctx.config
+  steps = pruner.steps_per_epoch(len(ids), cfg.train.batch_size)
+  tx = _optimizer(json.dumps(cfg.optimizer.to_dict(), sort_keys=True, default=str), steps, epochs,
+                  mask is not None)
+  state = train.create_train_state(ctx.model(), tx, jax.random.key(seed), ctx.x_example,
+                                   ctx.preprocess)
+  mask = _copy(mask)
+  if mask is not None and jax.tree.structure(mask) != jax.tree.structure(state.params):
+    raise ConfigError(f"mask structure {jax.tree.structure(mask)} does not match the params "
+                      f"{jax.tree.structure(state.params)}")
+  if rewind_to is not None:
+    point = RewindPoint(rewind_to.step, _copy(rewind_to.params), _copy(rewind_to.opt_state))
+    params, opt_state = rewind(point, mask if mask is not None else _ones(point.params), tx,
+                               state.opt_state,
+                               reset_optimizer=bool(cfg.imp.get("reset_optimizer", True))
+                               or point.opt_state is None)
+    state = state.replace(params=params, opt_state=opt_state)
+  elif mask is not None:
+    from prunejax import optim
+    state = state.replace(params=apply_mask(state.params, mask),
+                          opt_state=optim.set_mask(state.opt_state, mask))
+  return parallel.replicate(state, ctx.mesh)
+
+
+def _ones(params):
+  from prunejax.masks import ones_mask
+  return ones_mask(params)
+
+
+class _Checkpointing:
+  """Mid-run checkpoints of one training run: every ``train.checkpoint_every_steps`` steps and
+  every ``train.checkpoint_minutes`` minutes (0 turns either off).
+
+  The saved tree holds the train and pruner states, the epoch's plan, the epoch's partial metric
+  sums and the rewind point once recorded; ``meta`` the position (epoch, next batch) and the
+  counters of the finished epochs.
+  """
+
+  def __init__(self, ctx, key: str | None):
+    tc = ctx.config.train
+    self.every = int(tc.get("checkpoint_every_steps", 0) or 0)
+    self.minutes = float(tc.get("checkpoint_minutes", 0) or 0)
+    self.ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", key))
+                 if key and (self.every or self.minutes) else None)
+    self.last = time.monotonic()
+    self.mesh = ctx.mesh
+
+  def due(self, global_step: int) -> bool:
+    if self.ckpt is None:
+      return False
+    return bool((self.every and global_step % self.every == 0)
+                or (self.minutes and time.monotonic() - self.last >= 60 * self.minutes))
+
+  def save(self, run: Run, state, pstate, plan: online.EpochPlan, metrics, epoch: int,
+           next_batch: int, global_step: int) -> None:
+    tree = {"state": state, "pruner": pstate, "plan_ids": plan.ids, "plan": plan.columns,
+            "metrics": metrics, "rewind": _rewind_tree(run.rewind_point)}
+    meta = {"epoch": epoch, "next_batch": next_batch, "steps": global_step,
+            "forward": run.forward, "backward": run.backward, "history": run.history,
+            "plan_len": len(plan.ids), "plan_columns": sorted(plan.columns),
+            "metric_keys": sorted(metrics), "rewind_step": None if run.rewind_point is None
+            else int(run.rewind_point.step)}
+    self.ckpt.save(tree, meta)
+    self.last = time.monotonic()
+
+  def resume(self, run: Run, state, pstate):
+    """(state, pruner state, epoch, next batch, plan, metrics) of a saved run, or None; restores
+    the counters of ``run``."""
+    meta = self.ckpt.meta() if self.ckpt is not None else None
+    if meta is None:
+      return None
+    n = meta["plan_len"]
+    like = {"state": state, "pruner": pstate, "plan_ids": np.zeros(n, np.int64),
+            "plan": {k: np.zeros(n, np.float32) for k in meta["plan_columns"]},
+            "metrics": {k: np.zeros((), np.float32) for k in meta["metric_keys"]},
+            "rewind": {} if meta["rewind_step"] is None else
+            {"params": state.params, "opt_state": state.opt_state}}
+    got = self.ckpt.restore(like)
+    if got is None:
+      return None
+    tree, meta = got
+    run.forward, run.backward, run.steps = meta["forward"], meta["backward"], meta["steps"]
+    run.history = meta["history"]
+    if meta["rewind_step"] is not None:
+      run.rewind_point = RewindPoint(meta["rewind_step"], tree["rewind"]["params"],
+                                     tree["rewind"]["opt_state"])
+    state = parallel.replicate(tree["state"], self.mesh)
+    plan = online.EpochPlan(np.asarray(tree["plan_ids"]), dict(tree["plan"]))
+    return state, parallel.replicate(tree["pruner"], self.mesh), meta["epoch"], \
+        meta["next_batch"], plan, jax.tree.map(jnp.asarray, tree["metrics"])
+
+  def finish(self) -> None:
+    if self.ckpt is not None:
+      self.ckpt.delete()
+
+
+def _rewind_tree(point: RewindPoint | None) -> dict:
+  return {} if point is None else {"params": point.params, "opt_state": point.opt_state}
+
+
+def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
+                pruner: online.OnlinePruner | None = None, mask: Any = None,
+                rewind_to: RewindPoint | None = None, rewind_step: int | None = None,
+                desc: str = "train", checkpoint: str | None = None,
+                on_epoch: Callable[[int, train.TrainState], None] | None = None) -> Run:
+  """Trains a fresh model (or one rewound to ``rewind_to``) on the examples ``ids``.
+
+  Args:
+    ctx: the experiment context.
+    ids: training example ids.
+    seed: seeds the initialization, the order of the batches, augmentation and random pruning.
+    epochs: defaults to ``config.train.epochs``.
+    pruner: the online data pruner (default: every example every epoch).
+    mask: a weight mask; training keeps the masked weights at exactly zero.
+    rewind_to: start from this rewind point's weights (IMP) instead of a fresh initialization.
+    rewind_step: record the rewind point after this many steps (``Run.rewind_point``).
+    desc: names the run in progress bars and errors.
+    checkpoint: a key under which the run is checkpointed mid-way (``train.checkpoint_*``), so that
+      an interrupted run resumes at the batch where it stopped.
+    on_epoch: called after each epoch with (epoch, state), e.g. to record training dynamics.
+  """
+  cfg = ctx.config
+  epochs = epochs or cfg.train.epochs
+  pruner = pruner or online.FullData()
+  ids = np.asarray(ids, np.int64)
+  state = initial_state(ctx, ids, seed=seed, epochs=epochs, pruner=pruner, mask=mask,
+                        rewind_to=rewind_to)
+  pstate = parallel.replicate(pruner.init(ids), ctx.mesh)
+  run, ck = Run(state), _Checkpointing(ctx, checkpoint)
+  resumed = ck.resume(run, state, pstate)
+  start_epoch = resumed[2] if resumed else 0
+  step = pruner.step()
+  t0 = time.perf_counter()
+  bar = _progress(cfg, desc, epochs, start_epoch)
+  for epoch in range(start_epoch, epochs):
+    if resumed and epoch == start_epoch:
+      state, pstate, _, start, plan, metrics = resumed
+    else:
+      plan, start, metrics = pruner.plan(pstate, ids, seed=seed, epoch=epoch,
+                                         num_epochs=epochs), 0, None
+    batches = ctx.batches(plan.ids, batch_size=cfg.train.batch_size, seed=seed, epoch=epoch,
+                          shuffle=True, columns=plan.columns, start=start)
+    hook = _after_step(run, ck, rewind_step, epoch, start, plan)
+    res = train.run_epoch(state, batches, step, ctx.mesh, pruner_state=pstate, metrics=metrics,
+                          desc=f"{desc}, epoch {epoch}", after_step=hook)
+    state, pstate = res.state, res.pruner_state
+    run.add_epoch(epoch, res.metrics, res.steps)
+    _postfix(bar, run)
+    if on_epoch is not None:
+      on_epoch(epoch, state)
+  jax.block_until_ready(state.params)
+  # Wall time of the steps after the first: the first step of a run pays for compilation when no
+  # earlier run compiled the same program, which would make the first strategy look slow.
+  run.wall = time.perf_counter() - (run.first_step_end or t0)
+  run.state = state
+  ck.finish()
+  return run
+
+
+def _after_step(run: Run, ck: _Checkpointing, rewind_step, epoch: int, start: int,
+                plan: online.EpochPlan):
+  def hook(i, state, pstate, metrics):
+    global_step = run.steps + i + 1
+    if run.first_step_end is None:
+      jax.block_until_ready(metrics)
+      run.first_step_end = time.perf_counter()
+    if rewind_step is not None and run.rewind_point is None and global_step == rewind_step:
+      run.rewind_point = save_rewind_point(global_step, state.params, state.opt_state)
+    if ck.due(global_step):
+      ck.save(run, state, pstate, plan, metrics, epoch, start + i + 1, global_step)
+  return hook
+
+
+def _progress(cfg, desc: str, epochs: int, start: int):
+  from tqdm.auto import tqdm
+  return tqdm(range(start, epochs), desc=desc, leave=False, unit="epoch",
+              disable=not (cfg.train.get("progress", True) and sys.stderr.isatty()))
+
+
+def _postfix(bar, run: Run) -> None:
+  bar.update(1)
+  if run.history:
+    bar.set_postfix(loss=f"{run.history[-1]['loss']:.4f}", acc=f"{run.history[-1]['accuracy']:.3f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Passes over data with a trained model.
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(ctx, state: train.TrainState, ids: np.ndarray | None = None,
+             split: str = "test") -> float:
+  """Accuracy on ``split`` (``ids`` of it, or all)."""
+  return train.evaluate(state, ctx.batches(ids, split=split), ctx.mesh)["accuracy"]
+
+
+def score_ids(ctx, state: train.TrainState, ids: np.ndarray, score: str) -> np.ndarray:
+  """The registered per-batch score ``score`` of the training examples ``ids``, in that order."""
+  fn = _jit_score(score, ctx.apply_fn(state.model))
+  got_ids, values = score_dataset(fn, state.variables, ctx.batches(ids), ctx.mesh, name=score)
+  return _in_order(ids, got_ids, values)
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_score(score: str, apply_fn):
+  return jit_score(score, apply_fn)
+
+
+def map_ids(ctx, ids: np.ndarray, fn: Callable[[dict], jax.Array]) -> np.ndarray:
+  """``fn(batch) -> [B, ...]`` over the training examples ``ids``; rows in the order of ``ids``."""
+  got_ids, values = map_batches(fn, ctx.batches(ids), ctx.mesh)
+  return _in_order(ids, got_ids, values)
+
+
+def _in_order(ids, got_ids, values):
+  from prunejax.scores import align
+  return align(ids, got_ids, values)
+
+
+def predict_probs(ctx, state: train.TrainState, ids: np.ndarray) -> np.ndarray:
+  """Softmax probabilities f32[len(ids), C] of the training examples ``ids``, in that order."""
+  apply_fn = ctx.apply_fn(state.model)
+  probs_fn = _probs_fn(apply_fn)
+  return map_ids(ctx, ids, lambda b: probs_fn(state.variables, b["x"]))
+
+
+@functools.lru_cache(maxsize=64)
+def _probs_fn(apply_fn):
+  return jax.jit(lambda v, x: jax.nn.softmax(apply_fn(v, x), -1))
+
+
+def result_row(ctx, strategy: str, r: int, run: Run, held_out: np.ndarray | None,
+               **fields) -> dict:
+  """One row of results.csv: test (and CV-fold) accuracy, compute, wall time."""
+  row = {"strategy": strategy, "replicate": r, "test_accuracy": evaluate(ctx, run.state),
+         "compute": run.compute, "forward_examples": run.forward,
+         "backward_examples": run.backward, "steps": run.steps, "wall_time": run.wall,
+         "history": [{k: round(v, 6) for k, v in h.items()} for h in run.history]}
+  if held_out is not None:
+    row["val_accuracy"] = evaluate(ctx, run.state, held_out, split="train")
+  row.setdefault("fraction_kept", 1.0)
+  row.setdefault("sparsity", 0.0)
+  row.update(fields)
+  return row
