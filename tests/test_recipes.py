@@ -3,8 +3,9 @@
 Each page's ``python`` blocks run in order in one namespace. Then: EL2N and GraNd equal a float64
 per-example ``jax.grad`` loop (and the kept ids a NumPy ranking of it); the global magnitude mask
 equals a NumPy stable sort over the leaves the page says are prunable; ``prunejax.optim.masked`` in
-the page's own optax loop equals a hand-masked optax loop; and the model rebuilt in the framework
-gives the logits of ``apply_fn`` with the trained params.
+the page's own optax loop equals a hand-masked optax loop; InfoBatch in the page's own loop visits,
+weights and records exactly what a dict-by-id re-implementation of the paper's rule does; and the
+model rebuilt in the framework gives the logits of ``apply_fn`` with the trained params.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def test_every_page_has_its_blocks():
     blocks = code_blocks(page)
     assert len(blocks) >= 4, page
     assert any("prunejax.optim.masked" in b for b in blocks), page
+    assert any("prunejax.online.infobatch_update" in b for b in blocks), page
 
 
 def test_scores_equal_a_float64_per_example_grad_loop(recipe):
@@ -179,3 +181,42 @@ def test_the_rebuilt_model_has_the_trained_params(recipe):
                              np.asarray(ns["apply_fn"](ns["params"], ns["batch"]["x"])),
                              rtol=1e-6, atol=1e-6)
   _leaves_close(params_back, ns["params"], rtol=0, atol=0)
+
+
+def test_infobatch_loop_equals_a_reference_keyed_by_id(recipe):
+  """The page's loop with prunejax's InfoBatch state against the same loop with a dict of last
+  losses by id and the rule of Qin et al. written out: drop a well-learned example (last loss below
+  the mean) with probability r, weight the kept ones 1 / (1 - r), prune only before epoch
+  delta * num_epochs."""
+  page, steps = recipe
+  before, after = next((b, a) for code, b, a in steps if "infobatch_update" in code)
+  r, delta, num_epochs = after["prune_ratio"], after["delta"], after["num_epochs"]
+  ids = np.asarray(after["train_set"]["id"])
+  last_loss = {int(i): 3.0 for i in ids}  # InfoBatch's initial score: epoch 0 keeps everything.
+  params, opt_state = before["params"], before["opt_state"]
+  for epoch in range(num_epochs):
+    order_ids = np.array(sorted(last_loss))
+    loss_N = np.array([last_loss[i] for i in order_ids], np.float32)
+    draws = np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.key(1), epoch),
+                                          (len(order_ids),)))
+    well_learned = (loss_N < loss_N.mean()) & (epoch < delta * num_epochs)
+    drop = well_learned & (draws < r)
+    epoch_ids = order_ids[~drop]
+    epoch_weights = np.where(well_learned, 1.0 / (1.0 - r), 1.0)[~drop]
+    np.testing.assert_array_equal(after["visited"][epoch], epoch_ids)
+    order = np.random.default_rng(epoch).permutation(len(epoch_ids))
+    for start in range(0, len(order), after["batch_size"]):
+      chunk = order[start:start + after["batch_size"]]
+      batch = after["make_batch"](epoch_ids[chunk], epoch_weights[chunk])
+      params, opt_state, ce_B = after["weighted_step"](params, opt_state, batch)
+      for i, ce, real in zip(np.asarray(batch["id"]), np.asarray(ce_B), np.asarray(batch["mask"])):
+        if real:
+          last_loss[int(i)] = float(ce)
+  sizes = [len(v) for v in after["visited"]]
+  assert sizes[0] == len(ids) and sizes[1] < len(ids) and sizes[2:] == [len(ids)] * 2
+  np.testing.assert_array_equal(np.asarray(after["ib_state"].ids_N), np.sort(ids))
+  np.testing.assert_array_equal(np.asarray(after["ib_state"].scores_N),
+                                np.array([last_loss[int(i)] for i in np.sort(ids)], np.float32))
+  _leaves_close(after["params"], params, rtol=1e-6, atol=1e-7)
+  for p, m in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["mask"])):
+    assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)  # the weight mask still holds.
