@@ -164,13 +164,27 @@ class Context:
     return self.ds.train.example()
 
   def model(self, **overrides):
-    kw = {k: v for k, v in self.config.model.to_dict().items() if k != "name"}
+    if self.config.model.get("checkpoint_dir"):
+      return _pretrained(self.config.model.checkpoint_dir, self.ds.num_classes,
+                         self.ds.meta["max_len"], self.ds.meta["pad_id"],
+                         self.config.model.get("dropout"), 0)[0]
+    kw = {k: v for k, v in self.config.model.to_dict().items()
+          if k not in ("name", "checkpoint_dir", "dropout")}
     if self.config.model.name == "gpt":
       kw.setdefault("vocab_size", self.ds.meta["vocab_size"])
       kw.setdefault("pad_id", self.ds.meta["pad_id"])
       kw.setdefault("context", self.ds.meta["max_len"])
     kw.update(overrides)
     return build_model(self.config.model.name, self.ds.num_classes, **kw)
+
+  def initial_variables(self, seed: int) -> dict | None:
+    """The pretrained checkpoint's variables (``model.checkpoint_dir``; a new classification head
+    seeded by ``seed``), or None for a fresh initialization."""
+    if not self.config.model.get("checkpoint_dir"):
+      return None
+    return {"params": _pretrained(self.config.model.checkpoint_dir, self.ds.num_classes,
+                                  self.ds.meta["max_len"], self.ds.meta["pad_id"],
+                                  self.config.model.get("dropout"), seed)[1]}
 
   def apply_fn(self, model):
     """``apply_fn(variables, x) -> logits`` on stored inputs (preprocessed on device)."""
@@ -202,6 +216,14 @@ class Context:
   @property
   def num_replicates(self) -> int:
     return self.config.get("cv_folds", 0) or self.config.replicates
+
+
+@functools.lru_cache(maxsize=2)
+def _pretrained(checkpoint_dir: str, num_classes: int, context: int, pad_id: int,
+                dropout: float | None, seed: int):
+  from prunejax.models.pretrained import load_gpt2_classifier
+  return load_gpt2_classifier(checkpoint_dir, num_classes, key=jax.random.key(seed),
+                              context=context, pad_id=pad_id, dropout=dropout)
 
 
 @functools.lru_cache(maxsize=64)

@@ -109,7 +109,8 @@ def _subset_runs(ctx, strategy: str, kept_fn: Callable[[int, np.ndarray, int, fl
           run = trainer.train_model(ctx, kept, seed=seed, epochs=epochs, checkpoint=key,
                                     desc=f"{strategy} keep={frac} r{r}")
           return trainer.result_row(ctx, strategy, r, run, held,
-                                    fraction_kept=len(kept) / len(ids), convention=conv,
+                                    fraction_kept=len(kept) / len(ids), nominal_fraction=frac,
+                                    convention=conv,
                                     scoring_compute=scoring_compute(r),
                                     per_class_kept=_per_class_kept(ctx, kept, ids))
         rows.append(ctx.units.run(key, unit))
@@ -191,8 +192,9 @@ def _filter_fn(ctx):
 
 def _init_params(ctx, seed):
   from prunejax.models import init_variables
-  return init_variables(ctx.model(), jax.random.key(seed),
-                        ctx.preprocess.eval(ctx.x_example))["params"]
+  variables = ctx.initial_variables(seed) or init_variables(
+      ctx.model(), jax.random.key(seed), ctx.preprocess.eval(ctx.x_example))
+  return variables["params"]
 
 
 def _data_kept(ctx, run, ids) -> dict:

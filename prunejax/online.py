@@ -82,7 +82,9 @@ def batch_pruned_train_step(state, batch: dict, *, k: int, score: str = "loss"):
   """Forward the whole batch, then one train step on its top-``k`` rows by ``score``.
 
   Returns ``(state, metrics)`` where metrics are those of the back-propagated rows plus
-  ``forward_count`` (real rows forwarded) and ``count`` (real rows back-propagated).
+  ``forward_count``: every forward pass that ran, the selection forward of the real rows and the
+  training forward of the selected real rows (compute is ``forward + 2 * backward`` example
+  passes, so a step costs ``B + 3k``, not ``B + 2k``), and ``count`` (real rows back-propagated).
   """
   from prunejax import train
   logits_BxC = train.eval_logits(state, batch["x"])
@@ -90,7 +92,7 @@ def batch_pruned_train_step(state, batch: dict, *, k: int, score: str = "loss"):
   mask_B = batch_mask(batch, ce_B.shape[0])
   idx_k = select_top_k(jax.lax.stop_gradient(selection_score(ce_B, batch, score)), mask_B, k)
   state, metrics = train.train_step(state, gather_rows(batch, idx_k))
-  return state, {**metrics, "forward_count": mask_B.sum().astype(jnp.float32)}
+  return state, {**metrics, "forward_count": mask_B.sum().astype(jnp.float32) + metrics["count"]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,12 +57,15 @@ class TrainState(struct.PyTreeNode):
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       x_example: jax.Array, preprocess: Preprocess | None = None) -> TrainState:
-  """A fresh state: variables initialized from ``key`` (on ``preprocess.eval(x_example)``), which
-  is also the run key."""
+                       x_example: jax.Array, preprocess: Preprocess | None = None,
+                       variables: dict | None = None) -> TrainState:
+  """A fresh state: variables initialized from ``key`` (on ``preprocess.eval(x_example)``), or the
+  given ``variables`` (e.g. a pretrained checkpoint's, ``{"params": ...}``); ``key`` is also the
+  run key."""
   from prunejax.models import init_variables
   preprocess = preprocess or Preprocess()
-  variables = init_variables(model, key, preprocess.eval(jnp.asarray(x_example)))
+  if variables is None:
+    variables = init_variables(model, key, preprocess.eval(jnp.asarray(x_example)))
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
@@ -86,13 +89,17 @@ def masked_mean_loss(logits_BxC: jax.Array, batch: dict) -> tuple[jax.Array, jax
 
 
 def metrics_of(logits_BxC: jax.Array, ce_B: jax.Array, batch: dict) -> dict[str, jax.Array]:
-  """Summed metrics of the real rows: loss, correct predictions, count, non-finite losses."""
+  """Summed metrics of the real rows: loss, correct predictions, count, non-finite losses, and
+  (when the batch marks them in a ``corrupted`` column) how many of the rows have corrupted labels."""
   mask_B = batch_mask(batch, ce_B.shape[0])
   correct = (jnp.argmax(logits_BxC, -1) == batch["y"]) & mask_B
-  return {"loss_sum": jnp.sum(jnp.where(mask_B, ce_B, 0.0)),
-          "correct": correct.sum().astype(jnp.float32),
-          "count": mask_B.sum().astype(jnp.float32),
-          "nonfinite": jnp.sum(mask_B & ~jnp.isfinite(ce_B)).astype(jnp.float32)}
+  metrics = {"loss_sum": jnp.sum(jnp.where(mask_B, ce_B, 0.0)),
+             "correct": correct.sum().astype(jnp.float32),
+             "count": mask_B.sum().astype(jnp.float32),
+             "nonfinite": jnp.sum(mask_B & ~jnp.isfinite(ce_B)).astype(jnp.float32)}
+  if "corrupted" in batch:
+    metrics["corrupted"] = jnp.sum(mask_B & (batch["corrupted"] > 0)).astype(jnp.float32)
+  return metrics
 
 
 def train_inputs(state: TrainState, batch: dict) -> jax.Array:

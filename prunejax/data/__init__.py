@@ -17,5 +17,5 @@ from prunejax.data.datasets import (EMBEDDED, TFDS_DATASETS, Dataset, TFDSLayout
 from prunejax.data.ids import IdIndex
 from prunejax.data.loader import PAD_ID, batches, epoch_order, num_batches, prefetch
 from prunejax.data.noise import flip_labels
-from prunejax.data.sources import (ArrayRecordSource, ArraySource, RecordSource, Source,
-                                   SubsetSource, write_array_record)
+from prunejax.data.sources import (ArrayRecordSource, ArraySource, RecordSource, RelabeledSource,
+                                   Source, SubsetSource, write_array_record)

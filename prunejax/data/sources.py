@@ -102,6 +102,23 @@ class SubsetSource(Source):
     return self.parent.labels(self.ids)
 
 
+class RelabeledSource(Source):
+  """``parent`` with other labels (``labels[i]`` for ``parent.ids[i]``), e.g. with label noise
+  (:func:`prunejax.data.flip_labels`)."""
+
+  def __init__(self, parent: Source, labels: np.ndarray):
+    labels = np.asarray(labels)
+    if labels.shape != (len(parent),) or not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(f"{parent.name}: new labels must be {len(parent)} integers, got "
+                      f"{labels.dtype}{list(labels.shape)}")
+    super().__init__(parent.ids, parent.spec, parent.name)
+    self.parent, self.in_memory = parent, parent.in_memory
+    self._labels = labels.astype(np.int32)
+
+  def _read_rows(self, rows):
+    return {"x": self.parent.read(self.ids[rows])["x"], "y": self._labels[rows]}
+
+
 class ArraySource(Source):
   """Examples held in arrays: ``x`` [N, ...] (any dtype; images as uint8), ``y`` int [N].
 
