@@ -50,6 +50,18 @@ def _check_data_pruning(config: ml_collections.ConfigDict) -> None:
   check_range("iterative.prune_per_round", it.prune_per_round, 0.0, 1.0, lo_open=True, hi_open=True)
   check_range("iterative.target_keep", it.target_keep, 0.0, 1.0, lo_open=True, hi_open=True)
   check_choice("iterative.score", it.score, scores.BATCH_SCORES)
+  check_range("dataset.label_noise", config.dataset.get("label_noise", 0.0), 0.0, 1.0,
+              hi_open=True)
+  rc = config.get("rho_loss")
+  if rc is not None:
+    check_range("rho_loss.holdout_fraction", rc.holdout_fraction, 0.0, 1.0, hi_open=True)
+    check_positive_int("rho_loss.epochs", rc.epochs)
+  dd = config.get("dedup")
+  if dd is not None:
+    from experiments import cleaning
+    check_choice("dedup.first", dd.first, cleaning.FIRST_STEPS)
+    check_range("dedup.eps", dd.eps, 0.0, 1.0)
+    check_positive_int("dedup.num_clusters", dd.num_clusters)
 
 
 def _check_model_pruning(config: ml_collections.ConfigDict) -> None:
@@ -86,6 +98,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not config.strategies:
     raise ConfigError("strategies=() is empty; choose at least one of: "
                       + ", ".join(strategies.REGISTRY))
+  if config.model.get("require_checkpoint") and not config.model.get("checkpoint_dir"):
+    raise ConfigError("model.checkpoint_dir is not set; this config fine-tunes a pretrained GPT-2: "
+                      "download one (e.g. huggingface-cli download openai-community/gpt2 "
+                      "--local-dir DIR) and pass --config.model.checkpoint_dir=DIR")
   for s in config.strategies:
     check_choice("strategies", s, strategies.REGISTRY)
   check_positive_int("train.epochs", config.train.epochs)
@@ -204,6 +220,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 _MISSING = object()
+_RUN: dict[str, str | None] = {"fingerprint": None}  # of the run set up last (files outside units)
 _OURS = ("config.json", "units", "checkpoints", "scores", "subsets", "masks", "results.json")
 
 
@@ -307,7 +324,7 @@ def save_npz(path: str, **arrays: Any) -> None:
   from prunejax.checkpoint import current_unit
   from prunejax.fileio import atomic_savez
   unit = current_unit()
-  meta = {"fingerprint": unit.fingerprint if unit is not None else None}
+  meta = {"fingerprint": unit.fingerprint if unit is not None else _RUN["fingerprint"]}
   if jax.process_index() == 0:
     digest = atomic_savez(path, meta=meta, **arrays)
   else:
@@ -337,6 +354,8 @@ class Context:
   workdir: str
   units: Units
   preprocess: data.Preprocess
+  corrupted_ids: np.ndarray | None = None  # training ids whose label noise flipped
+  cleaning: dict | None = None  # what deduplication removed (experiments/cleaning.py)
 
   @property
   def x_example(self) -> np.ndarray:
@@ -361,9 +380,11 @@ class Context:
     seeded by ``seed``), or None for a fresh initialization."""
     if not self.config.model.get("checkpoint_dir"):
       return None
-    return {"params": _pretrained(self.config.model.checkpoint_dir, self.ds.num_classes,
-                                  self.ds.meta["max_len"], self.ds.meta["pad_id"],
-                                  self.config.model.get("dropout"), seed)[1]}
+    params = _pretrained(self.config.model.checkpoint_dir, self.ds.num_classes,
+                         self.ds.meta["max_len"], self.ds.meta["pad_id"],
+                         self.config.model.get("dropout"), seed)[1]
+    # A copy: train steps donate their state's buffers, the cached checkpoint must survive them.
+    return {"params": jax.tree.map(lambda a: jax.numpy.array(a, copy=True), params)}
 
   def apply_fn(self, model):
     """``apply_fn(variables, x) -> logits`` on stored inputs (preprocessed on device)."""
@@ -451,5 +472,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Context:
   prep = ds.preprocess(augment=bool(dc.get("augment", False)),
                        crop_padding=int(dc.get("crop_padding", 4)),
                        mean=tuple(mean) if mean else None, std=tuple(std) if std else None)
-  return Context(config, ds, parallel.data_mesh(), workdir,
-                 Units(workdir, run_fingerprint(config, ds)), prep)
+  from experiments import cleaning
+  # Cleaning (label noise, deduplication) is a function of the config and the data: the fingerprint
+  # of the data as loaded covers it, and the files cleaning writes carry it too.
+  fingerprint = _RUN["fingerprint"] = run_fingerprint(config, ds)
+  ctx = Context(config, ds, parallel.data_mesh(), workdir, Units(workdir, fingerprint), prep)
+  return cleaning.deduplicate(cleaning.add_label_noise(ctx))

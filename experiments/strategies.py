@@ -1,9 +1,10 @@
 """The strategies an experiment can run, each producing result rows; :data:`REGISTRY` names them.
 
 Data pruning: ``dense`` (full data), ``random`` (a static random subset), a static subset by any
-registered score (``el2n``, ``grand``, ``forgetting``, ``aum``, ``prototypes``, ``label_quality``, ...;
-``experiments/scoring.py``), the online pruners of :data:`ONLINE_PRUNERS` (``random_dynamic``,
-``batch``, ``semi_batch``), and ``iterative`` (train, score, prune, retrain). Model pruning: ``imp``
+registered score (``el2n``, ``grand``, ``forgetting``, ``aum``, ``prototypes``, ``knn_outlier``,
+``label_quality``, ...; ``experiments/scoring.py``), ``semdedup`` (semantic deduplication), the
+online pruners of :data:`ONLINE_PRUNERS` (``random_dynamic``, ``batch``, ``semi_batch``),
+``rho_loss`` (batch pruning by reducible loss), and ``iterative`` (train, score, prune, retrain). Model pruning: ``imp``
 (lottery tickets with rewinding, any registered mask method) and its controls, ``pai`` (pruning at
 initialization by any registered mask method). ``joint``: data and weights pruned in the same run.
 
@@ -78,6 +79,27 @@ def online_strategy(ctx: common.Context, name: str) -> Rows:
   return rows
 
 
+def rho_loss(ctx: common.Context) -> Rows:
+  """RHO-LOSS (Mindermann et al. 2022): batch pruning by reducible loss, ``loss - irreducible
+  loss``, with the irreducible losses of an IL model that never saw the examples
+  (``experiments/scoring.irreducible_losses``); its training counts as scoring compute."""
+  rows = []
+  cfg = ctx.config
+  for r, ids, held, seed in _replicates(ctx):
+    def unit(key=f"rho_loss_r{r}"):
+      target_ids, il, il_compute = scoring.irreducible_losses(ctx, r, ids, seed)
+      pruner = online.BatchTopK(cfg.batch_pruning.keep_fraction, "reducible_loss",
+                                cfg.train.batch_size).with_irreducible_loss(target_ids, il)
+      run = trainer.train_model(ctx, target_ids, seed=seed, pruner=pruner, desc=f"rho_loss r{r}",
+                                checkpoint=key)
+      return trainer.result_row(ctx, "rho_loss", r, run, held,
+                                fraction_kept=cfg.batch_pruning.keep_fraction,
+                                nominal_fraction=-1.0, scoring_compute=il_compute,
+                                trained_on=len(target_ids) / len(ids))
+    rows.append(ctx.units.run(f"rho_loss_r{r}", unit))
+  return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Static subsets: random and score-based.
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +159,34 @@ def score_based(ctx: common.Context, name: str) -> Rows:
                          class_balanced=dp.class_balanced, offset=dp.offset, seed=seed)
 
   return _subset_runs(ctx, name, kept, scoring_compute=lambda r: get(r)[1])
+
+
+def semdedup(ctx: common.Context) -> Rows:
+  """SemDeDup (Abbas et al. 2023) as a static strategy: at each of ``data_pruning.keep_fractions``
+  it removes the most redundant examples (highest similarity to a kept example of their k-means
+  cluster), i.e. the threshold ``eps`` is chosen per fraction; the row records ``eps``."""
+  from prunejax import dedup
+  cfg = ctx.config
+  cache = {}
+
+  def result(r, ids, seed):
+    if r not in cache:
+      emb, compute = scoring.embeddings(ctx, ids, seed, f"semdedup embeddings r{r}")
+      res = dedup.semdedup(emb, ids_N=ids, num_clusters=min(cfg.dedup.num_clusters, len(ids)),
+                           key=jax.random.key(seed), keep=cfg.dedup.keep)
+      common.save_npz(os.path.join(ctx.workdir, "dedup", f"semdedup_r{r}.npz"), ids=res.ids,
+                      max_similarity=res.max_similarity, duplicate_of=res.duplicate_of)
+      cache[r] = (res, compute)
+    return cache[r]
+
+  def kept(r, ids, seed, frac):
+    res, _ = result(r, ids, seed)
+    n_keep = online.count_of(frac, len(ids))
+    order = np.lexsort((res.ids, res.max_similarity))  # least redundant first
+    return np.sort(res.ids[order[:n_keep]])
+
+  return _subset_runs(ctx, "semdedup", kept,
+                      scoring_compute=lambda r: result(r, *_split_and_seed(ctx, r))[1])
 
 
 def _split_and_seed(ctx, r):
@@ -398,6 +448,8 @@ REGISTRY: dict[str, Callable[[common.Context], Rows]] = {
     "dense": dense,
     "random": random_static,
     **{name: functools.partial(online_strategy, name=name) for name in ONLINE_PRUNERS},
+    "rho_loss": rho_loss,
+    "semdedup": semdedup,
     **{name: functools.partial(score_based, name=name) for name in scoring.STATIC_SCORES},
     "iterative": iterative,
     "imp": imp,

@@ -207,3 +207,47 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
   a = json.load(open(clean / "results.json"))["rows"]
   b = json.load(open(killed / "results.json"))["rows"]
   assert _strip(a) == _strip(b)
+
+
+def test_label_noise_rows_report_the_corrupted_share_and_rho_loss_saves_il_by_id(tmp_path):
+  cfg = _config("label_noise")
+  workdir = run_twice(cfg, tmp_path)
+  rows = _check_outputs(workdir, cfg.strategies)
+  with np.load(os.path.join(workdir, "label_noise.npz")) as f:
+    flipped = f["flipped_ids"]
+    assert len(flipped) == round(0.2 * cfg.dataset.num_train) and np.all(f["true_labels"] !=
+                                                                         f["noisy_labels"])
+  by = {r["strategy"]: float(r["corrupted_backprop_fraction"]) for r in rows}
+  # full training back-propagates every example once per epoch: exactly the noise rate
+  assert by["dense"] == pytest.approx(len(flipped) / cfg.dataset.num_train)
+  from prunejax.scores import load_scores
+  il_ids, il = load_scores(os.path.join(workdir, "scores", "irreducible_loss_r0.npz"))
+  assert len(il_ids) == cfg.dataset.num_train and np.all(np.isfinite(il["irreducible_loss"]))
+
+
+def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path):
+  cfg = _config("dedup")
+  workdir = run_twice(cfg, tmp_path)
+  _check_outputs(workdir, cfg.strategies)
+  summary = json.load(open(os.path.join(workdir, "dedup", "summary.json")))
+  assert summary["step"] == "exact_and_leakage" and summary["train_before"] == 256
+  with np.load(os.path.join(workdir, "subsets", "semdedup_keep0.5_r0.npz")) as f:
+    assert len(f["ids"]) == 128
+
+
+def test_gpt2_fine_tuning_config_on_a_tiny_checkpoint(tmp_path):
+  from test_pretrained import TINY, random_gpt2_tensors, write_checkpoint
+  from test_text import write_gpt2_format_files
+  ckpt = tmp_path / "gpt2"
+  ckpt.mkdir()
+  vocab, _ = write_gpt2_format_files(ckpt)
+  tiny = dict(TINY, vocab_size=len(vocab), bos_token_id=len(vocab) - 1,
+              eos_token_id=len(vocab) - 1)
+  write_checkpoint(ckpt, tiny, random_gpt2_tensors(tiny))
+  cfg = _config("gpt2_rotten_tomatoes")
+  with pytest.raises(ConfigError, match="model.checkpoint_dir is not set.*huggingface-cli"):
+    run.run(cfg, str(tmp_path / "none"))
+  cfg.model.checkpoint_dir = str(ckpt)
+  run.run(cfg, str(tmp_path / "w"))
+  rows = _check_outputs(str(tmp_path / "w"), cfg.strategies)
+  assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
