@@ -147,9 +147,11 @@ def irreducible_losses(ctx, r: int, ids: np.ndarray, seed: int
   the target trains on all of ``ids``. Saved by id to ``workdir/scores/irreducible_loss_r{r}.npz``.
   """
   path = os.path.join(ctx.workdir, "scores", f"irreducible_loss_r{r}.npz")
-  if os.path.exists(path):
-    got_ids, got = scores_lib.load_scores(path)
-    return got_ids, got["irreducible_loss"], float(got["compute"][0])
+  meta = {"fingerprint": ctx.units.fingerprint, "score": "irreducible_loss", "replicate": r,
+          "seed": seed}
+  got = _load_cached(path, meta, ("irreducible_loss", "compute"))
+  if got is not None:
+    return got[0], got[1]["irreducible_loss"], float(got[1]["compute"][0])
   rc = ctx.config.rho_loss
   if rc.holdout_fraction:
     from prunejax import select
@@ -170,8 +172,9 @@ def irreducible_losses(ctx, r: int, ids: np.ndarray, seed: int
   target_ids, il = np.concatenate(target), np.concatenate(losses).astype(np.float32)
   order = np.argsort(target_ids)
   if jax.process_index() == 0:
-    scores_lib.save_scores(path, target_ids[order], irreducible_loss=il[order],
+    scores_lib.save_scores(path, target_ids[order], meta=meta, irreducible_loss=il[order],
                            compute=np.full(len(il), compute))
+  _record(path)
   return target_ids[order], il[order], compute
 
 
@@ -198,17 +201,9 @@ def static_scores(ctx, name: str, r: int, ids: np.ndarray, seed: int
   """
   path = os.path.join(ctx.workdir, "scores", f"{name}_r{r}.npz")
   meta = {"fingerprint": ctx.units.fingerprint, "score": name, "replicate": r, "seed": seed}
-  if os.path.exists(path):
-    try:
-      loaded_ids, loaded = scores_lib.load_scores(path, meta=meta)
-      if not np.array_equal(loaded_ids, ids):
-        raise DataError(f"{path} holds scores of other examples than replicate {r}'s")
-      if name not in loaded or "compute" not in loaded:
-        raise DataError(f"{path} has no {name!r} or 'compute' array")
-      _record(path)
-      return loaded[name], float(loaded["compute"][0])
-    except PrunejaxError as e:
-      logging.warning("%s; recomputing the scores", e)
+  got = _load_cached(path, meta, (name, "compute"), ids)
+  if got is not None:
+    return got[1][name], float(got[1]["compute"][0])
   if name in DATASET_SCORES:
     hardness, compute = DATASET_SCORES[name](ctx, ids, seed)
   elif scores_lib.SCORES[name].kind == "tracker":
@@ -220,6 +215,27 @@ def static_scores(ctx, name: str, r: int, ids: np.ndarray, seed: int
                            **{name: hardness, "compute": np.full(len(ids), compute)})
   _record(path)
   return hardness, compute
+
+
+def _load_cached(path: str, meta: dict, names: tuple[str, ...], ids: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+  """``(ids, arrays)`` of a scores file this run wrote before, or None when there is none or it is
+  damaged, of another run (``meta``), of other examples than ``ids`` or without ``names``: it is
+  then recomputed, never used."""
+  if not os.path.exists(path):
+    return None
+  try:
+    loaded_ids, loaded = scores_lib.load_scores(path, meta=meta)
+    if ids is not None and not np.array_equal(loaded_ids, ids):
+      raise DataError(f"{path} holds scores of other examples than this run's")
+    missing = [n for n in names if n not in loaded]
+    if missing:
+      raise DataError(f"{path} has no {', '.join(map(repr, missing))} array")
+  except PrunejaxError as e:
+    logging.warning("%s; recomputing the scores", e)
+    return None
+  _record(path)
+  return loaded_ids, loaded
 
 
 def _record(path: str) -> None:
