@@ -424,17 +424,26 @@ class Units:
 # Orbax checkpoints.
 # ----------------------------------------------------------------------------------------------
 
-_MANAGERS: "weakref.WeakSet" = weakref.WeakSet()
+_OPEN: list = []  # weak references to open checkpoint managers, in the order they were opened
+
+
+def _opened(manager) -> Any:
+  _OPEN[:] = [r for r in _OPEN if r() is not None]
+  _OPEN.append(weakref.ref(manager))
+  return manager
 
 
 def close_all() -> None:
-  """Closes every checkpoint manager still open (their background threads end), e.g. when a run
-  stops on an error, so the process can exit."""
-  for m in list(_MANAGERS):
-    try:
-      m.close()
-    except Exception:  # noqa: BLE001 - closing on the way out must not raise.
-      pass
+  """Closes every checkpoint manager still open (their background threads end), in the order they
+  were opened (the same on every process), e.g. when a run stops on an error, so the process can
+  exit."""
+  while _OPEN:
+    manager = _OPEN.pop(0)()
+    if manager is not None:
+      try:
+        manager.close()
+      except Exception:  # noqa: BLE001 - closing on the way out must not raise.
+        pass
 
 
 def tree_digest(tree: Any) -> str:
@@ -518,11 +527,9 @@ class RoundCheckpoints:
     self.manager = self._manager()
 
   def _manager(self):
-    m = self._ocp.CheckpointManager(
+    return _opened(self._ocp.CheckpointManager(
         self.dir, options=self._ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
-        item_names=("tree", "meta"))
-    _MANAGERS.add(m)
-    return m
+        item_names=("tree", "meta")))
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
@@ -594,10 +601,9 @@ class RunCheckpoint:
     self._ocp = ocp
     self.dir = os.path.abspath(directory)
     self.fingerprint = fingerprint
-    self.manager = ocp.CheckpointManager(
+    self.manager = _opened(ocp.CheckpointManager(
         self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-        item_names=("tree", "meta"))
-    _MANAGERS.add(self.manager)
+        item_names=("tree", "meta")))
     self._saves = int(self.manager.latest_step() or 0)
 
   def save(self, tree: Any, meta: dict) -> None:
