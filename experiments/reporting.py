@@ -563,21 +563,22 @@ class Report:
     return "\n".join(lines)
 
 
-def protocol(config, num_train: int | None = None) -> str:
+def protocol(config, num_train: int | None = None, num_test: int | None = None) -> str:
   """One line on how accuracy was estimated: seeds, or K stratified folds and what was held out."""
   folds = config.get("cv_folds", 0)
-  n = f" of the {num_train} training examples" if num_train else ""
+  train = f"the {num_train} training examples" if num_train else "the training split"
+  test = f"the fixed test split ({num_test} examples)" if num_test else "the fixed test split"
   if folds:
-    return (f"Protocol: {folds}-fold cross-validation, stratified by class (fold assignment seeded "
-            f"with seed {config.seed}){n}: replicate k trains on the other {folds - 1} folds; the "
+    return (f"Protocol: {folds}-fold cross-validation of {train}, stratified by class (folds "
+            f"seeded with seed {config.seed}): replicate k trains on the other {folds - 1} folds; "
             f"held-out fold accuracy is measured on fold k (the cross-validated estimate), test "
-            f"accuracy on the fixed test split, which no run trains on.")
-  return (f"Protocol: {config.replicates} seeds ({config.seed}..{config.seed + config.replicates - 1})"
-          f", each training on the whole training split{n}; accuracy on the fixed test split.")
+            f"accuracy on {test}, which no run trains on.")
+  return (f"Protocol: {config.replicates} seeds ({config.seed}..{config.seed + config.replicates - 1}),"
+          f" each training on all of {train}; accuracy on {test}.")
 
 
 def write_report(workdir: str, config, rows: list[dict], baseline_compute: float,
-                 num_train: int | None = None) -> Report:
+                 num_train: int | None = None, num_test: int | None = None) -> Report:
   """Writes results.json, results.csv, report.md, plots and TensorBoard events (process 0 only).
 
   Args:
@@ -586,6 +587,7 @@ def write_report(workdir: str, config, rows: list[dict], baseline_compute: float
     rows: every result row of the run.
     baseline_compute: example passes of one full-data training run.
     num_train: the size of the training split, for the protocol line.
+    num_test: the size of the test split, for the protocol line.
 
   Returns:
     The :class:`Report` (paths absolute); other processes get it without writing anything.
@@ -606,7 +608,7 @@ def write_report(workdir: str, config, rows: list[dict], baseline_compute: float
   write_tensorboard(workdir, rows)
   cv = _is_cv(summary)
   md = [f"# {config.get('name', 'experiment')}: {config.dataset.name}, {config.model.name}", "",
-        protocol(config, num_train), "", *lines, "",
+        protocol(config, num_train, num_test), "", *lines, "",
         "Rows are settings as asked for (strategy, nominal keep fraction or sparsity, convention, "
         "round); `kept` and `sparsity` are the measured means. Accuracies are mean +- sample std "
         f"over the {'folds' if cv else 'seeds'}"

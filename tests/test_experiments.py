@@ -170,7 +170,7 @@ def test_cross_validation_reports_each_setting_once_with_fold_estimates(tmp_path
     ratios = [float(r["wall_time"]) / float(dense[r["replicate"]]["wall_time"]) for r in folds]
     assert s["relative_wall_time"] == pytest.approx(sum(ratios) / 3, rel=1e-9)
   report = open(os.path.join(tmp_path, "report.md")).read()
-  assert "3-fold cross-validation, stratified by class" in report
+  assert "3-fold cross-validation of the 1438 training examples, stratified by class" in report
   assert "held-out fold acc % [95% CI]" in report and "test acc %" in report
   assert results["headline"][0].startswith("Headline (held-out fold accuracy, mean over 3 folds")
   el2n = next(s for s in summary if s["strategy"] == "el2n")
