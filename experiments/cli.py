@@ -1,8 +1,8 @@
 """The command line shared by every experiment script: ``--config``, ``--workdir``, ``--overwrite``.
 
-Logging: prunejax's own progress at INFO and other libraries' records (orbax, absl, TFDS, grain, jax
-compilation) at WARNING and above; absl's ``--verbosity=N`` (``-v N``) shows everyone's at that level
-(0: INFO, 1: DEBUG, -1: WARNING).
+Logging: prunejax's own progress at INFO and other libraries' records (orbax, absl, TFDS, grain,
+jax compilation) at WARNING and above; absl's ``--verbosity=N`` (``-v N``) shows everyone's at
+that level (0: INFO, 1: DEBUG, -1: WARNING).
 
 User errors (a bad config value, a bad flag, a workdir that is a file, ...) print one line on stderr and
 exit with code 2, without a traceback.

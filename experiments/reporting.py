@@ -1,9 +1,10 @@
-"""Results of an experiment as files a reader can use: results.json/csv, report.md, plots, TensorBoard,
-and the headline and table the main job prints.
+"""Results of an experiment as files a reader can use: results.json/csv, report.md, plots,
+TensorBoard, and the headline and table the main job prints.
 
-Rows (one per training run, written by ``experiments/strategies.py``) are grouped by the setting that
-was asked for (:func:`setting_key`: strategy, nominal keep fraction or sparsity, convention, method,
-round), never by a measured float; the measured fraction kept and sparsity are averaged beside it.
+Rows (one per training run, written by ``experiments/strategies.py``) are grouped by the setting
+that was asked for (:func:`setting_key`: strategy, nominal keep fraction or sparsity, convention,
+method, round), never by a measured float; the measured fraction kept and sparsity are averaged
+beside it.
 Every group reports test-split accuracy, and with ``cv_folds=K`` the held-out fold accuracy (the
 cross-validated estimate) with a t-interval, a paired difference to dense over the replicates both
 ran (per seed or per fold), train and scoring compute relative to one full-data run, and wall time
@@ -24,6 +25,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from prunejax.errors import DataError
 from prunejax.fileio import atomic_open, atomic_write_json, atomic_write_text
 
 CONFIDENCE = 0.95
@@ -63,7 +65,7 @@ def estimate(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimat
   v = np.asarray(values, np.float64)
   n = len(v)
   if n == 0:
-    raise ValueError("estimate of no values")
+    raise DataError("estimate of values=[]: expected at least one value")
   mean = float(v.mean())
   if n < 2:
     return Estimate(mean, 0.0, None, None, 1)
@@ -180,6 +182,9 @@ def summarize(rows: list[dict], baseline_compute: float,
     the reference's of the same replicate), ``wall_time`` (mean seconds); ``replicates`` (n) and
     ``replicate_ids``. None where a value does not apply.
   """
+  if not baseline_compute > 0:
+    raise DataError(f"baseline_compute={baseline_compute!r}: expected the positive example passes "
+                    "of one full-data training run")
   descriptions = descriptions or {}
   ref_name, ref = reference_rows(rows)
   groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -573,8 +578,9 @@ def protocol(config, num_train: int | None = None, num_test: int | None = None) 
             f"seeded with seed {config.seed}): replicate k trains on the other {folds - 1} folds; "
             f"held-out fold accuracy is measured on fold k (the cross-validated estimate), test "
             f"accuracy on {test}, which no run trains on.")
-  return (f"Protocol: {config.replicates} seeds ({config.seed}..{config.seed + config.replicates - 1}),"
-          f" each training on all of {train}; accuracy on {test}.")
+  last_seed = config.seed + config.replicates - 1
+  return (f"Protocol: {config.replicates} seeds ({config.seed}..{last_seed}), each training on all "
+          f"of {train}; accuracy on {test}.")
 
 
 def write_report(workdir: str, config, rows: list[dict], baseline_compute: float,

@@ -1,5 +1,5 @@
-"""The experiments' report: grouping by the setting asked for, intervals, paired differences, wall-time
-ratios, the headline computed from the rows, the quiet console of the main job."""
+"""The experiments' report: grouping by the setting asked for, intervals, paired differences,
+wall-time ratios, the headline computed from the rows, the quiet console of the main job."""
 
 import json
 import logging
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import cli, reporting
+from prunejax.errors import DataError
 
 T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}  # Student t quantiles (tables), by dof
 BASE = 3.0 * 1000 * 20  # example passes of one full-data run in the rows below
@@ -48,8 +49,10 @@ def test_estimate_is_mean_sample_std_and_t_interval_by_hand():
                                                                                  rel=1e-9))
   one = reporting.estimate([0.5])
   assert (one.mean, one.std, one.low, one.high, one.n) == (0.5, 0.0, None, None, 1)
-  with pytest.raises(ValueError, match="no values"):
+  with pytest.raises(DataError, match=r"values=\[\]"):
     reporting.estimate([])
+  with pytest.raises(DataError, match="baseline_compute=0"):
+    reporting.summarize([_row("dense", 0, 0.9)], 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +291,8 @@ def test_main_job_console_is_short_and_ends_with_headline_table_and_paths(tmp_pa
   assert not [l for l in lines if re.search(r"(orbax|checkpoint_manager|async_checkpointer|"
                                             r"atomicity|tensorflow_datasets|grain)", l)]
   results = json.load(open(os.path.join(workdir, "results.json")))
-  config = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json")))["config"])
+  config = json.load(open(os.path.join(workdir, "config.json")))["config"]
+  config = ml_collections.ConfigDict(config)
   summary = reporting.summarize(results["rows"], results["baseline_compute"],
                                 reporting.setting_descriptions(config))
   expected = reporting.headline(summary)
