@@ -122,6 +122,7 @@ def setting_descriptions(config) -> dict[str, str]:
   return {"random_dynamic": f"random {dp.dynamic_keep:g} of the data each epoch",
           "batch": f"top {bp.keep_fraction:g} of each batch by {bp.score}",
           "semi_batch": f"InfoBatch r={sb.prune_ratio:g}, delta={sb.delta:g}",
+          "rho_loss": f"top {bp.keep_fraction:g} of each batch by reducible loss",
           "joint": f"with {config.joint.data}"}
 
 
