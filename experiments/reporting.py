@@ -346,6 +346,13 @@ def headline(summary: list[dict]) -> list[str]:
   for s in summary:
     if not s["reference"]:
       by_family[s["family"]].append(s)
+  return lines + _data_lines(by_family, matches, metric) + _weight_lines(by_family, matches,
+                                                                          metric, summary)
+
+
+def _data_lines(by_family, matches, metric: str) -> list[str]:
+  """Headline lines of the data-pruning families: the cheapest setting that matches dense."""
+  lines = []
   for fam in ("static", "iterative", "online"):
     cands = by_family.get(fam)
     if not cands:
@@ -361,6 +368,12 @@ def headline(summary: list[dict]) -> list[str]:
                    f"{_saving(best)}.")
     if fam == "static":
       lines += _below_random(cands, metric)
+  return lines
+
+
+def _weight_lines(by_family, matches, metric: str, summary: list[dict]) -> list[str]:
+  """Headline lines of the weight-pruning families: the sparsest setting that matches dense."""
+  lines = []
   for fam in ("imp", "pai"):
     cands = [s for s in by_family.get(fam, []) if s["sparsity"] > 0]
     if not cands:
@@ -376,6 +389,7 @@ def headline(summary: list[dict]) -> list[str]:
       lines.append(f"- {FAMILIES[fam]}: {_no_match(cands, least)}: at the lowest sparsity, "
                    f"{100 * least['sparsity']:.1f}%, {_acc(least, metric)}.")
   return lines
+
 
 
 def _no_match(cands: list[dict], shown: dict) -> str:
@@ -447,85 +461,89 @@ def plots(workdir: str, rows: list[dict], summary: list[dict]) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from prunejax.scores import load_scores
-  made = []
-
-  def save(fig, name):
-    with atomic_open(os.path.join(workdir, name), "wb") as f:
-      fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    made.append(name)
-
   panels = _panels(summary)
   ref = [s for s in summary if s["reference"]]
-  data = [s for s in summary if s["family"] in ("static", "iterative", "online")
-          and s["convention"] in (None, "epochs")]
-  curves = defaultdict(list)
-  for s in data:
-    curves[s["strategy"]].append(s)
-  if curves:
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (metric, label) in zip(axes[0], panels):
-      for name, ss in curves.items():
-        pts = sorted((s["fraction_kept"], s[f"{metric}_accuracy_mean"],
-                      s[f"{metric}_accuracy_std"]) for s in ss)
-        f, m, e = zip(*pts)
-        ax.errorbar(f, m, yerr=e, marker="o", capsize=2, label=name)
-      if ref:
-        ax.axhline(ref[0][f"{metric}_accuracy_mean"], color="k", ls="--", label="dense")
-      ax.set_xlim(0, 1.05)
-      ax.set_xlabel("fraction of training data kept (or back-propagated)")
-      ax.set_ylabel(label)
-      ax.legend(fontsize=7)
-    save(fig, "accuracy_vs_data_kept.png")
-  weights = defaultdict(list)
+  curves, weights = defaultdict(list), defaultdict(list)
   for s in summary:
+    if s["family"] in ("static", "iterative", "online") and s["convention"] in (None, "epochs"):
+      curves[s["strategy"]].append(s)
     if s["family"] in ("imp", "pai") and s["sparsity"] > 0:
       weights[s["strategy"] + (f" {s['method']}" if s["method"] else "")].append(s)
-  if weights:
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (metric, label) in zip(axes[0], panels):
-      for name, ss in weights.items():
-        pts = sorted((1 - s["sparsity"], s[f"{metric}_accuracy_mean"],
-                      s[f"{metric}_accuracy_std"]) for s in ss)
-        f, m, e = zip(*pts)
-        ax.errorbar(f, m, yerr=e, marker="o", capsize=2, label=name)
-      if ref:
-        ax.axhline(ref[0][f"{metric}_accuracy_mean"], color="k", ls="--", label="dense")
+  figures = {
+      "accuracy_vs_data_kept.png": curves and _accuracy_figure(
+          plt, panels, curves, ref, lambda s: s["fraction_kept"],
+          "fraction of training data kept (or back-propagated)", log_x=False),
+      "accuracy_vs_weights_remaining.png": weights and _accuracy_figure(
+          plt, panels, weights, ref, lambda s: 1 - s["sparsity"],
+          "fraction of prunable weights remaining", log_x=True),
+      "score_histograms.png": _score_histograms(plt, workdir),
+      "per_class_kept.png": _per_class_figure(plt, rows),
+  }
+  made = []
+  for name, fig in figures.items():
+    if fig:
+      with atomic_open(os.path.join(workdir, name), "wb") as f:
+        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
+      plt.close(fig)
+      made.append(name)
+  return made
+
+
+def _accuracy_figure(plt, panels, curves: dict, ref: list, x_of, xlabel: str, log_x: bool):
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+  for ax, (metric, label) in zip(axes[0], panels):
+    for name, ss in curves.items():
+      pts = sorted((x_of(s), s[f"{metric}_accuracy_mean"], s[f"{metric}_accuracy_std"])
+                   for s in ss)
+      f, m, e = zip(*pts)
+      ax.errorbar(f, m, yerr=e, marker="o", capsize=2, label=name)
+    if ref:
+      ax.axhline(ref[0][f"{metric}_accuracy_mean"], color="k", ls="--", label="dense")
+    if log_x:
       ax.set_xscale("log")
       ax.invert_xaxis()
-      ax.set_xlabel("fraction of prunable weights remaining")
-      ax.set_ylabel(label)
-      ax.legend(fontsize=7)
-    save(fig, "accuracy_vs_weights_remaining.png")
+    else:
+      ax.set_xlim(0, 1.05)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(label)
+    ax.legend(fontsize=7)
+  return fig
+
+
+def _score_histograms(plt, workdir: str):
+  from prunejax.scores import load_scores
   score_dir = os.path.join(workdir, "scores")
   files = sorted(f for f in os.listdir(score_dir) if f.endswith("_r0.npz")) if os.path.isdir(
       score_dir) else []
-  if files:
-    fig, axes = plt.subplots(1, len(files), figsize=(4 * len(files), 3), squeeze=False)
-    for ax, f in zip(axes[0], files):
-      name = f[:-len("_r0.npz")]
-      _, sc = load_scores(os.path.join(score_dir, f))
-      ax.hist(sc[name], bins=40)
-      ax.set_title(name)
-    save(fig, "score_histograms.png")
+  if not files:
+    return None
+  fig, axes = plt.subplots(1, len(files), figsize=(4 * len(files), 3), squeeze=False)
+  for ax, f in zip(axes[0], files):
+    name = f[:-len("_r0.npz")]
+    _, sc = load_scores(os.path.join(score_dir, f))
+    ax.hist(sc[name], bins=40)
+    ax.set_title(name)
+  return fig
+
+
+def _per_class_figure(plt, rows: list[dict]):
   pc = [r for r in rows if r.get("per_class_kept") and r.get("replicate") == 0
         and r.get("convention", "epochs") == "epochs"]
-  if pc:
-    nominal = lambda r: setting_key(r)[4]
-    fracs = sorted({nominal(r) for r in pc})
-    f0 = fracs[len(fracs) // 2]
-    chosen = [r for r in pc if nominal(r) == f0]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / max(len(chosen), 1)
-    for i, r in enumerate(chosen):
-      c = np.arange(len(r["per_class_kept"]))
-      ax.bar(c + i * width, r["per_class_kept"], width, label=r["strategy"])
-    ax.set_xlabel("class")
-    ax.set_ylabel(f"fraction kept (overall {f0:g})")
-    ax.legend(fontsize=7)
-    save(fig, "per_class_kept.png")
-  return made
+  if not pc:
+    return None
+  nominal = lambda r: setting_key(r)[4]
+  fracs = sorted({nominal(r) for r in pc})
+  f0 = fracs[len(fracs) // 2]
+  chosen = [r for r in pc if nominal(r) == f0]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  width = 0.8 / max(len(chosen), 1)
+  for i, r in enumerate(chosen):
+    c = np.arange(len(r["per_class_kept"]))
+    ax.bar(c + i * width, r["per_class_kept"], width, label=r["strategy"])
+  ax.set_xlabel("class")
+  ax.set_ylabel(f"fraction kept (overall {f0:g})")
+  ax.legend(fontsize=7)
+  return fig
 
 
 def write_tensorboard(workdir: str, rows: list[dict]) -> None:
