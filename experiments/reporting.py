@@ -603,7 +603,8 @@ def protocol(config, num_train: int | None = None, num_test: int | None = None) 
 
 
 def write_report(workdir: str, config, rows: list[dict], baseline_compute: float,
-                 num_train: int | None = None, num_test: int | None = None) -> Report:
+                 num_train: int | None = None, num_test: int | None = None,
+                 data_notes: list[str] | None = None) -> Report:
   """Writes results.json, results.csv, report.md, plots and TensorBoard events (process 0 only).
 
   Args:
@@ -613,6 +614,7 @@ def write_report(workdir: str, config, rows: list[dict], baseline_compute: float
     baseline_compute: example passes of one full-data training run.
     num_train: the size of the training split, for the protocol line.
     num_test: the size of the test split, for the protocol line.
+    data_notes: lines on what was done to the data first (deduplication, label noise).
 
   Returns:
     The :class:`Report` (paths absolute); other processes get it without writing anything.
@@ -633,7 +635,8 @@ def write_report(workdir: str, config, rows: list[dict], baseline_compute: float
   write_tensorboard(workdir, rows)
   cv = _is_cv(summary)
   md = [f"# {config.get('name', 'experiment')}: {config.dataset.name}, {config.model.name}", "",
-        protocol(config, num_train, num_test), "", *lines, "",
+        protocol(config, num_train, num_test), "", *(data_notes or []),
+        *([""] if data_notes else []), *lines, "",
         "Rows are settings as asked for (strategy, nominal keep fraction or sparsity, convention, "
         "round); `kept` and `sparsity` are the measured means. Accuracies are mean +- sample std "
         f"over the {'folds' if cv else 'seeds'}"

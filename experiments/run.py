@@ -18,7 +18,7 @@ import time
 import jax
 from absl import logging
 
-from experiments import cli, common, reporting, strategies
+from experiments import cleaning, cli, common, reporting, strategies
 
 
 def run(config, workdir: str, overwrite: bool = False) -> list[dict]:
@@ -38,7 +38,8 @@ def run(config, workdir: str, overwrite: bool = False) -> list[dict]:
     logging.info("%-18s done in %6.1f s", name, time.perf_counter() - t)
   # ------------------------------------------------------------------------------ report
   report = reporting.write_report(workdir, config, rows, strategies.baseline_compute(ctx),
-                                  num_train=len(ctx.ds.train), num_test=len(ctx.ds.test))
+                                  num_train=len(ctx.ds.train), num_test=len(ctx.ds.test),
+                                  data_notes=cleaning.notes(ctx))
   if jax.process_index() == 0:  # the headline and table are the script's output, not log lines
     print(report.console(time.perf_counter() - t0), flush=True)
   return rows
