@@ -25,10 +25,6 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_bool("quick", False, "small sizes, for a smoke test")
-flags.DEFINE_float("disk_gb", 1.1, "size of the on-disk dataset streamed for the RSS figure")
-flags.DEFINE_string("tmpdir", None, "where the on-disk dataset is written (default: a temp dir)")
-flags.DEFINE_integer("repeats", 3, "timed repetitions; the median is printed")
 FLAGS = flags.FLAGS
 BATCH = 256
 
@@ -130,8 +126,8 @@ def train_step_rates(quick: bool) -> dict[str, float]:
   from prunejax import data, train
   from prunejax.models import build_model
   out = {}
-  models = {"resnet18 (datadiet_cifar10)": ("resnet18", 0.25 if quick else 1.0),
-            "resnet20 (openlth_resnet20_cifar10)": ("resnet20", 1.0)}
+  models = {"resnet18 (datadiet_cifar10)": ("resnet18", 0.125 if quick else 1.0),
+            "resnet20 (openlth_resnet20_cifar10)": ("resnet20", 0.25 if quick else 1.0)}
   x = np.random.default_rng(0).integers(0, 255, (128, 32, 32, 3)).astype(np.uint8)
   batch = {"x": x, "y": np.arange(128) % 10, "mask": np.ones(128, bool), "id": np.arange(128),
            "epoch": np.zeros(128, np.int32)}
@@ -249,5 +245,14 @@ def main(_):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _define_flags() -> None:
+  """The command line (defined only when run as a script, so other scripts can import this one)."""
+  flags.DEFINE_bool("quick", False, "small sizes, for a smoke test")
+  flags.DEFINE_float("disk_gb", 1.1, "size of the on-disk dataset streamed for the RSS figure")
+  flags.DEFINE_string("tmpdir", None, "where the on-disk dataset is written (default: a temp dir)")
+  flags.DEFINE_integer("repeats", 3, "timed repetitions; the median is printed")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -101,3 +101,26 @@ def deduplicate(ctx: common.Context) -> common.Context:
   log.info("deduplication (%s): %s", step, json.dumps(summary))
   ds = dataclasses.replace(ctx.ds, train=data.SubsetSource(train, keep))
   return dataclasses.replace(ctx, ds=ds, cleaning=summary)
+
+
+def notes(ctx: common.Context) -> list[str]:
+  """What was done to the data before the strategies, as report lines."""
+  out = []
+  if ctx.corrupted_ids is not None:
+    out.append(f"Label noise: {len(ctx.corrupted_ids):,} training labels "
+               f"({ctx.config.dataset.label_noise:.0%}) were flipped to another class (ids in "
+               "label_noise.npz); `corrupted_backprop_fraction` in results.csv is the share of "
+               "back-propagated examples whose label was flipped.")
+  c = ctx.cleaning
+  if c:
+    if c["step"] == "semantic":
+      what = f"{c['semantic_removed']:,} SemDeDup near-duplicates at eps={c['eps']}"
+    else:
+      what = (f"{c['exact_duplicates_removed']:,} exact duplicates (in "
+              f"{c['exact_duplicate_groups']:,} groups)")
+      leak = (f"{c['leaked_train_examples']:,} training examples equal to "
+              f"{c['leaked_test_examples']:,} test examples")
+      what += f" and {leak}" if c["leakage_removed"] else f"; found (not removed) {leak}"
+    out.append(f"Deduplication ({c['step']}): removed {what}; {c['train_after']:,} of "
+               f"{c['train_before']:,} training examples remain (ids under dedup/).")
+  return out

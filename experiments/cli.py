@@ -1,5 +1,9 @@
 """The command line shared by every experiment script: ``--config``, ``--workdir``, ``--overwrite``.
 
+Logging: prunejax's own progress at INFO and other libraries' records (orbax, absl, TFDS, grain,
+jax compilation) at WARNING and above; absl's ``--verbosity=N`` (``-v N``) shows everyone's at
+that level (0: INFO, 1: DEBUG, -1: WARNING).
+
 Every way a run can end prints at most one line of its own on stderr, without a traceback, and has
 its exit code:
 
@@ -26,6 +30,7 @@ from typing import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
+import prunejax
 from prunejax.errors import ConfigError, FileError, PrunejaxError, WorkdirBusyError
 from prunejax.train import NumericalError
 
@@ -39,6 +44,39 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 def default_workdir(config_name: str) -> str:
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   return os.path.join("runs", f"{config_name}-{stamp}")
+
+
+# Records logged from these folders are prunejax's own: the library and the experiments.
+_OWN_DIRS = (os.path.dirname(os.path.abspath(prunejax.__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+class OwnProgressFilter(logging.Filter):
+  """Passes prunejax's own log records at every level and other libraries' at WARNING and above.
+
+  Orbax, TFDS, grain and absl log through absl's logger, so a record is told apart by the file that
+  logged it (prunejax/ and experiments/) or by a ``prunejax`` logger name, not by the logger alone.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.WARNING or record.name.split(".")[0] == "prunejax"
+            or os.path.abspath(record.pathname).startswith(_OWN_DIRS))
+
+
+def configure_logging(verbosity_given: bool) -> None:
+  """prunejax's progress at INFO, third-party libraries (orbax, absl, TFDS, grain, jax compilation)
+  at WARNING; with ``--verbosity`` (``-v``) given, absl's verbosity alone decides, for everyone.
+
+  Call after the flags are parsed (``app.run`` installs absl's handler on the root logger).
+  """
+  handlers = logging.getLogger().handlers
+  for h in handlers:
+    for f in [f for f in h.filters if isinstance(f, OwnProgressFilter)]:
+      h.removeFilter(f)
+  if verbosity_given:
+    return
+  for h in handlers:
+    h.addFilter(OwnProgressFilter())
 
 
 def main(run: Callable, default_config: str) -> None:
@@ -66,8 +104,7 @@ def main(run: Callable, default_config: str) -> None:
     except Exception as e:  # noqa: BLE001 - config_flags wraps a missing file in several types.
       _fail(f"--config: {_last_line(e)}")
     workdir = flags.FLAGS.workdir or default_workdir(config.get("name", "run"))
-    # JAX reports at INFO which backends it could not start (libtpu on a GPU or CPU machine).
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    configure_logging(verbosity_given=bool(flags.FLAGS["verbosity"].present))
     code = 1
     try:
       _guarded(run, config, workdir)

@@ -438,7 +438,7 @@ def pai(ctx: common.Context) -> Rows:
           common.save_mask(os.path.join(ctx.workdir, "masks", f"pai_{name}_{sp}_r{r}.npz"), mask)
           run = trainer.train_model(ctx, ids, seed=seed, mask=mask, rewind_to=RewindPoint(0, init),
                                     desc=f"pai {name} {sp} r{r}")
-          return trainer.result_row(ctx, "pai", r, run, held, method=name,
+          return trainer.result_row(ctx, "pai", r, run, held, method=name, nominal_sparsity=sp,
                                     sparsity=float(masks.sparsity_of(mask, filter_fn)))
         rows.append(ctx.units.run(f"pai_{name}_{sp}_r{r}", unit))
   return rows

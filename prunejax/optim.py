@@ -73,29 +73,35 @@ def masked(tx: optax.GradientTransformation, mask: Mask | None = None, *,
       m = jax.tree.map(reshard_like, mask, params)
     return MaskedState(tx.init(params), m, jnp.zeros((), jnp.int32))
 
-  def new_mask(params, sparsity):
-    m = mask_fn(params, sparsity)
-    check_mask(m, params, "masked: mask_fn's mask")
-    return jax.tree.map(reshard_like, m, params)
-
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ConfigError("masked(...).update needs params (pruned weights are set to -params)")
-    check_mask(state.mask, params, "masked: the state's mask")
-    check_mask(updates, params, "masked: the updates", bool_leaves=False)
-    m = state.mask
-    if mask_fn is not None:
-      s_now, s_prev = schedule(state.count), schedule(state.count - 1)
-      m = jax.lax.cond(s_now != s_prev, lambda: new_mask(params, s_now), lambda: m)
-    grads = jax.tree.map(lambda g, k: jnp.where(reshard_like(k, g), g, jnp.zeros_like(g)),
-                         updates, m)
-    inner_updates, inner_state = tx.update(grads, state.inner_state, params)
-    new_updates = jax.tree.map(
-        lambda u, p, k: jnp.where(reshard_like(k, u), u, -p).astype(u.dtype), inner_updates,
-        params, m)
-    return new_updates, MaskedState(inner_state, m, state.count + 1)
+    return _masked_update(tx, mask_fn, schedule, updates, state, params)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _masked_update(tx, mask_fn, schedule, updates, state: MaskedState, params):
+  """The ``update`` of :func:`masked`."""
+  if params is None:
+    raise ConfigError("masked(...).update needs params (pruned weights are set to -params)")
+  check_mask(state.mask, params, "masked: the state's mask")
+  check_mask(updates, params, "masked: the updates", bool_leaves=False)
+  m = state.mask
+  if mask_fn is not None:
+
+    def new_mask():
+      fresh = mask_fn(params, s_now)
+      check_mask(fresh, params, "masked: mask_fn's mask")
+      return jax.tree.map(reshard_like, fresh, params)
+
+    s_now, s_prev = schedule(state.count), schedule(state.count - 1)
+    m = jax.lax.cond(s_now != s_prev, new_mask, lambda: m)
+  grads = jax.tree.map(lambda g, k: jnp.where(reshard_like(k, g), g, jnp.zeros_like(g)),
+                       updates, m)
+  inner_updates, inner_state = tx.update(grads, state.inner_state, params)
+  new_updates = jax.tree.map(
+      lambda u, p, k: jnp.where(reshard_like(k, u), u, -p).astype(u.dtype), inner_updates,
+      params, m)
+  return new_updates, MaskedState(inner_state, m, state.count + 1)
 
 
 def _is_masked_state(x: Any) -> bool:

@@ -126,14 +126,56 @@ def test_paper_scale_configs_quick_on_mock_data(name, tmp_path):
   _check_outputs(str(tmp_path), cfg.strategies)
 
 
-def test_cross_validation_reports_fold_accuracy(tmp_path):
-  cfg = _config("dynamic_pruning", cv_folds=3)
-  cfg.strategies = ("dense",)
+def test_cross_validation_reports_each_setting_once_with_fold_estimates(tmp_path):
+  """digits quick with K=3 folds: every setting asked for is one row with n=3 (the static subsets
+  keep 0.5 of 958 or 959 examples: the measured fraction differs between folds), its held-out
+  mean and t-interval and its paired differences to dense equal those computed by hand from the
+  per-fold rows of results.csv, and report.md says which accuracy is which."""
+  cfg = _config("digits", cv_folds=3)
+  cfg.strategies = ("dense", "random", "el2n", "batch", "imp")
   run.run(cfg, str(tmp_path))
   rows = _read_csv(os.path.join(tmp_path, "results.csv"))
-  assert len(rows) == 3 and all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)
-  summary = json.load(open(os.path.join(tmp_path, "results.json")))["summary"]
-  assert summary[0]["replicates"] == 3
+  assert len({r["fraction_kept"] for r in rows if r["strategy"] == "random"}) > 1  # the trap
+  results = json.load(open(os.path.join(tmp_path, "results.json")))
+  summary = results["summary"]
+  by_hand = {}
+  for r in rows:  # the setting asked for, from the csv's columns
+    key = (r["strategy"], r["nominal_fraction"] if float(r["nominal_fraction"] or -1) >= 0 else "",
+           r["round"])
+    by_hand.setdefault(key, []).append(r)
+  assert len(summary) == len(by_hand) == 1 + 1 + 1 + 1 + 3  # imp: rounds 0, 1, 2
+  dense = {r["replicate"]: r for r in by_hand[("dense", "", "")]}
+  t_975_2 = 4.302652729911275  # Student t, 2 degrees of freedom
+  for s in summary:
+    key = (s["strategy"], "" if s["nominal_fraction"] is None else str(s["nominal_fraction"]),
+           "" if s["round"] is None else str(s["round"]))
+    folds = by_hand[key]
+    assert s["replicates"] == 3 and sorted(r["replicate"] for r in folds) == ["0", "1", "2"]
+    val = [float(r["val_accuracy"]) for r in folds]
+    mean = sum(val) / 3
+    half = t_975_2 * (sum((v - mean) ** 2 for v in val) / 2) ** 0.5 / 3 ** 0.5
+    assert s["val_accuracy_mean"] == pytest.approx(mean, abs=1e-12)
+    assert (s["val_accuracy_low"], s["val_accuracy_high"]) == (
+        pytest.approx(mean - half, abs=1e-9), pytest.approx(mean + half, abs=1e-9))
+    assert s["test_accuracy_mean"] == pytest.approx(
+        sum(float(r["test_accuracy"]) for r in folds) / 3, abs=1e-12)
+    assert s["fraction_kept"] == pytest.approx(
+        sum(float(r["fraction_kept"]) for r in folds) / 3, abs=1e-12)
+    if s["strategy"] == "dense":
+      continue
+    for metric in ("val", "test"):
+      diffs = [float(r[f"{metric}_accuracy"]) - float(dense[r["replicate"]][f"{metric}_accuracy"])
+               for r in folds]
+      assert s[f"paired_{metric}_diff_mean"] == pytest.approx(sum(diffs) / 3, abs=1e-12)
+    ratios = [float(r["wall_time"]) / float(dense[r["replicate"]]["wall_time"]) for r in folds]
+    assert s["relative_wall_time"] == pytest.approx(sum(ratios) / 3, rel=1e-9)
+  report = open(os.path.join(tmp_path, "report.md")).read()
+  assert "3-fold cross-validation of the 1438 training examples, stratified by class" in report
+  assert "held-out fold acc % [95% CI]" in report and "test acc %" in report
+  assert results["headline"][0].startswith("Headline (held-out fold accuracy, mean over 3 folds")
+  el2n = next(s for s in summary if s["strategy"] == "el2n")
+  assert (f"{100 * el2n['paired_val_diff_mean']:+.2f} [{100 * el2n['paired_val_diff_low']:+.2f}, "
+          f"{100 * el2n['paired_val_diff_high']:+.2f}]") in report
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):

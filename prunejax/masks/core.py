@@ -145,27 +145,9 @@ def make_filter_fn(*, prune_head: bool = True, include: Iterable[str] | None = N
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not (jnp.issubdtype(dtype, jnp.inexact) or dtype == jnp.bool_):
       return False
-    ndim = len(jnp.shape(leaf))
-    key = _leaf_key(path)
     parts = path_names(path)
-    if key is None or not _is_named(key):
-      if ndim < 2:
-        return False
-    elif names is not None:
-      if _key_name(key) not in names:
-        return False
-    else:
-      name = _key_name(key)
-      if name == "embedding":  # Flax's names, never a bias or a norm: any number of dimensions.
-        if not embeddings:
-          return False
-      elif name != "kernel" and (ndim < 2 or not (
-          WEIGHT_NAME.match(name) or (embeddings and EMBEDDING_NAME.match(name)))):
-        return False
-    if names is None and any(POSITION_NAME.search(p) for p in parts):
+    if not _name_rules(_leaf_key(path), len(jnp.shape(leaf)), parts, names, embeddings):
       return False
-    if names is None and not embeddings and any(EMBEDDING_MODULE.search(p) for p in parts[:-1]):
-      return False  # e.g. the ``weight`` of an Equinox ``Embedding`` stored as ``tok_emb``.
     if not prune_head and head_name in parts:
       return False
     s = "/".join(parts)
@@ -174,6 +156,29 @@ def make_filter_fn(*, prune_head: bool = True, include: Iterable[str] | None = N
     return not any(r.search(s) for r in exclude_res)
 
   return filter_fn
+
+
+def _name_rules(key: Any, ndim: int, parts: tuple[str, ...], names: tuple[str, ...] | None,
+                embeddings: bool) -> bool:
+  """The name part of :func:`make_filter_fn`'s rules (see its docstring)."""
+  if key is None or not _is_named(key):
+    if ndim < 2:
+      return False
+  elif names is not None:
+    return _key_name(key) in names
+  else:
+    name = _key_name(key)
+    if name == "embedding":  # Flax's names, never a bias or a norm: any number of dimensions.
+      if not embeddings:
+        return False
+    elif name != "kernel" and (ndim < 2 or not (
+        WEIGHT_NAME.match(name) or (embeddings and EMBEDDING_NAME.match(name)))):
+      return False
+  if names is None and any(POSITION_NAME.search(p) for p in parts):
+    return False
+  # e.g. the ``weight`` of an Equinox ``Embedding`` stored as ``tok_emb``.
+  return names is not None or embeddings or not any(EMBEDDING_MODULE.search(p)
+                                                      for p in parts[:-1])
 
 
 default_filter_fn: FilterFn = make_filter_fn()
