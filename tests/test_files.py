@@ -403,3 +403,26 @@ def test_cli_read_only_workdir_is_one_line(tmp_path):
   assert proc.returncode == 74, proc.stderr[-2000:]
   line = _one_error_line(proc)
   assert str(w) in line and ("Read-only" in line or "Permission denied" in line)
+
+
+def test_cli_disk_full_is_one_line_and_the_rerun_resumes(tmp_path):
+  """A real full disk (a small tmpfs; needs root): orbax's RESOURCE_EXHAUSTED and Errno 28 become
+  one line, exit 74; with space freed the same command resumes and finishes."""
+  w = tmp_path / "disk"
+  w.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs",
+                                          str(w)], capture_output=True).returncode != 0:
+    pytest.skip("needs a small file system: not root-mountable here")
+  try:
+    args = [f"--workdir={w}/run", "--config.dataset.num_train=64", "--config.train.epochs=1",
+            "--config.strategies=('dense',)", "--config.train.checkpoint_every_steps=1"]
+    proc = _cli(args)
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    line = _one_error_line(proc)
+    assert "No space left on device" in line and f"{w}/run" in line
+    subprocess.run(["mount", "-o", "remount,size=64m", str(w)], check=True)
+    proc = _cli(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(w / "run" / "results.json"))["rows"][0]["strategy"] == "dense"
+  finally:
+    subprocess.run(["umount", str(w)], check=False)

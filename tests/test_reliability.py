@@ -242,3 +242,18 @@ def test_a_stop_request_saves_the_run_at_the_next_step_and_resumes_exactly(tmp_p
     assert e.value.exit_code == 143
   finally:
     checkpoint.clear_stop()
+
+
+def test_a_rerun_after_a_code_change_recomputes_every_unit(tmp_path, monkeypatch):
+  cfg = _imp_cfg()
+  cfg.strategies = ("dense",)
+  w = str(tmp_path / "w")
+  rows = _rows_of(run.run(cfg, w))
+  before = _unit_mtimes(w)
+  monkeypatch.setattr(common, "code_version", lambda: "a-fixed-version")
+  assert _rows_of(run.run(cfg, w)) == rows  # same numbers here, but computed again
+  after = _unit_mtimes(w)
+  assert after["dense_r0.json"] != before["dense_r0.json"]
+  record = json.load(open(os.path.join(w, "units", "dense_r0.json")))
+  assert json.load(open(os.path.join(w, "config.json")))["code_version"] == "a-fixed-version"
+  assert record["fingerprint"] == common.run_fingerprint(cfg, common.load_data(cfg))
