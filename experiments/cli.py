@@ -8,7 +8,8 @@ Every way a run can end prints at most one line of its own on stderr, without a 
 its exit code:
 
 * 0: finished;
-* 2: a user error (a bad config value, a bad flag, a workdir that is a file or holds another config);
+* 2: a user error (a bad config value, a bad flag, a workdir that is a file or holds another
+  config);
 * 3: a non-finite loss or gradient (the line names the run, epoch, step and examples);
 * 74: a file could not be written or read (disk full, read-only, no permission; the line names it);
 * 75: another run holds the workdir (the line names its process); wait for it or use another;
@@ -86,8 +87,8 @@ def main(run: Callable, default_config: str) -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "where checkpoints and results go; rerun with the same "
                       "workdir to resume (default: a fresh folder under runs/)")
-  flags.DEFINE_bool("overwrite", False, "delete everything in the workdir (a run of this or another "
-                    "config) and start over")
+  flags.DEFINE_bool("overwrite", False, "delete everything in the workdir (a run of this or "
+                    "another config) and start over")
   flags.DEFINE_string("coordinator_address", None, "multi-process runs: host:port of process 0 "
                       "(or $PRUNEJAX_COORDINATOR)")
   flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes, -1 to let "
@@ -116,8 +117,8 @@ def main(run: Callable, default_config: str) -> None:
       _exit_watchdog(code)
 
   from prunejax import checkpoint
-  # SIGTERM and SIGINT stop the run at the next step, saved (before jax.distributed.initialize, whose
-  # preemption service then takes SIGTERM over when there are several processes).
+  # SIGTERM and SIGINT stop the run at the next step, saved (before jax.distributed.initialize,
+  # whose preemption service then takes SIGTERM over when there are several processes).
   checkpoint.install_signal_handlers()
   try:
     app.run(_main, flags_parser=_parse_flags)
@@ -153,7 +154,8 @@ def _guarded(run: Callable, config, workdir: str) -> None:
 
 
 def _distributed_args() -> tuple[str | None, int | None, int | None]:
-  """--coordinator_address, --num_processes, --process_id, or their environment variables, checked."""
+  """--coordinator_address, --num_processes, --process_id, or their environment variables,
+  checked."""
   f = flags.FLAGS
   return (f.coordinator_address or os.environ.get("PRUNEJAX_COORDINATOR"),
           f.num_processes if f.num_processes is not None else _env_int("PRUNEJAX_NUM_PROCESSES"),

@@ -78,9 +78,9 @@ def _check_model_pruning(config: ml_collections.ConfigDict) -> None:
   check_range("imp.target_sparsity", imp.target_sparsity, 0.0, 1.0, hi_open=True)
   check_choice("imp.scope", imp.scope, ("global", "layerwise"))
   if not imp.rewind_step and not imp.get("reset_optimizer", True):
-    raise ConfigError("imp.reset_optimizer=False does nothing with imp.rewind_step=0: the optimizer "
-                      "state at step 0 is a fresh one; set imp.rewind_step > 0 to keep the "
-                      "optimizer state of that step, or leave imp.reset_optimizer=True")
+    raise ConfigError("imp.reset_optimizer=False does nothing with imp.rewind_step=0: the "
+                      "optimizer state at step 0 is a fresh one; set imp.rewind_step > 0 to keep "
+                      "the optimizer state of that step, or leave imp.reset_optimizer=True")
   if imp.get("max_rounds") is not None:
     from prunejax import schedules
     need = schedules.rounds_to_reach(imp.target_sparsity, imp.prune_per_round)
@@ -129,8 +129,8 @@ RESULT_NEUTRAL_FIELDS = (
 they do not touch the numbers (names, progress bars, the evaluation batch size, checkpoint cadence,
 cache and data paths: the data itself is fingerprinted) or they only choose *which* units run, and
 every unit's key names its own choice (strategies, replicates, keep fractions, conventions, PaI
-methods and sparsities); so adding a strategy, a seed or a keep fraction to a finished run reuses its
-finished units."""
+methods and sparsities); so adding a strategy, a seed or a keep fraction to a finished run reuses
+its finished units."""
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -159,7 +159,8 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> str:
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
   """A hash of the code that computes results: every source file of prunejax and experiments (the
-  config files aside: their values are fingerprinted) and the versions of the numerical libraries."""
+  config files aside: their values are fingerprinted) and the versions of the numerical
+  libraries."""
   import importlib.metadata
   import prunejax
   h = hashlib.sha256()
@@ -212,7 +213,8 @@ def run_fingerprint(config: ml_collections.ConfigDict, ds: data.Dataset) -> str:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-  """``"field: OLD there, NEW here"`` for every result field that differs between two config dicts."""
+  """``"field: OLD there, NEW here"`` for every result field that differs between two config
+  dicts."""
   a, b = result_fields(old), result_fields(new)
   show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
   return [f"{k}: {show(a, k)} there, {show(b, k)} here"

@@ -1,12 +1,13 @@
-"""Resumable work: a lock on the workdir, finished units, per-round and mid-run checkpoints, and stopping
-cleanly on a signal.
+"""Resumable work: a lock on the workdir, finished units, per-round and mid-run checkpoints, and
+stopping cleanly on a signal.
 
-* :class:`WorkdirLock`: one run per workdir. The lock is an ``flock`` held for the run's life, so the
-  kernel releases it on any exit (a crash or ``kill -9`` included) and a stale lock never blocks.
-* :class:`Units`: the result of each finished unit of work (a training run, a round) as one JSON file
-  with a fingerprint of what made it (config, data, code), a checksum, and the digests of the files
-  the unit wrote (subsets, masks); rerunning skips finished units whose record, fingerprint and files
-  all check out, and recomputes any other.
+* :class:`WorkdirLock`: one run per workdir. The lock is an ``flock`` held for the run's life, so
+  the kernel releases it on any exit (a crash or ``kill -9`` included) and a stale lock never
+  blocks.
+* :class:`Units`: the result of each finished unit of work (a training run, a round) as one JSON
+  file with a fingerprint of what made it (config, data, code), a checksum, and the digests of the
+  files the unit wrote (subsets, masks); rerunning skips finished units whose record, fingerprint
+  and files all check out, and recomputes any other.
 * :class:`RoundCheckpoints`: one orbax checkpoint per finished round of an iterative loop (IMP's
   trained weights, mask and rewind point); a damaged round falls back to the one before.
 * :class:`RunCheckpoint`: the state of one training run mid-way (train state, online-pruner state,
@@ -80,7 +81,8 @@ _STEPS = [0]  # training steps taken by this process, the step ids of JAX's pree
 
 
 def request_stop(signum: int = signal.SIGTERM) -> None:
-  """Asks the run to stop at the next training step or unit boundary (what the signal handlers do)."""
+  """Asks the run to stop at the next training step or unit boundary (what the signal handlers
+  do)."""
   _STOP["signum"] = int(signum)
 
 
@@ -160,10 +162,11 @@ def install_signal_handlers() -> None:
 class WorkdirLock:
   """An exclusive lock on ``workdir`` (the file ``workdir/.lock``) for the life of a run.
 
-  ``acquire()`` takes it or raises :class:`~prunejax.errors.WorkdirBusyError` naming the process that
-  holds it. It is an ``flock``, so it goes with the process on any exit (``kill -9`` included): a
-  lock left by a dead process never blocks. On file systems without ``flock`` it falls back to a
-  lock file created exclusively, whose holder is checked for life when it is on the same host.
+  ``acquire()`` takes it or raises :class:`~prunejax.errors.WorkdirBusyError` naming the process
+  that holds it. It is an ``flock``, so it goes with the process on any exit (``kill -9``
+  included): a lock left by a dead process never blocks. On file systems without ``flock`` it falls
+  back to a lock file created exclusively, whose holder is checked for life when it is on the same
+  host.
   The lock file stays (deleting it would let two processes lock two different files).
   """
 
@@ -342,7 +345,8 @@ class Units:
   A unit's file holds its result, the ``fingerprint`` of the run that computed it, a checksum of the
   result and the content digest of every file the unit wrote. A unit counts as finished only if all
   of these check out; otherwise (a damaged or foreign record, a missing or changed file) it is
-  recomputed, and a record that does not parse or fails its checksum is moved aside to ``*.corrupt``.
+  recomputed, and a record that does not parse or fails its checksum is moved aside to
+  ``*.corrupt``.
   """
 
   def __init__(self, workdir: str, fingerprint: str = ""):
@@ -461,7 +465,8 @@ def tree_digest(tree: Any) -> str:
 _WRITE_FAILURES = {"No space left": "No space left on device", "RESOURCE_EXHAUSTED":
                    "No space left on device", "Disk quota": "Disk quota exceeded",
                    "Read-only file system": "Read-only file system",
-                   "Permission denied": "Permission denied", "PERMISSION_DENIED": "Permission denied"}
+                   "Permission denied": "Permission denied",
+                   "PERMISSION_DENIED": "Permission denied"}
 _ADVICE = {"No space left on device": "free space (or use another workdir), then rerun to resume",
            "Disk quota exceeded": "free space (or use another workdir), then rerun to resume",
            "Read-only file system": "use a writable workdir",
@@ -591,9 +596,9 @@ class RunCheckpoint:
   """The state of one training run mid-way, in ``directory`` (one orbax checkpoint, replaced on each
   save): a pytree of arrays and a JSON-able ``meta`` dict (epoch, batch, counters, ...).
 
-  ``restore(like)`` returns ``(tree, meta)`` or None when there is nothing (or nothing readable, or
-  only a checkpoint of another run: ``fingerprint``) to resume from; ``delete()`` removes it once the
-  run's result is safely stored.
+  ``restore(like)`` returns ``(tree, meta)`` or None when there is nothing (or nothing readable,
+  or only a checkpoint of another run: ``fingerprint``) to resume from; ``delete()`` removes it once
+  the run's result is safely stored.
   """
 
   def __init__(self, directory: str, fingerprint: str = ""):

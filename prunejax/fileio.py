@@ -1,14 +1,17 @@
-"""Files that are never half-written, honour the umask, say what made them and prove they are intact.
+"""Files that are never half-written, honour the umask, say what made them and prove they are
+intact.
 
 * Atomic writes: through a temporary file in the same directory, fsync, then ``os.replace`` (and an
-  fsync of the directory), so a reader, or a run resumed after a kill, never sees a half-written file.
+  fsync of the directory), so a reader, or a run resumed after a kill, never sees a half-written
+  file.
   New files get ``0o666`` minus the umask, like any file a program opens, so teammates sharing a
   results folder or a cache can read them.
 * Write failures (no space, read-only file system, no permission, a path under a file) raise one
   :class:`~prunejax.errors.FileError` naming the path and what to do.
-* ``.npz`` files carry a JSON ``meta`` dict (what made them: a fingerprint of the config, data and code)
-  and are read back validated (:func:`load_npz`): a truncated or bit-flipped file (zip CRC), a file
-  without the expected arrays or with other ``meta`` raises :class:`~prunejax.errors.FileError`.
+* ``.npz`` files carry a JSON ``meta`` dict (what made them: a fingerprint of the config, data and
+  code) and are read back validated (:func:`load_npz`): a truncated or bit-flipped file (zip CRC),
+  a file without the expected arrays or with other ``meta`` raises
+  :class:`~prunejax.errors.FileError`.
   :func:`content_digest` hashes what a file holds (names, dtypes, shapes, bytes), not its bytes on
   disk (zip entries carry timestamps), so two writes of the same arrays have the same digest.
 """
@@ -79,8 +82,8 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
   """Opens a temporary file that replaces ``path`` when the block ends without an error.
 
   The file is created with mode ``0o666`` minus the umask. An ``OSError`` while writing (disk full,
-  read-only, no permission) becomes a one-line :class:`FileError` naming ``path``; the temporary file
-  is removed and ``path`` keeps its old content.
+  read-only, no permission) becomes a one-line :class:`FileError` naming ``path``; the temporary
+  file is removed and ``path`` keeps its old content.
   """
   directory = os.path.dirname(os.path.abspath(path))
   makedirs(directory)
@@ -123,7 +126,8 @@ def _canonical(arrays: Mapping[str, Any], meta: Mapping[str, Any] | None) -> dic
 
 
 def content_digest(arrays: Mapping[str, Any]) -> str:
-  """SHA-256 (hex, 32 characters) of named arrays: names, dtypes, shapes and bytes, in name order."""
+  """SHA-256 (hex, 32 characters) of named arrays: names, dtypes, shapes and bytes, in name
+  order."""
   h = hashlib.sha256()
   for k in sorted(arrays):
     a = np.asarray(arrays[k])

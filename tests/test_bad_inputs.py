@@ -1,6 +1,6 @@
-"""A property-based sweep of bad inputs to the public API (labels, ids, shapes, dtypes, masks, files):
-every call either gives the correct result or raises a one-line prunejax error, never a plausible
-wrong number (a silent wrong result)."""
+"""A property-based sweep of bad inputs to the public API (labels, ids, shapes, dtypes, masks,
+files): every call either gives the correct result or raises a one-line prunejax error, never a
+plausible wrong number (a silent wrong result)."""
 
 import json
 import os

@@ -1,6 +1,6 @@
 """Real processes on one workdir: runs started together (the same config, or another one with
---overwrite) never mix, crash or hang; SIGTERM and SIGINT stop a run at the next step with one line and
-exit codes 143 / 130, and rerunning resumes to the results of an uninterrupted run."""
+--overwrite) never mix, crash or hang; SIGTERM and SIGINT stop a run at the next step with one line
+and exit codes 143 / 130, and rerunning resumes to the results of an uninterrupted run."""
 
 import json
 import os
@@ -16,8 +16,8 @@ from experiments.configs import digits
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 RACES = 5
-# A small run that still writes every kind of file: units, mid-run checkpoints at every step (orbax),
-# IMP round checkpoints (orbax), masks, the report.
+# A small run that still writes every kind of file: units, mid-run checkpoints at every step
+# (orbax), IMP round checkpoints (orbax), masks, the report.
 OVERRIDES = {"dataset.num_train": 64, "dataset.num_test": 64, "train.epochs": 1,
              "strategies": ("dense", "imp"), "imp.target_sparsity": 0.5,
              "train.checkpoint_every_steps": 1, "train.progress": False}
@@ -69,10 +69,20 @@ def _error_lines(err):
   return [l for l in err.splitlines() if l.startswith(("error:", "interrupted by"))]
 
 
-def test_runs_started_together_on_one_workdir_never_mix_crash_or_hang(tmp_path):
-  ref = {0: _strip(run.run(_config(), str(tmp_path / "ref0"))),
-         5: _strip(run.run(_config(seed=5), str(tmp_path / "ref5")))}
-  assert ref[0] != ref[5]
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+  """``ref(seed)``: the results of an uninterrupted run of the race config (in this process)."""
+  done = {}
+
+  def get(seed: int):
+    if seed not in done:
+      done[seed] = _strip(run.run(_config(seed=seed), str(tmp_path_factory.mktemp(f"ref{seed}"))))
+    return done[seed]
+  return get
+
+
+def test_runs_started_together_on_one_workdir_never_mix_crash_or_hang(tmp_path, ref):
+  assert ref(0) != ref(5)
   outcomes = []
   for race in range(RACES):
     w = tmp_path / f"race{race}"
@@ -92,7 +102,7 @@ def test_runs_started_together_on_one_workdir_never_mix_crash_or_hang(tmp_path):
         (line,) = _error_lines(err)
         assert "holds a run of a different config" in line and "seed: 5 there, 0 here" in line
     stamp = json.load(open(w / "config.json"))["config"]["seed"]
-    assert _rows(w) == ref[stamp], f"race {race}: results mix runs"
+    assert _rows(w) == ref(stamp), f"race {race}: results mix runs"
     fingerprints = {json.load(open(w / "units" / f))["fingerprint"] for f in os.listdir(w / "units")
                     if f.endswith(".json")}
     assert len(fingerprints) == 1, f"race {race}: units of several runs"
@@ -109,8 +119,7 @@ def _wait_for(path, proc, timeout=120):
     time.sleep(0.05)
 
 
-def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_to_the_same_results(tmp_path):
-  ref = _strip(run.run(_config(), str(tmp_path / "ref")))
+def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_to_the_same_results(tmp_path, ref):
   w = tmp_path / "w"
   # SIGTERM while the dense run trains (its mid-run checkpoint folder appears when it starts).
   proc = _start(_args(w))
@@ -130,7 +139,7 @@ def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_to_the_same_results
   assert line.startswith("interrupted by SIGINT: ") and "rerun the same command to resume" in line
   code, err = _finish(_start(_args(w)))
   assert code == 0, err[-3000:]
-  assert _rows(w) == ref
+  assert _rows(w) == ref(0)
 
 
 def _free_port() -> int:
@@ -184,9 +193,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   assert lines[0] == lines[1] and len(lines[0]) == 1  # the same step on both
   assert "saved the training run in progress at step" in lines[0][0]
   assert all(c == 0 for c, _ in _wait_all(_two_processes(w, tmp_path, "resume", **more)))
-  ref = _strip(run.run(_config(**more), str(tmp_path / "ref")))
+  single = _strip(run.run(_config(**more), str(tmp_path / "single")))
   got = _rows(w)
-  assert len(got) == len(ref) == 1
-  for a, b in zip(got[0]["history"], ref[0]["history"]):  # two processes = one, to float rounding
+  assert len(got) == len(single) == 1
+  for a, b in zip(got[0]["history"], single[0]["history"]):  # two processes = one, to float rounding
     assert a["epoch"] == b["epoch"] and abs(a["loss"] - b["loss"]) < 1e-4
     assert abs(a["accuracy"] - b["accuracy"]) < 1e-4

@@ -1,6 +1,6 @@
 """Files that are written atomically with the umask's permissions, fail in one line, are read back
-validated (npz, scores, unit records, orbax checkpoints, the tokenizer cache), carry fingerprints, and
-a workdir lock that is exclusive and goes with its process."""
+validated (npz, scores, unit records, orbax checkpoints, the tokenizer cache), carry fingerprints,
+and a workdir lock that is exclusive and goes with its process."""
 
 import errno
 import json
