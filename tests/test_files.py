@@ -405,6 +405,7 @@ def test_cli_read_only_workdir_is_one_line(tmp_path):
   assert str(w) in line and ("Read-only" in line or "Permission denied" in line)
 
 
+@pytest.mark.slow
 def test_cli_disk_full_is_one_line_and_the_rerun_resumes(tmp_path):
   """A real full disk (a small tmpfs; needs root): orbax's RESOURCE_EXHAUSTED and Errno 28 become
   one line, exit 74; with space freed the same command resumes and finishes."""
