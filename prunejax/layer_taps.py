@@ -1,36 +1,41 @@
-"""The layers of any JAX function, found in its jaxpr, and taps on their inputs and outputs.
+"""Where the parameters of any JAX function meet the batch: its layers, and taps on them.
 
-``find_layers(apply_fn, params, x)`` traces ``apply_fn(params, x)`` on the whole batch and walks the
-jaxpr to find where each parameter leaf meets the batch:
+``find_layers(apply_fn, params, x)`` traces ``apply_fn(params, x)`` on the whole batch and walks
+the jaxpr to find where each parameter leaf meets the examples:
 
-* a **layer**: a ``dot_general`` (dense, on vectors or sequences, with or without dot batch
-  dimensions), a ``conv_general_dilated`` (any strides, padding, dilations, feature groups) or a row
-  ``gather`` (embeddings), whose parameter operand is one leaf seen through reshapes, transposes,
-  slices or casts only;
-* a **site**: a parameter-side value broadcast over the examples by an elementwise op or a
-  ``broadcast_in_dim`` (biases, norm scales and offsets, position tables);
+* a **layer** (:class:`Layer`): a ``dot_general`` (dense, on vectors or sequences, with or without
+  dot batch dimensions), a ``conv_general_dilated`` (any strides, padding, dilations, feature
+  groups) or a row ``gather`` (embeddings), whose parameter operand is one leaf seen through
+  reshapes, transposes, slices or casts only;
+* a **site** (:class:`Site`): a parameter-side value broadcast over the examples by an elementwise
+  op or a ``broadcast_in_dim`` (biases, norm scales and offsets, position tables);
 * any other use (a weight used twice, a leaf inside ``scan`` or a custom derivative, ...).
 
-Which axis of each value holds the examples is found by tracing ``apply_fn`` a second time with the
-batch doubled: an axis whose size is ``B`` in the first trace and ``2B`` in the second is the example
-axis. The first trace is made from the arguments themselves, so it carries their shardings
-(explicit-axes meshes) and manual axes (``shard_map``) and replays exactly as ``apply_fn`` runs.
+The example axis of every value is found by tracing ``apply_fn`` a second time with the batch
+doubled: the axis whose size is ``B`` in the first trace and ``2B`` in the second. The first trace
+is made from the arguments themselves, so it carries their shardings (explicit-axes meshes) and
+manual axes (``shard_map``), and its replay runs exactly as ``apply_fn`` does.
 
 ``run(plan, params, x, layer_taps=, site_taps=)`` evaluates ``apply_fn`` from that jaxpr, calling
-``layer_taps[k](layer, act, out) -> (out, record)`` at layer ``k`` and ``site_taps[key](site, value)``
-at a site (which must return the value broadcast over the batch, see :func:`broadcast_to_batch`). A
-forward-only tap that records statistics of each layer's input, as Wanda or SparseGPT calibration
-needs, is::
+``layer_taps[k](layer, act, out) -> (out, record)`` at layer ``k`` (``act`` its input, ``out`` its
+output, which the tap may replace) and ``site_taps[key](site, value)`` at a site (it returns the
+value broadcast over the batch, :func:`broadcast_to_batch`). A forward-only tap that records
+statistics of each layer's input, as Wanda or SparseGPT calibration needs::
 
     plan = find_layers(apply_fn, params, x)
-    def tap(layer, act, out):
-      a_BxNxK = layer_rows(layer, act)  # per-example input rows (conv: im2col patches)
-      return out, jnp.einsum("bnk,bnl->kl", a_BxNxK, a_BxNxK)
-    logits, hessians = run(plan, params, x, layer_taps={k: tap for k in plan.layers})
 
-:func:`penultimate` (the input of the last dense layer) is such a tap. GraNd's per-example gradient
-norms (:mod:`prunejax.scores.grand`) tap the output cotangents of the same layers in the backward.
-Every value an example touches is assumed to stay in that example's row (evaluation mode).
+    def hessian_tap(layer, act, out):
+      a_BxNxK = layer_rows.layer_rows(layer, act)  # input rows; conv: im2col patches
+      return out, jnp.einsum("bnk,bnl->kl", a_BxNxK, a_BxNxK)
+
+    (logits,), hessians = run(plan, params, x,
+                              layer_taps={k: hessian_tap for k in plan.layers})
+
+``hessians[k]`` belongs to leaf ``plan.layers[k].leaf`` (path ``plan.layers[k].path``); the
+feature order of the rows is documented in :mod:`prunejax.layer_rows`. :func:`penultimate` (the
+input of the last dense layer) is such a tap; GraNd (:mod:`prunejax.scores.grand`) taps the output
+cotangents of the same layers in the backward pass. Every value an example touches is assumed to
+stay in that example's row (evaluation mode).
 """
 
 from __future__ import annotations
@@ -183,7 +188,7 @@ def _axis(aval_a: Any, aval_b: Any, b: int) -> int | str | None:
 def _match_axes(ja, jb, b: int, axes: dict) -> None:
   """Example axes of ``ja``'s variables from ``jb`` (the same program, batch ``2b``); equations
   that change only types (:data:`_TYPE_ONLY`) may appear in one of them alone."""
-  if len(ja.invars) != len(jb.invars):
+  if len(ja.invars) != len(jb.invars) or len(ja.constvars) != len(jb.constvars):
     raise _Mismatch
   for va, vb in zip(ja.constvars + ja.invars, jb.constvars + jb.invars):
     axes[va] = _axis(va.aval, vb.aval, b)
@@ -450,7 +455,8 @@ class _Walker:
         self.site_values[site.key] = in_vals[i]
       elif site is not None and site.key in self.site_taps:
         vals[i] = self.site_taps[site.key](site, in_vals[i])
-        params = dict(eqn.params, broadcast_dimensions=site.new_dims) if site.insert else None
+        if site.insert:
+          params = dict(eqn.params, broadcast_dimensions=site.new_dims)
     outs = self._bind(eqn, vals, has_x or self.mode == "params", params)
     if k in self.layer_taps:
       layer = self.plan.layers[k]

@@ -13,8 +13,8 @@ taps only (no weight gradient is formed):
   norm, in the cheaper of the Gram and explicit forms (:mod:`prunejax.scores.ghost_norms`);
 * a leaf only broadcast over the examples (biases, norm scales and offsets, position tables): the
   broadcast value's cotangent, kept per example, is pulled back to the leaf for each example;
-* any other leaf (a weight used twice, a leaf inside ``scan`` or a custom derivative): ``vmap(grad)``
-  per example with respect to those leaves only, in chunks when they are large.
+* any other leaf (a weight used twice, a leaf inside ``scan`` or a custom derivative):
+  ``vmap(grad)`` per example with respect to those leaves only, in chunks when they are large.
 
 Leaves behind ``stop_gradient`` (BatchNorm statistics in :func:`prunejax.models.make_apply_fn`)
 contribute 0. ``method="vmap"`` is the direct definition, chunked ``vmap(grad)``; ``method="auto"``
@@ -53,7 +53,7 @@ from prunejax.scores.output import (as_float, checked_labels, cross_entropy, el2
 from prunejax.types import ApplyFn, Batch, Params, Scores
 
 __all__ = ["GhostPlan", "METHODS", "ghost_plan", "grand", "grand_jacrev", "grand_last_layer",
-           "grand_vmap", "penultimate"]
+           "grand_vmap"]
 
 METHODS = ("auto", "ghost", "vmap")
 
