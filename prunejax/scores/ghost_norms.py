@@ -10,13 +10,15 @@ batch, by one of these forms, chosen per layer from the shapes at trace time (:f
 * ``gram``: ``sum_{n,m} (a_n . a_m)(d_n . d_m)`` (the "ghost norm"); for a stride-1 convolution the
   Gram matrix of the patches is the Gram matrix of the padded input positions summed over the
   kernel offsets, so no im2col patches are formed;
-* ``explicit``: ``||A^T D||^2``, the per-example gradient itself; for convolutions the patches are
-  built from slices of the padded input (no patch-extracting convolution), one kernel row at a time;
+* ``explicit``: ``||A^T D||^2``, the per-example gradient itself; for convolutions the im2col
+  patches are built from strided slices of the input in its own layout (no patch-extracting
+  convolution), a few kernel offsets at a time on CPU (:data:`CONV_OFFSETS_PER_CHUNK`);
 * embeddings: ``sum_{m,n} [tok_m = tok_n] (d_m . d_n)`` (``gram``) or the scatter of ``d`` into the
   table (``explicit``).
 
-The cost of each form is its multiply-adds plus a per-backend weight times the elements it writes
-and reads, the choice that Bu et al. make between ghost norm and explicit gradient per layer.
+The cost of each form is its multiply-adds plus a per-backend weight (:data:`MEMORY_WEIGHT`) times
+the elements it writes and reads: the per-layer choice between ghost norm and explicit gradient of
+Bu et al.'s mixed ghost clipping, with the conv Gram matrix from the input's own Gram matrix.
 
 References:
   Goodfellow. "Efficient Per-Example Gradient Computations." arXiv:1510.01799, 2015.
@@ -57,8 +59,13 @@ def norm_dtype(*dtypes: Any) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+def _backend() -> str:
+  backend = jax.default_backend()
+  return "gpu" if backend in ("cuda", "rocm") else backend
+
+
 def _memory_weight() -> float:
-  return MEMORY_WEIGHT.get(jax.default_backend(), 8.0)
+  return MEMORY_WEIGHT.get(_backend(), 8.0)
 
 
 def _pick(costs: dict[str, tuple[float, float]]) -> str:
@@ -151,7 +158,7 @@ def dense_sq_norms(layer: lt.Layer, form: str, act: jax.Array, ct: jax.Array) ->
 def _conv_explicit(geo: lr.ConvGeometry, x: jax.Array, d: jax.Array, d_spec: str) -> jax.Array:
   """``||U^T D||^2`` with the patches ``U`` built a few kernel offsets at a time."""
   offsets = lr.conv_offsets(geo)
-  step = CONV_OFFSETS_PER_CHUNK.get(jax.default_backend()) or len(offsets)
+  step = CONV_OFFSETS_PER_CHUNK.get(_backend()) or len(offsets)
   total = jnp.zeros(x.shape[:1], x.dtype)
   for i in range(0, len(offsets), step):
     # Each chunk's patches read x through a zero that depends on the previous chunk's norm, so
