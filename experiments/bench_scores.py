@@ -4,11 +4,12 @@
     python -m experiments.bench_scores --quick --batch_size=16   # CPU smoke run
     python -m experiments.bench_scores --models=gpt --repeats=10
 
-For each model it times, in one process and after a warm-up: a train step (SGD with momentum,
-forward + backward + update), EL2N, GraNd (:func:`prunejax.scores.grand`, one forward and one
-backward pass with per-layer taps), GraNd by ``vmap(grad)`` over the whole batch, and GraNd by
-``jacrev`` of the per-example losses (the Data Diet way). Throughput is examples/s from the median
-of ``--repeats`` calls. Peak memory is XLA's own account of the compiled function (arguments +
+For each model it times, in one process: a train step (SGD with momentum, forward + backward +
+update), EL2N, GraNd (:func:`prunejax.scores.grand`, one forward and one backward pass with
+per-layer taps), GraNd by ``vmap(grad)`` over the whole batch, and GraNd by ``jacrev`` of the
+per-example losses (the Data Diet way). Throughput is examples/s from the median of ``--repeats``
+calls, timed after a warm-up in interleaved rounds (one call of each function per round), so that
+load from other processes weighs on all of them alike. Peak memory is XLA's own account of the compiled function (arguments +
 outputs + temporaries - aliased buffers, from ``compiled.memory_analysis()``), so every function is
 measured the same way on CPU or GPU. ``max |GraNd / vmap(grad) - 1|`` checks the fast path on the
 device it ran on.
@@ -159,20 +160,31 @@ def peak_bytes(compiled) -> int:
              - m.alias_size_in_bytes)
 
 
-def time_compiled(fn: Callable, args: tuple, repeats: int, max_gb: float) -> tuple[float, int, Any]:
-  """(median seconds per call, peak bytes, output) of ``jax.jit(fn)(*args)``; NaN seconds and no
-  output when the peak is over ``max_gb``."""
+def compile_fn(fn: Callable, args: tuple, max_gb: float) -> tuple[Any, int]:
+  """(compiled ``jax.jit(fn)`` for ``args`` or None when its peak is over ``max_gb``, peak
+  bytes)."""
   compiled = jax.jit(fn).lower(*args).compile()
   peak = peak_bytes(compiled)
-  if peak > max_gb * 2**30:
-    return float("nan"), peak, None
-  out = jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
+  return (compiled if peak <= max_gb * 2**30 else None), peak
+
+
+def interleaved_seconds(calls: dict[str, tuple[Any, tuple, int]]) -> dict[str, float]:
+  """Median seconds per call of each compiled function, timed in rounds (one call of each per
+  round, after a warm-up call), so that load from other processes affects all of them alike.
+
+  Args:
+    calls: name -> (compiled function, its arguments, number of timed calls).
+  """
+  for compiled, args, _ in calls.values():
     jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), peak, out
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for r in range(max(n for _, _, n in calls.values())):
+    for name, (compiled, args, n) in calls.items():
+      if r < n:
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _score_fns(case: dict, baselines: bool) -> dict[str, Callable]:
@@ -193,18 +205,23 @@ def bench_model(name: str, batch_size: int = 128, repeats: int = 5, *, quick: bo
   fns = {"train step": (case["train_step"], case["train_args"])}
   fns.update({k: (f, (case["params"], case["batch"])) for k, f in _score_fns(case,
                                                                                baselines).items()})
-  rows, outs = [], {}
+  rows, calls = [], {}
   for fn_name, (fn, args) in fns.items():
-    logging.info("%s: %s", name, fn_name)
+    logging.info("%s: compiling %s", name, fn_name)
+    compiled, peak = compile_fn(fn, args, max_gb)
     n = repeats if fn_name in ("train step", "el2n", "grand") else max(1, min(3, repeats))
-    seconds, peak, outs[fn_name] = time_compiled(fn, args, n, max_gb)
-    rows.append({"model": name, "fn": fn_name, "seconds": seconds,
-                 "examples_per_s": batch_size / seconds, "peak_mb": peak / 2**20})
+    if compiled is not None:
+      calls[fn_name] = (compiled, args, n)
+    rows.append({"model": name, "fn": fn_name, "peak_mb": peak / 2**20})
+  seconds = interleaved_seconds(calls)
   for r in rows:
+    r["seconds"] = seconds.get(r["fn"], float("nan"))
+    r["examples_per_s"] = batch_size / r["seconds"]
     r["speed_vs_train"] = r["examples_per_s"] / rows[0]["examples_per_s"]
     r["memory_vs_train"] = r["peak_mb"] / rows[0]["peak_mb"]
-  if outs.get("grand vmap(grad)") is not None:
-    ours, ref = np.asarray(outs["grand"]), np.asarray(outs["grand vmap(grad)"])
+  if "grand vmap(grad)" in calls:
+    ours = np.asarray(calls["grand"][0](*calls["grand"][1]))
+    ref = np.asarray(calls["grand vmap(grad)"][0](*calls["grand vmap(grad)"][1]))
     rows[2]["max_rel_diff_vs_vmap"] = float(np.max(np.abs(ours / ref - 1.0)))
   return rows
 

@@ -9,7 +9,9 @@ input's own layout (channels first or last), so no activation is transposed.
 
 Public helpers: :func:`layer_rows` (``a_BxNxK`` of any layer, for calibration statistics),
 :func:`dense_rows` / :func:`dense_out_rows`, :func:`conv_geometry`, :func:`conv_input`,
-:func:`conv_padded_input`, :func:`conv_tap`, :func:`conv_rows`, :func:`conv_out_rows`.
+:func:`conv_padded_input`, :func:`conv_tap`, :func:`conv_rows`, :func:`conv_out_rows`, and
+:func:`reshape_rows` / :func:`along`, reshapes that keep the example axis first and its sharding on
+explicit-axes meshes.
 """
 
 from __future__ import annotations

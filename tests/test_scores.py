@@ -161,6 +161,17 @@ def test_grand_matches_float64_loop(name, forms, monkeypatch):
       assert _rel_err(got, expected) < 1e-10, (name, form, got, expected)
 
 
+@pytest.mark.parametrize("name", ["resnet", "gpt"])
+def test_grand_exact_with_accelerator_settings(name, monkeypatch):
+  """The GPU settings (memory-weighted form choice, all kernel offsets' patches at once,
+  optimization barriers instead of row-local zeros) run here by pretending to be on a GPU."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with jax.enable_x64(True):
+    apply_fn, variables, batch = _case(name)
+    got = jax.jit(functools.partial(scores.grand, apply_fn))(variables, batch)
+    assert _rel_err(got, _loop_grad_norms(apply_fn, variables, batch)) < 1e-10
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "resnet18", "gpt", "plain"])
 def test_our_models_take_the_fast_path(name):
   apply_fn, variables, batch = _plain_case() if name == "plain" else _case(name)

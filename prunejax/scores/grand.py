@@ -60,10 +60,11 @@ METHODS = ("auto", "ghost", "vmap")
 # Elements of per-example gradients of directly differentiated leaves (B x their size) allowed at
 # once, besides a full gradient's worth; past it they go ``chunk_size`` rows at a time.
 _MATERIALIZED_BUDGET = 1 << 20
-# Row-local data dependencies in each tap's backward: the layer's norm starts only once its
-# cotangent exists, and the cotangent flows on only after the norm, so XLA neither hoists patches
-# or Gram matrices into the forward pass nor keeps several layers' temporaries alive at once.
-# (Optimization barriers are dropped by XLA:CPU; ``0 * x`` is not folded for floats.)
+# Data dependencies in each tap's backward: the layer's norm starts only once its cotangent exists,
+# and the cotangent flows on only after the norm, so XLA neither hoists patches or Gram matrices
+# into the forward pass nor keeps several layers' temporaries alive at once. On CPU they are
+# row-local zeros added to the arrays (XLA:CPU drops optimization barriers; ``0 * x`` is not folded
+# for floats), elsewhere optimization barriers (no extra pass over the arrays).
 _SEQUENCE = True
 
 
@@ -148,13 +149,15 @@ def _like(value: jax.Array, like: Any) -> jax.Array:
   return jax.sharding.reshard(value, want)
 
 
-def _row_zero(v: jax.Array, axis: int) -> jax.Array:
-  """``0 * (each example's first entry of v)``: a zero per example that depends on ``v``."""
-  return 0 * v[tuple(slice(None) if d == axis else 0 for d in range(v.ndim))]
-
-
-def _add_rows(v: jax.Array, z_B: jax.Array, axis: int) -> jax.Array:
-  return v + layer_rows.along(z_B.astype(v.dtype), v.ndim, axis)
+def _after(v: jax.Array, axis: int, dep: jax.Array, dep_axis: int) -> jax.Array:
+  """``v``, computed only once ``dep`` is (row by row on CPU: example ``i``'s rows of ``v`` get
+  ``0 *`` example ``i``'s first entry of ``dep``, so a NaN in one example stays in its row)."""
+  if not _SEQUENCE or not jnp.issubdtype(v.dtype, jnp.floating):
+    return v
+  if jax.default_backend() != "cpu":
+    return lax.optimization_barrier((v, dep))[0]
+  first_B = dep[tuple(slice(None) if d == dep_axis else 0 for d in range(dep.ndim))]
+  return v + layer_rows.along(0 * first_B.astype(v.dtype), v.ndim, axis)
 
 
 def _layer_tap(layer: lt.Layer, form: str, dummy_B: jax.Array) -> Callable:
@@ -172,12 +175,9 @@ def _layer_tap(layer: lt.Layer, form: str, dummy_B: jax.Array) -> Callable:
     return out, act
 
   def bwd(act, ct):
-    if _SEQUENCE and jnp.issubdtype(act.dtype, jnp.floating):
-      act = _add_rows(act, _row_zero(ct, layer.out_batch_axis), layer.batch_axis)
+    act = _after(act, layer.batch_axis, ct, layer.out_batch_axis)
     sq_B = ghost_norms.sq_norms(layer, form, act, ct)
-    if _SEQUENCE:
-      ct = _add_rows(ct, 0 * sq_B, layer.out_batch_axis)
-    return ct, None, _like(sq_B, like)
+    return _after(ct, layer.out_batch_axis, sq_B, 0), None, _like(sq_B, like)
 
   tap.defvjp(fwd, bwd)
   return lambda layer, act, out: (tap(out, act, dummy_B), None)
