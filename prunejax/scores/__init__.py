@@ -24,10 +24,10 @@ from typing import Any, Callable
 import jax
 
 from prunejax.errors import check_choice
+from prunejax.layer_taps import penultimate
 from prunejax.scores.dynamics import (CartographyState, ForgettingState, MeanState, Tracker, aum,
                                       average_over_checkpoints, cartography, forgetting,
                                       running_mean)
-from prunejax.layer_taps import penultimate
 from prunejax.scores.grand import (GhostPlan, ghost_plan, grand, grand_jacrev, grand_last_layer,
                                    grand_vmap)
 from prunejax.scores.io import align, load_scores, save_scores
