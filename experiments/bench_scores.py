@@ -42,16 +42,22 @@ MODELS = ("mlp", "cnn", "gpt", "resnet18", "plain_resnet")
 NUM_CLASSES = 10
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
-flags.DEFINE_integer("repeats", 5, "Timed calls per function (the median is reported).")
-flags.DEFINE_list("models", list(MODELS), f"Models to benchmark, from {MODELS}.")
-flags.DEFINE_bool("quick", False, "Small inputs and narrow models: a smoke run.")
-flags.DEFINE_float("resnet_width", 0.25, "Width multiplier of ResNet-18.")
-flags.DEFINE_integer("gpt_tokens", 64, "Tokens per example for the GPT classifier.")
-flags.DEFINE_integer("gpt_width", 128, "Width of the GPT classifier (depth 2, 4 heads).")
-flags.DEFINE_bool("skip_baselines", False, "Leave out the vmap(grad) and jacrev baselines.")
-flags.DEFINE_float("max_gb", 4.0, "Functions whose compiled peak memory exceeds this are compiled "
-                   "and reported but not run.")
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when this file runs as a script, so that another
+  script can import :func:`measure` and define its own."""
+  flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
+  flags.DEFINE_integer("repeats", 5, "Timed calls per function (the median is reported).")
+  flags.DEFINE_list("models", list(MODELS), f"Models to benchmark, from {MODELS}.")
+  flags.DEFINE_bool("quick", False, "Small inputs and narrow models: a smoke run.")
+  flags.DEFINE_float("resnet_width", 0.25, "Width multiplier of ResNet-18.")
+  flags.DEFINE_integer("gpt_tokens", 64, "Tokens per example for the GPT classifier.")
+  flags.DEFINE_integer("gpt_width", 128, "Width of the GPT classifier (depth 2, 4 heads).")
+  flags.DEFINE_bool("skip_baselines", False, "Leave out the vmap(grad) and jacrev baselines.")
+  flags.DEFINE_float("max_gb", 4.0, "Functions whose compiled peak memory exceeds this are "
+                     "compiled and reported but not run.")
+
 
 # ----------------------------------------------------------------------------------------------
 # A user's residual convnet in plain JAX.
@@ -278,4 +284,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
