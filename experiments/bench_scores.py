@@ -9,10 +9,10 @@ update), EL2N, GraNd (:func:`prunejax.scores.grand`, one forward and one backwar
 per-layer taps), GraNd by ``vmap(grad)`` over the whole batch, and GraNd by ``jacrev`` of the
 per-example losses (the Data Diet way). Throughput is examples/s from the median of ``--repeats``
 calls, timed after a warm-up in interleaved rounds (one call of each function per round), so that
-load from other processes weighs on all of them alike. Peak memory is XLA's own account of the compiled function (arguments +
-outputs + temporaries - aliased buffers, from ``compiled.memory_analysis()``), so every function is
-measured the same way on CPU or GPU. ``max |GraNd / vmap(grad) - 1|`` checks the fast path on the
-device it ran on.
+load from other processes weighs on all of them alike. Peak memory is XLA's own account of the
+compiled function (arguments + outputs + temporaries - aliased buffers, from
+``compiled.memory_analysis()``), so every function is measured the same way on CPU or GPU.
+``max |GraNd / vmap(grad) - 1|`` checks the fast path on the device it ran on.
 
 Models (random inputs and labels): ``mlp`` LeNet-300-100 on 28x28x1; ``cnn`` (32, 64) features,
 dense 128 on 32x32x3; ``resnet18`` (``--resnet_width`` times the standard widths) on 32x32x3;
