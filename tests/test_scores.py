@@ -294,14 +294,14 @@ def _outside_case(library: str):
   """(apply_fn, params) of a small conv + dense model from another library, float64."""
   key = jax.random.key(3)
   if library == "equinox":
-    import equinox as eqx
+    eqx = pytest.importorskip("equinox")  # not a dependency of prunejax: the test extra's.
     k1, k2 = jax.random.split(key)
     model = eqx.nn.Sequential([eqx.nn.Conv2d(3, 4, 3, key=k1), eqx.nn.Lambda(jnp.tanh),
                                eqx.nn.Lambda(jnp.ravel), eqx.nn.Linear(4 * 6 * 6, 3, key=k2)])
     params, static = eqx.partition(model, eqx.is_array)
     return lambda p, x: jax.vmap(eqx.combine(p, static))(x), params, (B, 3, 8, 8)
   if library == "haiku":
-    import haiku as hk
+    hk = pytest.importorskip("haiku")
     f = hk.without_apply_rng(hk.transform(lambda x: hk.Sequential(
         [hk.Conv2D(4, 3), jnp.tanh, hk.Flatten(), hk.Linear(3)])(x)))
     return f.apply, f.init(key, jnp.zeros((1, 8, 8, 3))), (B, 8, 8, 3)
