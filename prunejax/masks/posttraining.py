@@ -215,6 +215,11 @@ def _analyse(apply_fn: ApplyFn, params: Params, x: Any, filter_fn: FilterFn | No
   """The prunable layers of ``apply_fn`` (host side, from shapes alone)."""
   params_a, x_a = _abstract(params), _abstract(x)
   plan = lt.find_layers(apply_fn, params_a, x_a)
+  if not plan.layers:
+    hint = (" (the example axis is found by tracing at B and 2B, and apply_fn traces differently"
+            " at B=1: use batches of at least 2)" if plan.batch_size == 1 else "")
+    raise ConfigError(f"{what}: no dense or conv layer found in apply_fn on a batch of "
+                      f"{plan.batch_size}{hint}")
   path_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   chosen = filter_fn or linear_filter_fn
   flags = tuple(bool(chosen(p, l)) for p, l in path_leaves)
@@ -232,14 +237,15 @@ def _analyse(apply_fn: ApplyFn, params: Params, x: Any, filter_fn: FilterFn | No
   ks = sorted(k for v in by_leaf.values() for k in v)
   group_of = _input_groups(plan, params_a, x_a, ks)
   ops = jax.eval_shape(lambda p: _frames(plan, p, ks), params_a)
+  for i, mine in by_leaf.items():  # each weight entry must feed exactly one layer
+    if sum(math.prod(ops[k].shape) for k in mine) != math.prod(jnp.shape(path_leaves[i][1])):
+      raise _use_error(what, path_str(path_leaves[i][0]), plan, [("other", k) for k in mine])
   layers = []
   for k in ks:
     i = plan.layers[k].leaf
     name = path_str(path_leaves[i][0])
     if len(by_leaf[i]) > 1:
       name += f"#{by_leaf[i].index(k)}"
-    elif math.prod(ops[k].shape) != math.prod(jnp.shape(path_leaves[i][1])):
-      raise _use_error(what, name, plan, [("other", k)])
     layers.append(LinearLayer(name, k, i, plan.layers[k].kind, tuple(ops[k].shape), group_of[k]))
   groups = {}
   for layer in layers:
@@ -396,25 +402,24 @@ def calibrate(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], *, gr
 
 def calibration_nbytes(apply_fn: ApplyFn, params: Params, x: Any, *, gram: bool = True,
                        filter_fn: FilterFn | None = None) -> dict[str, int]:
-  """Bytes of the calibration statistics, from shapes alone (nothing is allocated).
+  """Bytes of the calibration statistics, from shapes alone (nothing is allocated or compiled).
 
   Args:
-    apply_fn, params, x: as :func:`calibrate` (``ShapeDtypeStruct`` leaves are enough).
-    gram: with the Gram matrices (SparseGPT) or norms only (Wanda).
+    apply_fn, params, x: as :func:`calibrate` (``jax.ShapeDtypeStruct`` leaves are enough).
+    gram: with the Gram matrices (SparseGPT) or the norms only (Wanda).
     filter_fn: the prunable leaves.
 
   Returns:
-    ``{"largest_group": ..., "all_groups": ...}``: the statistics of the largest input group (all
-    that :func:`sparsegpt` and :func:`wanda` hold at once in sequential mode) and of all groups
-    together (what :func:`calibrate` returns).
+    ``{"largest_group": ..., "all_groups": ...}``: the float32 statistics of the largest input
+    group (all that :func:`sparsegpt` and :func:`wanda` hold at once in sequential mode) and of
+    all groups together (what :func:`calibrate` returns).
   """
   an = _analyse(apply_fn, params, x, filter_fn, "calibration_nbytes")
+  shape = {layer.index: layer.shape for layer in an.layers}
   sizes = []
   for ks in an.groups:
-    shapes = jax.eval_shape(functools.partial(
-        _batch_stats, apply_fn=apply_fn, reps=(ks[0],), gram=gram, token_mask_fn=None),
-        _abstract(params), {"x": _abstract(x)})
-    sizes.append(sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes)))
+    g, k, _ = shape[ks[0]]
+    sizes.append(4 * (g * k * (k + 1 if gram else 1) + 1))
   return {"largest_group": max(sizes), "all_groups": sum(sizes)}
 
 
@@ -734,7 +739,7 @@ class _Run(NamedTuple):
 
 def _setup(what: str, apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], sparsity: Any,
            scope: str, distribution: Any, filter_fn: FilterFn | None,
-           token_mask_fn: Callable | None, mesh: Any, m_divides: int = 1) -> _Run:
+           token_mask_fn: Callable | None, mesh: Any, blocksize: int | None = None) -> _Run:
   check_choice("scope", scope, SCOPES)
   rule = _rule(sparsity)
   batches, _ = _device_batches(batches, mesh)
@@ -747,8 +752,8 @@ def _setup(what: str, apply_fn: ApplyFn, params: Params, batches: Iterable[Batch
       if layer.shape[1] % m:
         raise ConfigError(f"{what}: {layer.name} has {layer.shape[1]} inputs per output, not "
                           f"divisible by M={m} of sparsity={sparsity!r}")
-    if m_divides % m:
-      raise ConfigError(f"{what}: blocksize={m_divides} is not a multiple of M={m}")
+    if blocksize is not None and blocksize % m:
+      raise ConfigError(f"{what}: blocksize={blocksize} is not a multiple of M={m}")
 
   def global_scores():
     ks = tuple(layer.index for layer in an.layers)
@@ -885,7 +890,7 @@ def sparsegpt(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], spars
   if not damp > 0:
     raise ConfigError(f"damp={damp!r} is not allowed; expected a positive fraction, e.g. 0.01")
   run = _setup("sparsegpt", apply_fn, params, batches, sparsity, scope, distribution, filter_fn,
-               token_mask_fn, mesh, m_divides=blocksize)
+               token_mask_fn, mesh, blocksize=blocksize)
   per_row = scope == "row"
 
   def layer_fn(layer, frame, stats, count):
