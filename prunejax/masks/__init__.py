@@ -20,8 +20,8 @@ from prunejax.masks.distributions import custom, erk, uniform
 from prunejax.masks.methods import METHODS, MaskInputs, MaskMethod
 from prunejax.masks.posttraining import (Calibration, LayerStats, LinearLayer, calibrate,
                                          calibration_nbytes, layer_errors, linear_filter_fn,
-                                         obs_prune, sparsegpt, sparsegpt_scores, wanda,
-                                         wanda_scores)
+                                         linear_layers, obs_prune, sparsegpt, sparsegpt_scores,
+                                         wanda, wanda_scores)
 from prunejax.masks.lottery import RewindPoint, rewind, rewind_state, save_rewind_point
 from prunejax.masks.structured import (ATTENTION_NAMES, LAYOUTS, channels, heads, leaf_layout, n_m,
                                        neurons, structured_filter_fn)

@@ -253,6 +253,17 @@ def _analyse(apply_fn: ApplyFn, params: Params, x: Any, filter_fn: FilterFn | No
   return _Analysis(tuple(layers), flags, tuple(tuple(v) for v in groups.values()))
 
 
+def linear_layers(apply_fn: ApplyFn, params: Params, x: Any, *,
+                  filter_fn: FilterFn | None = None) -> tuple[LinearLayer, ...]:
+  """The layers :func:`wanda` and :func:`sparsegpt` prune, in program order (from shapes alone;
+  a sequential pass over the calibration set runs once per distinct ``LinearLayer.group``).
+
+  Raises:
+    ConfigError: the filter selects no leaf, or a leaf that is not a dense or conv weight.
+  """
+  return _analyse(apply_fn, params, x, filter_fn, "linear_layers").layers
+
+
 # ----------------------------------------------------------------------------------------------
 # Statistics: a tap per input group, summed over the batches inside jit.
 # ----------------------------------------------------------------------------------------------
