@@ -51,3 +51,28 @@ def test_post_training_quick_runs_saves_calibration_ids_and_resumes(tmp_path):
   again = run_lib.run(config, workdir)
   assert time.perf_counter() - t0 < 60
   assert again == rows
+
+
+def test_post_training_of_a_loaded_gpt2_checkpoint(tmp_path):
+  from test_pretrained import TINY, random_gpt2_tensors, write_checkpoint
+  from test_text import write_gpt2_format_files
+  ckpt = tmp_path / "gpt2"
+  ckpt.mkdir()
+  vocab, _ = write_gpt2_format_files(ckpt)
+  tiny = dict(TINY, vocab_size=len(vocab), bos_token_id=len(vocab) - 1,
+              eos_token_id=len(vocab) - 1)
+  write_checkpoint(ckpt, tiny, random_gpt2_tensors(tiny))
+  config = post_training.get_config("gpt2_quick")
+  config.model.checkpoint_dir = str(ckpt)
+  config.post_training.methods = ("magnitude", "sparsegpt")
+  config.post_training.calibration = ("random",)
+  config.post_training.sparsities = (0.5,)
+  rows = run_lib.run(config, str(tmp_path / "w"))
+  pruned = [r for r in rows if r["strategy"] == "post_training"]
+  assert len(pruned) == 2 and all(abs(r["sparsity"] - 0.5) < 1e-3 for r in pruned)
+  # GPT-2's fused c_attn was loaded as query, key and value; two blocks, the head left dense.
+  names = sorted(pruned[0]["layer_errors"])
+  assert len(names) == 12 and names[0] == "block_0/attn/key/kernel"
+  magnitude, sparsegpt = sorted(pruned, key=lambda r: r["method"])
+  # Reconstruction beats magnitude on the mean layer error over held-out snippets.
+  assert sparsegpt["mean_layer_error"] < magnitude["mean_layer_error"]

@@ -10,6 +10,7 @@ reconstruction error on 256 test snippets; ``post_training.md`` tabulates them o
 
 Command:  python -m experiments.run --config=experiments/configs/post_training.py --workdir=runs/pt
 Quick:    python -m experiments.run --config=experiments/configs/post_training.py:quick
+          (gpt2_quick: the same on a pretrained checkpoint, for tests on a tiny random one)
 Pretrained GPT-2 (fine-tuned first, as gpt2_rotten_tomatoes.py; one GPU):
           python -m experiments.run --config=experiments/configs/post_training.py:gpt2 \\
             --config.model.checkpoint_dir=~/gpt2 --workdir=runs/pt_gpt2
@@ -22,31 +23,32 @@ from experiments.configs import base, gpt2_rotten_tomatoes, rotten_tomatoes
 
 
 def get_config(variant: str = ""):
-  if variant == "gpt2":
-    c = gpt2_rotten_tomatoes.get_config()
+  gpt2 = variant.startswith("gpt2")
+  quick = variant in ("quick", "gpt2_quick")
+  if variant not in ("", "quick", "gpt2", "gpt2_quick"):
+    raise ValueError(f"unknown variant {variant!r}; expected '', 'quick', 'gpt2' or 'gpt2_quick'")
+  if gpt2:  # gpt2_quick: the tests run it on a tiny random checkpoint they write
+    c = gpt2_rotten_tomatoes.get_config("quick" if quick else "")
   else:
     c = rotten_tomatoes.get_config()
-  c.name = "post_training" + ("_gpt2" if variant == "gpt2" else "")
+  c.name = "post_training" + ("_gpt2" if gpt2 else "")
   c.strategies = ("post_training",)
   c.replicates = 3
   c.post_training = base.get_config().post_training
-  if variant == "quick":
+  if quick:
     c.replicates = 1
-    c.train.epochs = 1
-    c.train.batch_size = 32
-    c.dataset.num_train = 256
-    c.dataset.num_test = 128
-    c.dataset.vocab_size = 512
-    c.dataset.max_len = 16
-    c.model.width = 32
-    c.model.num_heads = 2
-    c.model.depth = 1
     c.post_training.sparsities = (0.5, "2:4")
     c.post_training.calibration = ("random", "el2n_hard")
     c.post_training.calibration_size = 32
     c.post_training.error_size = 32
     c.post_training.batch_size = 16
     c.post_training.blocksize = 16
-  elif variant not in ("", "gpt2"):
-    raise ValueError(f"unknown variant {variant!r}; expected '', 'quick' or 'gpt2'")
+  if variant == "quick":
+    c.train.epochs = 1
+    c.train.batch_size = 32
+    c.dataset.num_train = 256
+    c.dataset.num_test = 128
+    c.dataset.vocab_size = 512
+    c.dataset.max_len = 16
+    c.model.update(dict(width=32, num_heads=2, depth=1))
   return c

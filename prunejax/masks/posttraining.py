@@ -138,6 +138,9 @@ class _Analysis(NamedTuple):
   groups: tuple[tuple[int, ...], ...]    # per input group, its layers' plan indices
 
 
+# The only use of layer_taps' private walker: it has no public hook that returns a layer's weight
+# operand (the leaf seen through reshapes, transposes, slices and casts). This class and
+# _operands are the place to change if that walker changes or such a hook appears.
 class _OperandWalker(lt._Walker):  # pylint: disable=protected-access
   """The parameter-side walk of :func:`prunejax.layer_taps.site_values`, recording the weight
   operand of the wanted layers (the value the layer's equation multiplies the batch by)."""
@@ -154,7 +157,8 @@ class _OperandWalker(lt._Walker):  # pylint: disable=protected-access
 
 def _operands(plan: lt.LayerPlan, params: Params, ks: Iterable[int]) -> dict:
   walker = _OperandWalker(plan, frozenset(ks))
-  walker.run(plan.jaxpr, plan.consts, plan.leaf_metas + [lt._X] * plan.num_x,  # pylint: disable=protected-access
+  x_metas = [lt._X] * plan.num_x  # pylint: disable=protected-access
+  walker.run(plan.jaxpr, plan.consts, plan.leaf_metas + x_metas,
              jax.tree.leaves(params) + [None] * plan.num_x)
   return walker.operands
 
