@@ -754,8 +754,10 @@ class _Run(NamedTuple):
 
 def _setup(what: str, apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], sparsity: Any,
            scope: str, distribution: Any, filter_fn: FilterFn | None,
-           token_mask_fn: Callable | None, mesh: Any, blocksize: int | None = None) -> _Run:
+           token_mask_fn: Callable | None, mesh: Any, max_stats_bytes: int,
+           blocksize: int | None = None) -> _Run:
   check_choice("scope", scope, SCOPES)
+  check_positive_int("max_stats_bytes", max_stats_bytes)
   rule = _rule(sparsity)
   batches, _ = _device_batches(batches, mesh)
   x = batches[0]["x"]
@@ -854,7 +856,7 @@ def wanda(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], sparsity:
     ICLR 2024.
   """
   run = _setup("wanda", apply_fn, params, batches, sparsity, scope, distribution, filter_fn,
-               token_mask_fn, mesh)
+               token_mask_fn, mesh, max_stats_bytes)
 
   def layer_fn(layer, frame, stats, count):
     return None, _wanda_frame(frame, stats.norms_sq, jnp.asarray(count, jnp.int32), scope=scope,
@@ -905,7 +907,7 @@ def sparsegpt(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], spars
   if not damp > 0:
     raise ConfigError(f"damp={damp!r} is not allowed; expected a positive fraction, e.g. 0.01")
   run = _setup("sparsegpt", apply_fn, params, batches, sparsity, scope, distribution, filter_fn,
-               token_mask_fn, mesh, blocksize=blocksize)
+               token_mask_fn, mesh, max_stats_bytes, blocksize=blocksize)
   per_row = scope == "row"
 
   def layer_fn(layer, frame, stats, count):
