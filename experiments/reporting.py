@@ -32,7 +32,8 @@ CONFIDENCE = 0.95
 """Coverage of every interval in the report (two-sided Student t)."""
 
 FAMILIES = {"dense": "dense", "static": "static subsets", "iterative": "iterative data pruning",
-            "online": "online data pruning", "imp": "IMP", "pai": "pruning at initialization"}
+            "online": "online data pruning", "imp": "IMP", "pai": "pruning at initialization",
+            "post_training": "post-training pruning (no retraining)"}
 """The families of strategies the headline speaks of, by :func:`family`."""
 
 # ----------------------------------------------------------------------------------------------
@@ -83,9 +84,12 @@ def estimate(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimat
 def family(row: dict) -> str:
   """The family of a result row: ``dense``, ``static`` (a fixed subset: random or by a score),
   ``iterative``, ``online`` (an online pruner), ``imp`` (rounds of weight pruning: IMP, its
-  controls, IMP with data pruning) or ``pai`` (pruning at initialization)."""
+  controls, IMP with data pruning), ``pai`` (pruning at initialization) or ``post_training``
+  (a trained model pruned without retraining)."""
   if row["strategy"] == "dense":
     return "dense"
+  if row["strategy"] == "post_training":
+    return "post_training"
   if "method" in row:
     return "pai"
   if "round" in row:
@@ -109,11 +113,11 @@ def setting_key(row: dict) -> tuple:
   if fam == "static" and nominal is None:
     nominal = round(float(row.get("fraction_kept", 1.0)), 2)
   sparsity = row.get("nominal_sparsity")
-  if fam == "pai" and sparsity is None:
+  if fam in ("pai", "post_training") and sparsity is None:
     sparsity = round(float(row.get("sparsity", 0.0)), 2)
   return (row["strategy"], row.get("convention") or None, row.get("method"), row.get("round"),
           float(nominal) if fam == "static" else None,
-          float(sparsity) if fam == "pai" else None)
+          float(sparsity) if fam in ("pai", "post_training") else None)
 
 
 def setting_descriptions(config) -> dict[str, str]:
@@ -374,7 +378,7 @@ def _data_lines(by_family, matches, metric: str) -> list[str]:
 def _weight_lines(by_family, matches, metric: str, summary: list[dict]) -> list[str]:
   """Headline lines of the weight-pruning families: the sparsest setting that matches dense."""
   lines = []
-  for fam in ("imp", "pai"):
+  for fam in ("imp", "pai", "post_training"):
     cands = [s for s in by_family.get(fam, []) if s["sparsity"] > 0]
     if not cands:
       continue
@@ -467,7 +471,7 @@ def plots(workdir: str, rows: list[dict], summary: list[dict]) -> list[str]:
   for s in summary:
     if s["family"] in ("static", "iterative", "online") and s["convention"] in (None, "epochs"):
       curves[s["strategy"]].append(s)
-    if s["family"] in ("imp", "pai") and s["sparsity"] > 0:
+    if s["family"] in ("imp", "pai", "post_training") and s["sparsity"] > 0:
       weights[s["strategy"] + (f" {s['method']}" if s["method"] else "")].append(s)
   figures = {
       "accuracy_vs_data_kept.png": curves and _accuracy_figure(

@@ -7,6 +7,7 @@
 * :mod:`~prunejax.masks.structured`: neurons, channels, heads, N:M, in any kernel layout.
 * :mod:`~prunejax.masks.compact`: structured-pruned models rebuilt smaller.
 * :mod:`~prunejax.masks.lottery`: rewind points for lottery-ticket experiments.
+* :mod:`~prunejax.masks.posttraining`: Wanda and SparseGPT from a calibration set, no retraining.
 * :mod:`~prunejax.masks.methods`: :data:`METHODS`, the registry of mask methods under one contract.
 """
 
@@ -17,6 +18,10 @@ from prunejax.masks.core import (EMBEDDING_NAME, POSITION_NAME, PRUNABLE_NAMES, 
                                  sparsity_of, threshold_mask)
 from prunejax.masks.distributions import custom, erk, uniform
 from prunejax.masks.methods import METHODS, MaskInputs, MaskMethod
+from prunejax.masks.posttraining import (Calibration, LayerStats, LinearLayer, calibrate,
+                                         calibration_nbytes, layer_errors, linear_filter_fn,
+                                         linear_layers, obs_prune, sparsegpt, sparsegpt_scores,
+                                         wanda, wanda_scores)
 from prunejax.masks.lottery import RewindPoint, rewind, rewind_state, save_rewind_point
 from prunejax.masks.structured import (ATTENTION_NAMES, LAYOUTS, channels, heads, leaf_layout, n_m,
                                        neurons, structured_filter_fn)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from prunejax.errors import ConfigError
 from prunejax.masks import fisher
+from prunejax.masks import posttraining as pt
 from prunejax.masks import unstructured as un
 from prunejax.types import ApplyFn, Batch, FilterFn, Mask, Params, PyTree
 
@@ -99,6 +100,14 @@ METHODS: dict[str, MaskMethod] = {m.name: m for m in (
     MaskMethod("fisher", lambda p, i: fisher.fisher_scores_jit(i.apply_fn, p, i.batch),
                needs=("apply_fn", "batch"),
                description="OBD with the empirical Fisher diagonal, 0.5 w^2 E[g^2] (Theis 2018)"),
+    MaskMethod("wanda", lambda p, i: pt.wanda_scores(i.apply_fn, p, [i.batch]),
+               needs=("apply_fn", "batch"),
+               mask_fn=lambda p, s, i, **kw: pt.wanda(i.apply_fn, p, [i.batch], s, **kw),
+               description="|w| * ||x_j|| on calibration inputs, layer by layer (Sun et al. 2023)"),
+    MaskMethod("sparsegpt", lambda p, i: pt.sparsegpt_scores(i.apply_fn, p, [i.batch]),
+               needs=("apply_fn", "batch"),
+               mask_fn=lambda p, s, i, **kw: pt.sparsegpt(i.apply_fn, p, [i.batch], s, **kw)[0],
+               description="OBS reconstruction layer by layer, the mask only (Frantar 2023)"),
     MaskMethod("synflow", lambda p, i: un.synflow_scores(i.apply_fn, p, i.input_shape),
                needs=("apply_fn", "input_shape"),
                mask_fn=lambda p, s, i, **kw: un.synflow(i.apply_fn, p, s, i.input_shape, **kw),
