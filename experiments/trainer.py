@@ -81,7 +81,9 @@ def initial_state(ctx, ids: np.ndarray, *, seed: int, epochs: int, pruner: onlin
   tx = _optimizer(json.dumps(cfg.optimizer.to_dict(), sort_keys=True, default=str), steps, epochs,
                   mask is not None)
   state = train.create_train_state(ctx.model(), tx, jax.random.key(seed), ctx.x_example,
-                                   ctx.preprocess, ctx.initial_variables(seed))
+                                   ctx.preprocess, ctx.initial_variables(seed),
+                                   accumulation_steps=cfg.train.get("accumulation_steps", 1),
+                                   loss_scale=cfg.train.get("loss_scale", 1.0))
   mask = _copy(mask)
   if mask is not None and jax.tree.structure(mask) != jax.tree.structure(state.params):
     raise ConfigError(f"mask structure {jax.tree.structure(mask)} does not match the params "
