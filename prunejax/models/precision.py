@@ -5,8 +5,8 @@ The recipe of accelerator training (Micikevicius et al. 2018; bfloat16 on TPUs, 
 casts its inputs and its parameters to ``compute_dtype`` (bfloat16 or float16) for the matrix
 multiplies and convolutions, where the throughput and the activation memory are. What needs the
 range or the precision stays float32: LayerNorm and BatchNorm statistics (Flax reduces them in
-float32), the attention softmax, global pooling, and the logits, which every model returns in float32
-so that losses and scores reduce in float32. float16 has a narrow range: train it with a loss scale
+float32), the attention softmax, global pooling, the GPT's residual stream, and the logits, which
+every model returns in float32 so that losses and scores reduce in float32. float16 has a narrow range: train it with a loss scale
 (:func:`prunejax.train.create_train_state`'s ``loss_scale``); bfloat16 needs none.
 
 ``compute_dtype=None`` (the models' default) keeps the dtype of the inputs and params, so a model
@@ -49,6 +49,11 @@ def module_dtypes(module: Any) -> tuple[jnp.dtype | None, jnp.dtype]:
   name = type(module).__name__
   return (dtype_of(f"{name}.compute_dtype", module.compute_dtype),
           dtype_of(f"{name}.param_dtype", module.param_dtype))
+
+
+def is_narrow(dtype: Any) -> bool:
+  """Whether ``dtype`` (None: the inputs' own) is a compute dtype narrower than float32."""
+  return dtype is not None and jnp.dtype(dtype).itemsize < 4
 
 
 def at_least_float32(x: jax.Array) -> jax.Array:

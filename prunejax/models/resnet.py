@@ -20,7 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prunejax.models.precision import at_least_float32, module_dtypes
+from prunejax.models.precision import at_least_float32, is_narrow, module_dtypes
+
+# In a narrow compute dtype BatchNorm (float32 statistics) is recomputed in the backward pass from
+# its narrow input, so that no float32 copy of an activation is kept for it.
+_RematBatchNorm = nn.remat(nn.BatchNorm)
 
 
 class _MaskedBN(nn.Module):
@@ -35,8 +39,9 @@ class _MaskedBN(nn.Module):
     m = None
     if mask_B is not None and self.train:
       m = jnp.broadcast_to(mask_B.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)
-    return nn.BatchNorm(use_running_average=not self.train, momentum=0.9, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="bn")(x, mask=m)
+    batch_norm = _RematBatchNorm if is_narrow(self.dtype) else nn.BatchNorm
+    return batch_norm(use_running_average=not self.train, momentum=0.9, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="bn")(x, mask=m)
 
 
 class BasicBlock(nn.Module):
