@@ -38,11 +38,6 @@ from prunejax import masks, optim, train
 from prunejax.models import MLP, GPTClassifier
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("repeats", 5, "Timed calls of each mask function (the median is reported).")
-flags.DEFINE_integer("inference_repeats", 15, "Timed calls of each forward pass (the median).")
-flags.DEFINE_bool("quick", False, "Small trees and models: a smoke run.")
-flags.DEFINE_float("sparsity", 0.9, "Sparsity of the global magnitude masks.")
-flags.DEFINE_integer("train_steps", 30, "Timed steps of each train step (masked and unmasked).")
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -230,11 +225,11 @@ def compaction_cases(quick: bool):
 
 
 def run(repeats: int, quick: bool, sparsity: float, train_steps: int,
-        inference_repeats: int) -> dict[str, list[dict]]:
-  """All three benchmarks; returns their rows."""
+        inference_repeats: int, depths: tuple[int, ...] = (18, 50)) -> dict[str, list[dict]]:
+  """All three benchmarks (the global mask on ResNet trees of ``depths``); returns their rows."""
   width = 0.25 if quick else 1.0
   mask_rows = []
-  for depth in (18, 50):
+  for depth in depths:
     params = random_tree(resnet_shapes(depth, width))
     mask_rows.append(bench_global_magnitude(f"ResNet-{depth} x{width}", params, sparsity, repeats))
     del params
@@ -276,5 +271,15 @@ def main(argv):
   print(format_tables(rows))
 
 
+def _define_flags() -> None:
+  """The command line (defined only when run as a script, so other scripts can import this one)."""
+  flags.DEFINE_integer("repeats", 5, "Timed calls of each mask function (the median is reported).")
+  flags.DEFINE_integer("inference_repeats", 15, "Timed calls of each forward pass (the median).")
+  flags.DEFINE_bool("quick", False, "Small trees and models: a smoke run.")
+  flags.DEFINE_float("sparsity", 0.9, "Sparsity of the global magnitude masks.")
+  flags.DEFINE_integer("train_steps", 30, "Timed steps of each train step (masked and unmasked).")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -1,22 +1,43 @@
 """The command line shared by every experiment script: ``--config``, ``--workdir``, ``--overwrite``.
 
-User errors (a bad config value, a bad flag, a workdir that is a file, ...) print one line on stderr and
-exit with code 2, without a traceback.
+Logging: prunejax's own progress at INFO and other libraries' records (orbax, absl, TFDS, grain,
+jax compilation) at WARNING and above; absl's ``--verbosity=N`` (``-v N``) shows everyone's at
+that level (0: INFO, 1: DEBUG, -1: WARNING).
+
+Every way a run can end prints at most one line of its own on stderr, without a traceback, and has
+its exit code:
+
+* 0: finished;
+* 2: a user error (a bad config value, a bad flag, a workdir that is a file or holds another
+  config);
+* 3: a non-finite loss or gradient (the line names the run, epoch, step and examples);
+* 74: a file could not be written or read (disk full, read-only, no permission; the line names it);
+* 75: another run holds the workdir (the line names its process); wait for it or use another;
+* 130 / 143: stopped by SIGINT / SIGTERM (or a preemption notice) at the next step, after saving the
+  training run in progress; rerunning the same command resumes it. A second signal stops at once.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Callable
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from prunejax.errors import PrunejaxError
+import prunejax
+from prunejax.errors import ConfigError, FileError, PrunejaxError, WorkdirBusyError
 from prunejax.train import NumericalError
+
+EXIT_IO = 74  # sysexits' EX_IOERR: a file could not be written or read
+EXIT_BUSY = 75  # sysexits' EX_TEMPFAIL: another run holds the workdir; try again later
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -26,6 +47,39 @@ def default_workdir(config_name: str) -> str:
   return os.path.join("runs", f"{config_name}-{stamp}")
 
 
+# Records logged from these folders are prunejax's own: the library and the experiments.
+_OWN_DIRS = (os.path.dirname(os.path.abspath(prunejax.__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+class OwnProgressFilter(logging.Filter):
+  """Passes prunejax's own log records at every level and other libraries' at WARNING and above.
+
+  Orbax, TFDS, grain and absl log through absl's logger, so a record is told apart by the file that
+  logged it (prunejax/ and experiments/) or by a ``prunejax`` logger name, not by the logger alone.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.WARNING or record.name.split(".")[0] == "prunejax"
+            or os.path.abspath(record.pathname).startswith(_OWN_DIRS))
+
+
+def configure_logging(verbosity_given: bool) -> None:
+  """prunejax's progress at INFO, third-party libraries (orbax, absl, TFDS, grain, jax compilation)
+  at WARNING; with ``--verbosity`` (``-v``) given, absl's verbosity alone decides, for everyone.
+
+  Call after the flags are parsed (``app.run`` installs absl's handler on the root logger).
+  """
+  handlers = logging.getLogger().handlers
+  for h in handlers:
+    for f in [f for f in h.filters if isinstance(f, OwnProgressFilter)]:
+      h.removeFilter(f)
+  if verbosity_given:
+    return
+  for h in handlers:
+    h.addFilter(OwnProgressFilter())
+
+
 def main(run: Callable, default_config: str) -> None:
   """Defines the flags and runs ``run(config, workdir)`` with one-line user errors."""
   config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, default_config),
@@ -33,7 +87,8 @@ def main(run: Callable, default_config: str) -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "where checkpoints and results go; rerun with the same "
                       "workdir to resume (default: a fresh folder under runs/)")
-  flags.DEFINE_bool("overwrite", False, "clear a workdir that holds a different config")
+  flags.DEFINE_bool("overwrite", False, "delete everything in the workdir (a run of this or "
+                    "another config) and start over")
   flags.DEFINE_string("coordinator_address", None, "multi-process runs: host:port of process 0 "
                       "(or $PRUNEJAX_COORDINATOR)")
   flags.DEFINE_integer("num_processes", None, "multi-process runs: number of processes, -1 to let "
@@ -50,22 +105,84 @@ def main(run: Callable, default_config: str) -> None:
     except Exception as e:  # noqa: BLE001 - config_flags wraps a missing file in several types.
       _fail(f"--config: {_last_line(e)}")
     workdir = flags.FLAGS.workdir or default_workdir(config.get("name", "run"))
-    # JAX reports at INFO which backends it could not start (libtpu on a GPU or CPU machine).
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    configure_logging(verbosity_given=bool(flags.FLAGS["verbosity"].present))
+    code = 1
     try:
-      from prunejax import parallel
-      parallel.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                      flags.FLAGS.process_id)
-      run(config, workdir, overwrite=flags.FLAGS.overwrite)
-    except PrunejaxError as e:
-      _fail(str(e))
-    except NumericalError as e:
-      _fail(str(e), code=3)
+      _guarded(run, config, workdir)
+      code = 0
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else 1
+      raise
+    finally:
+      _exit_watchdog(code)
 
+  from prunejax import checkpoint
+  # SIGTERM and SIGINT stop the run at the next step, saved (before jax.distributed.initialize,
+  # whose preemption service then takes SIGTERM over when there are several processes).
+  checkpoint.install_signal_handlers()
   try:
     app.run(_main, flags_parser=_parse_flags)
   except SystemExit:
     raise
+
+
+def _guarded(run: Callable, config, workdir: str) -> None:
+  """Runs the experiment; user errors, write failures, interrupts and numerical faults end it with
+  one line on stderr and an exit code of their own (see the module docstring)."""
+  from prunejax import checkpoint, parallel
+  try:
+    parallel.initialize_distributed(*_distributed_args())
+    run(config, workdir, overwrite=flags.FLAGS.overwrite)
+  except checkpoint.Interrupted as e:
+    _fail(f"interrupted by {e.signal_name}: {e.detail}; rerun the same command to resume",
+          code=e.exit_code, prefix="")
+  except KeyboardInterrupt:
+    _fail("interrupted by SIGINT before the run started or while stopping; rerun the same command "
+          "to resume from the last finished unit", code=130, prefix="")
+  except WorkdirBusyError as e:
+    _fail(str(e), code=EXIT_BUSY)
+  except FileError as e:
+    _fail(str(e), code=EXIT_IO)
+  except PrunejaxError as e:
+    _fail(str(e))
+  except NumericalError as e:
+    _fail(str(e), code=3)
+  except OSError as e:  # a write outside prunejax's own files (plots, TensorBoard events, ...)
+    from prunejax.fileio import os_error_message
+    _fail(os_error_message(e, e.filename or workdir, "write" if e.errno in _WRITE_ERRNOS else
+                           "use"), code=EXIT_IO)
+
+
+def _distributed_args() -> tuple[str | None, int | None, int | None]:
+  """--coordinator_address, --num_processes, --process_id, or their environment variables,
+  checked."""
+  f = flags.FLAGS
+  return (f.coordinator_address or os.environ.get("PRUNEJAX_COORDINATOR"),
+          f.num_processes if f.num_processes is not None else _env_int("PRUNEJAX_NUM_PROCESSES"),
+          f.process_id if f.process_id is not None else _env_int("PRUNEJAX_PROCESS_ID"))
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None or value.strip() == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ConfigError(f"{name}={value!r} is not an integer; set it to an integer or unset it") \
+        from None
+
+
+def _exit_watchdog(code: int, seconds: float = 60.0) -> None:
+  """Ends the process with ``code`` if it has not exited ``seconds`` after the run: no background
+  thread (a checkpoint writer stuck on a failed file system) can keep a finished run, and the
+  machine it holds, alive."""
+  def watch():
+    time.sleep(seconds)
+    print(f"error: background threads still running {seconds:.0f} s after the run ended; "
+          "exiting anyway", file=sys.stderr, flush=True)
+    os._exit(code)
+  threading.Thread(target=watch, daemon=True, name="exit-watchdog").start()
 
 
 def _parse_flags(argv):
@@ -91,6 +208,6 @@ def _last_line(e: BaseException) -> str:
   return errno[-1] if errno else lines[-1]
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
+def _fail(message: str, code: int = 2, prefix: str = "error: ") -> None:
+  print(f"{prefix}{message}", file=sys.stderr, flush=True)
   sys.exit(code)

@@ -5,8 +5,9 @@
     python -m experiments.run --config=experiments/configs/rotten_tomatoes.py
 
 Runs the strategies named in ``config.strategies`` (dense baseline; random, static score-based, batch and
-semi-batch data pruning; iterative data pruning; IMP with rewinding; ...), prints a summary table and
-writes report.md, results.json, results.csv, plots and TensorBoard events into the workdir. Rerunning
+semi-batch data pruning; iterative data pruning; IMP with rewinding; ...), prints a headline computed
+from the results, a summary table and the absolute paths of report.md, the plots and the TensorBoard
+events, and writes them (with results.json and results.csv) into the workdir. Rerunning
 the same command with the same ``--workdir`` resumes after the last finished unit of work.
 """
 
@@ -17,13 +18,23 @@ import time
 import jax
 from absl import logging
 
-from experiments import cli, common, reporting, strategies
+from experiments import cleaning, cli, common, reporting, strategies
+from prunejax import checkpoint
 
 
 def run(config, workdir: str, overwrite: bool = False) -> list[dict]:
   # ------------------------------------------------------------------------------ data, model
   common.validate_config(config)
-  common.prepare_workdir(workdir, config, overwrite)
+  # The workdir's lock is held for the whole run: a second run on it is refused before it touches
+  # anything, and the lock goes with the process on any exit.
+  with common.prepare_workdir(workdir, config, overwrite):
+    try:
+      return _run(config, workdir)
+    finally:
+      checkpoint.close_all()  # no checkpoint thread outlives the run, whatever stopped it
+
+
+def _run(config, workdir: str) -> list[dict]:
   ctx = common.setup(config, workdir)
   t0 = time.perf_counter()
   logging.info("%s on %s (%d train / %d test), model %s, %d replicates; workdir %s",
@@ -36,10 +47,11 @@ def run(config, workdir: str, overwrite: bool = False) -> list[dict]:
     rows += strategies.REGISTRY[name](ctx)
     logging.info("%-18s done in %6.1f s", name, time.perf_counter() - t)
   # ------------------------------------------------------------------------------ report
-  table = reporting.write_report(workdir, config, rows, strategies.baseline_compute(ctx))
-  if jax.process_index() == 0:  # the summary is the script's output, not a log line
-    print(table)
-    print(f"total {time.perf_counter() - t0:.1f} s; report: {workdir}/report.md", flush=True)
+  report = reporting.write_report(workdir, config, rows, strategies.baseline_compute(ctx),
+                                  num_train=len(ctx.ds.train), num_test=len(ctx.ds.test),
+                                  data_notes=cleaning.notes(ctx))
+  if jax.process_index() == 0:  # the headline and table are the script's output, not log lines
+    print(report.console(time.perf_counter() - t0), flush=True)
   return rows
 
 

@@ -1,9 +1,10 @@
 """The strategies an experiment can run, each producing result rows; :data:`REGISTRY` names them.
 
 Data pruning: ``dense`` (full data), ``random`` (a static random subset), a static subset by any
-registered score (``el2n``, ``grand``, ``forgetting``, ``aum``, ``prototypes``, ``label_quality``, ...;
-``experiments/scoring.py``), the online pruners of :data:`ONLINE_PRUNERS` (``random_dynamic``,
-``batch``, ``semi_batch``), and ``iterative`` (train, score, prune, retrain). Model pruning: ``imp``
+registered score (``el2n``, ``grand``, ``forgetting``, ``aum``, ``prototypes``, ``knn_outlier``,
+``label_quality``, ...; ``experiments/scoring.py``), ``semdedup`` (semantic deduplication), the
+online pruners of :data:`ONLINE_PRUNERS` (``random_dynamic``, ``batch``, ``semi_batch``),
+``rho_loss`` (batch pruning by reducible loss), and ``iterative`` (train, score, prune, retrain). Model pruning: ``imp``
 (lottery tickets with rewinding, any registered mask method) and its controls, ``pai`` (pruning at
 initialization by any registered mask method). ``joint``: data and weights pruned in the same run.
 
@@ -78,6 +79,27 @@ def online_strategy(ctx: common.Context, name: str) -> Rows:
   return rows
 
 
+def rho_loss(ctx: common.Context) -> Rows:
+  """RHO-LOSS (Mindermann et al. 2022): batch pruning by reducible loss, ``loss - irreducible
+  loss``, with the irreducible losses of an IL model that never saw the examples
+  (``experiments/scoring.irreducible_losses``); its training counts as scoring compute."""
+  rows = []
+  cfg = ctx.config
+  for r, ids, held, seed in _replicates(ctx):
+    def unit(key=f"rho_loss_r{r}"):
+      target_ids, il, il_compute = scoring.irreducible_losses(ctx, r, ids, seed)
+      pruner = online.BatchTopK(cfg.batch_pruning.keep_fraction, "reducible_loss",
+                                cfg.train.batch_size).with_irreducible_loss(target_ids, il)
+      run = trainer.train_model(ctx, target_ids, seed=seed, pruner=pruner, desc=f"rho_loss r{r}",
+                                checkpoint=key)
+      return trainer.result_row(ctx, "rho_loss", r, run, held,
+                                fraction_kept=cfg.batch_pruning.keep_fraction,
+                                nominal_fraction=-1.0, scoring_compute=il_compute,
+                                trained_on=len(target_ids) / len(ids))
+    rows.append(ctx.units.run(f"rho_loss_r{r}", unit))
+  return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Static subsets: random and score-based.
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +159,34 @@ def score_based(ctx: common.Context, name: str) -> Rows:
                          class_balanced=dp.class_balanced, offset=dp.offset, seed=seed)
 
   return _subset_runs(ctx, name, kept, scoring_compute=lambda r: get(r)[1])
+
+
+def semdedup(ctx: common.Context) -> Rows:
+  """SemDeDup (Abbas et al. 2023) as a static strategy: at each of ``data_pruning.keep_fractions``
+  it removes the most redundant examples (highest similarity to a kept example of their k-means
+  cluster), i.e. the threshold ``eps`` is chosen per fraction; the row records ``eps``."""
+  from prunejax import dedup
+  cfg = ctx.config
+  cache = {}
+
+  def result(r, ids, seed):
+    if r not in cache:
+      emb, compute = scoring.embeddings(ctx, ids, seed, f"semdedup embeddings r{r}")
+      res = dedup.semdedup(emb, ids_N=ids, num_clusters=min(cfg.dedup.num_clusters, len(ids)),
+                           key=jax.random.key(seed), keep=cfg.dedup.keep)
+      common.save_npz(os.path.join(ctx.workdir, "dedup", f"semdedup_r{r}.npz"), ids=res.ids,
+                      max_similarity=res.max_similarity, duplicate_of=res.duplicate_of)
+      cache[r] = (res, compute)
+    return cache[r]
+
+  def kept(r, ids, seed, frac):
+    res, _ = result(r, ids, seed)
+    n_keep = online.count_of(frac, len(ids))
+    order = np.lexsort((res.ids, res.max_similarity))  # least redundant first
+    return np.sort(res.ids[order[:n_keep]])
+
+  return _subset_runs(ctx, "semdedup", kept,
+                      scoring_compute=lambda r: result(r, *_split_and_seed(ctx, r))[1])
 
 
 def _split_and_seed(ctx, r):
@@ -203,6 +253,13 @@ def _data_kept(ctx, run, ids) -> dict:
           "nominal_fraction": -1.0}
 
 
+def _keeps_optimizer(ctx) -> bool:
+  """Whether IMP rounds start from the optimizer state of the rewind step (``imp.reset_optimizer``
+  False, ``imp.rewind_step`` > 0) rather than a fresh one."""
+  cfg = ctx.config.imp
+  return bool(cfg.rewind_step) and not cfg.get("reset_optimizer", True)
+
+
 def _imp_round0(ctx, strategy, r, ids, held, seed, pruner, init):
   """Round 0 of IMP: dense training; returns the round's checkpoint tree."""
   cfg = ctx.config.imp
@@ -214,7 +271,35 @@ def _imp_round0(ctx, strategy, r, ids, held, seed, pruner, init):
                              "of a training run")
   ctx.units.run(f"{strategy}_round0_r{r}", lambda: trainer.result_row(
       ctx, strategy, r, run0, held, sparsity=0.0, round=0, **_data_kept(ctx, run0, ids)))
-  return {"trained": run0.state.params, "rewind": rewind, "mask": masks.ones_mask(init)}
+  state = {"trained": run0.state.params, "rewind": rewind, "mask": masks.ones_mask(init)}
+  if _keeps_optimizer(ctx):
+    state["rewind_opt"] = run0.rewind_point.opt_state
+  return state
+
+
+def _imp_like(ctx, ids, pruner, init) -> dict:
+  """The structure of an IMP round's checkpoint (with the dense optimizer state at the rewind step
+  when the rounds keep it)."""
+  like = {"trained": init, "rewind": init, "mask": masks.ones_mask(init)}
+  if _keeps_optimizer(ctx):
+    like["rewind_opt"] = trainer.initial_state(ctx, ids, seed=0, epochs=ctx.config.train.epochs,
+                                               pruner=pruner or online.FullData()).opt_state
+  return like
+
+
+def _imp_rewind_point(ctx, state, mask) -> RewindPoint:
+  """Where round ``k`` starts: the rewind weights, and the optimizer state of the rewind step
+  (wrapped for the masked optimizer) when ``imp.reset_optimizer`` is False."""
+  opt_state = None
+  if "rewind_opt" in state:
+    from prunejax import optim
+    opt_state = optim.MaskedState(state["rewind_opt"], mask, jax.numpy.zeros((), jax.numpy.int32))
+  return RewindPoint(ctx.config.imp.rewind_step, state["rewind"], opt_state)
+
+
+def _imp_checkpoints(ctx, strategy: str, r: int):
+  from prunejax.checkpoint import RoundCheckpoints
+  return RoundCheckpoints(ctx.workdir, f"{strategy}_r{r}", fingerprint=ctx.units.fingerprint)
 
 
 def _imp_resume(ckpt, ctx, strategy, r, like):
@@ -235,37 +320,44 @@ def imp(ctx: common.Context, data_strategy: str | None = None, strategy: str = "
   0 = the initialization). Each round prunes the trained network with the mask method
   ``imp.method`` (magnitude by default; globally or layer-wise) to the next sparsity of the geometric
   schedule (``prunejax.schedules.geometric_levels``), rewinds the surviving weights
-  (``prunejax.masks.rewind``) and retrains with the mask. The mask, the rewind point and the trained
-  weights of every round are checkpointed, so a rerun resumes after the last finished round.
+  (``prunejax.masks.rewind``) and retrains with the mask, from a fresh optimizer state or, with
+  ``imp.reset_optimizer=False``, from the optimizer state of the rewind step. The mask, the rewind
+  point (with that optimizer state) and the trained weights of every round are checkpointed, so a
+  rerun resumes after the last finished round.
   """
-  from prunejax.checkpoint import RoundCheckpoints
   cfg = ctx.config.imp
   filter_fn, method = _filter_fn(ctx), masks.METHODS[cfg.get("method", "magnitude")]
   sparsities = schedules.geometric_levels(cfg.prune_per_round, cfg.target_sparsity)
   pruner = ONLINE_PRUNERS[data_strategy](ctx.config) if data_strategy else None
   rows = []
   for r, ids, held, seed in _replicates(ctx):
-    ckpt = RoundCheckpoints(ctx.workdir, f"{strategy}_r{r}")
-    init = _init_params(ctx, seed)
-    like = {"trained": init, "rewind": init, "mask": masks.ones_mask(init)}
-    last, state = _imp_resume(ckpt, ctx, strategy, r, like)
-    if last is None:
-      state, last = _imp_round0(ctx, strategy, r, ids, held, seed, pruner, init), 0
-      ckpt.save(0, state)
-    for rnd in range(last + 1, len(sparsities) + 1):
-      mask = method.mask(state["trained"], sparsities[rnd - 1],
-                         _mask_inputs(ctx, ids, seed + rnd, method.needs),
-                         scope=cfg.scope, filter_fn=filter_fn)
-      common.save_mask(os.path.join(ctx.workdir, "masks", f"{strategy}_round{rnd}_r{r}.npz"), mask)
-      run = trainer.train_model(ctx, ids, seed=seed, mask=mask, pruner=pruner,
-                                rewind_to=RewindPoint(cfg.rewind_step, state["rewind"]),
-                                desc=f"{strategy} round {rnd} r{r}")
-      ctx.units.run(f"{strategy}_round{rnd}_r{r}", lambda: trainer.result_row(
-          ctx, strategy, r, run, held, round=rnd,
-          sparsity=float(masks.sparsity_of(mask, filter_fn)), **_data_kept(ctx, run, ids)))
-      state = {"trained": run.state.params, "rewind": state["rewind"], "mask": mask}
-      ckpt.save(rnd, state)
-    ckpt.close()
+    ckpt = _imp_checkpoints(ctx, strategy, r)
+    try:
+      init = _init_params(ctx, seed)
+      like = _imp_like(ctx, ids, pruner, init)
+      last, state = _imp_resume(ckpt, ctx, strategy, r, like)
+      if last is None:
+        state, last = _imp_round0(ctx, strategy, r, ids, held, seed, pruner, init), 0
+        ckpt.save(0, state)
+      for rnd in range(last + 1, len(sparsities) + 1):
+        mask = method.mask(state["trained"], sparsities[rnd - 1],
+                           _mask_inputs(ctx, ids, seed + rnd, method.needs),
+                           scope=cfg.scope, filter_fn=filter_fn)
+        run = trainer.train_model(ctx, ids, seed=seed, mask=mask, pruner=pruner,
+                                  rewind_to=_imp_rewind_point(ctx, state, mask),
+                                  desc=f"{strategy} round {rnd} r{r}")
+        mask_path = os.path.join(ctx.workdir, "masks", f"{strategy}_round{rnd}_r{r}.npz")
+
+        def unit(mask=mask, run=run, rnd=rnd, mask_path=mask_path):
+          common.save_mask(mask_path, mask)  # recorded with the unit: redone if it is damaged
+          return trainer.result_row(ctx, strategy, r, run, held, round=rnd,
+                                    sparsity=float(masks.sparsity_of(mask, filter_fn)),
+                                    **_data_kept(ctx, run, ids))
+        ctx.units.run(f"{strategy}_round{rnd}_r{r}", unit)
+        state = {**state, "trained": run.state.params, "mask": mask}
+        ckpt.save(rnd, state)
+    finally:
+      ckpt.close()
     rows += [ctx.units.get(f"{strategy}_round{rnd}_r{r}") for rnd in range(len(sparsities) + 1)]
   return rows
 
@@ -297,16 +389,15 @@ def imp_controls(ctx: common.Context, control: str) -> Rows:
   ``imp_random_mask``: a random mask with the IMP mask's per-layer sparsities, trained from the
   IMP rewind point. Runs IMP first if it has not run yet.
   """
-  from prunejax.checkpoint import RoundCheckpoints
   imp(ctx)  # finished rounds are read back from the workdir
   filter_fn = _filter_fn(ctx)
   sparsities = schedules.geometric_levels(ctx.config.imp.prune_per_round,
                                           ctx.config.imp.target_sparsity)
   rows = []
   for r, ids, held, seed in _replicates(ctx):
-    ckpt = RoundCheckpoints(ctx.workdir, f"imp_r{r}")
+    ckpt = _imp_checkpoints(ctx, "imp", r)
     init = _init_params(ctx, seed)
-    like = {"trained": init, "rewind": init, "mask": masks.ones_mask(init)}
+    like = _imp_like(ctx, ids, None, init)
     for rnd in range(1, len(sparsities) + 1):
       def unit(rnd=rnd):
         imp_state = ckpt.restore(rnd, like)
@@ -347,7 +438,7 @@ def pai(ctx: common.Context) -> Rows:
           common.save_mask(os.path.join(ctx.workdir, "masks", f"pai_{name}_{sp}_r{r}.npz"), mask)
           run = trainer.train_model(ctx, ids, seed=seed, mask=mask, rewind_to=RewindPoint(0, init),
                                     desc=f"pai {name} {sp} r{r}")
-          return trainer.result_row(ctx, "pai", r, run, held, method=name,
+          return trainer.result_row(ctx, "pai", r, run, held, method=name, nominal_sparsity=sp,
                                     sparsity=float(masks.sparsity_of(mask, filter_fn)))
         rows.append(ctx.units.run(f"pai_{name}_{sp}_r{r}", unit))
   return rows
@@ -357,6 +448,8 @@ REGISTRY: dict[str, Callable[[common.Context], Rows]] = {
     "dense": dense,
     "random": random_static,
     **{name: functools.partial(online_strategy, name=name) for name in ONLINE_PRUNERS},
+    "rho_loss": rho_loss,
+    "semdedup": semdedup,
     **{name: functools.partial(score_based, name=name) for name in scoring.STATIC_SCORES},
     "iterative": iterative,
     "imp": imp,

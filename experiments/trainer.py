@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from prunejax import online, parallel, train
-from prunejax.checkpoint import RunCheckpoint
+from prunejax.checkpoint import RunCheckpoint, interrupted_at_step, stop_at_step
 from prunejax.errors import ConfigError
 from prunejax.masks import RewindPoint, apply_mask, rewind, save_rewind_point
 from prunejax.scores import jit_score, map_batches, score_dataset
@@ -39,6 +39,7 @@ class Run:
   steps: int = 0
   wall: float = 0.0
   rewind_point: RewindPoint | None = None
+  corrupted: float = 0.0  # back-propagated examples whose label was corrupted (label noise)
   history: list = dataclasses.field(default_factory=list)  # per epoch: train loss and accuracy
   first_step_end: float | None = None  # perf_counter after the first step (compile included)
 
@@ -53,6 +54,7 @@ class Run:
     m = train.summarize(metrics)
     self.forward += m["forward_count"]
     self.backward += m["count"]
+    self.corrupted += m.get("corrupted", 0.0)
     self.history.append({"epoch": epoch, "loss": m["loss"], "accuracy": m["accuracy"]})
 
 
@@ -73,15 +75,18 @@ def _copy(tree):
 
 
 def initial_state(ctx, ids: np.ndarray, *, seed: int, epochs: int, pruner: online.OnlinePruner,
-                  mask: Any = None, rewind_to: RewindPoint | None = None) -> train.TrainState:
+                  mask: Any = None, rewind_to: RewindPoint | None = None,
+                  model_overrides: dict | None = None) -> train.TrainState:
   """A fresh train state, or the rewind point's weights with ``mask`` (and the optimizer state
-  ``imp.reset_optimizer`` asks for), replicated over the mesh."""
+  ``imp.reset_optimizer`` asks for), replicated over the mesh. ``model_overrides`` change fields
+  of the config's model (e.g. a smaller irreducible-loss model), always freshly initialized."""
   cfg = ctx.config
   steps = pruner.steps_per_epoch(len(ids), cfg.train.batch_size)
   tx = _optimizer(json.dumps(cfg.optimizer.to_dict(), sort_keys=True, default=str), steps, epochs,
                   mask is not None)
-  state = train.create_train_state(ctx.model(), tx, jax.random.key(seed), ctx.x_example,
-                                   ctx.preprocess, ctx.initial_variables(seed),
+  variables = None if model_overrides else ctx.initial_variables(seed)
+  state = train.create_train_state(ctx.model(**(model_overrides or {})), tx, jax.random.key(seed),
+                                   ctx.x_example, ctx.preprocess, variables,
                                    accumulation_steps=cfg.train.get("accumulation_steps", 1),
                                    loss_scale=cfg.train.get("loss_scale", 1.0))
   mask = _copy(mask)
@@ -120,7 +125,8 @@ class _Checkpointing:
     tc = ctx.config.train
     self.every = int(tc.get("checkpoint_every_steps", 0) or 0)
     self.minutes = float(tc.get("checkpoint_minutes", 0) or 0)
-    self.ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", key))
+    self.ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", key),
+                               fingerprint=ctx.units.fingerprint)
                  if key and (self.every or self.minutes) else None)
     self.last = time.monotonic()
     self.mesh = ctx.mesh
@@ -174,6 +180,15 @@ class _Checkpointing:
       self.ckpt.delete()
 
 
+def _with_corrupted(ctx, plan: online.EpochPlan) -> online.EpochPlan:
+  """Under label noise, marks the plan's examples whose label was corrupted (a ``corrupted``
+  column), so the steps count how many of them are back-propagated."""
+  if ctx.corrupted_ids is None:
+    return plan
+  flags = np.isin(plan.ids, ctx.corrupted_ids).astype(np.float32)
+  return online.EpochPlan(plan.ids, {**plan.columns, "corrupted": flags})
+
+
 def _rewind_tree(point: RewindPoint | None) -> dict:
   return {} if point is None else {"params": point.params, "opt_state": point.opt_state}
 
@@ -182,7 +197,8 @@ def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
                 pruner: online.OnlinePruner | None = None, mask: Any = None,
                 rewind_to: RewindPoint | None = None, rewind_step: int | None = None,
                 desc: str = "train", checkpoint: str | None = None,
-                on_epoch: Callable[[int, train.TrainState], None] | None = None) -> Run:
+                on_epoch: Callable[[int, train.TrainState], None] | None = None,
+                model_overrides: dict | None = None) -> Run:
   """Trains a fresh model (or one rewound to ``rewind_to``) on the examples ``ids``.
 
   Args:
@@ -198,13 +214,14 @@ def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
     checkpoint: a key under which the run is checkpointed mid-way (``train.checkpoint_*``), so that
       an interrupted run resumes at the batch where it stopped.
     on_epoch: called after each epoch with (epoch, state), e.g. to record training dynamics.
+    model_overrides: fields of the config's model to change for this run.
   """
   cfg = ctx.config
   epochs = epochs or cfg.train.epochs
   pruner = pruner or online.FullData()
   ids = np.asarray(ids, np.int64)
   state = initial_state(ctx, ids, seed=seed, epochs=epochs, pruner=pruner, mask=mask,
-                        rewind_to=rewind_to)
+                        rewind_to=rewind_to, model_overrides=model_overrides)
   pstate = parallel.replicate(pruner.init(ids), ctx.mesh)
   run, ck = Run(state), _Checkpointing(ctx, checkpoint)
   resumed = ck.resume(run, state, pstate)
@@ -216,8 +233,8 @@ def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
     if resumed and epoch == start_epoch:
       state, pstate, _, start, plan, metrics = resumed
     else:
-      plan, start, metrics = pruner.plan(pstate, ids, seed=seed, epoch=epoch,
-                                         num_epochs=epochs), 0, None
+      plan, start, metrics = _with_corrupted(ctx, pruner.plan(
+          pstate, ids, seed=seed, epoch=epoch, num_epochs=epochs)), 0, None
     batches = ctx.batches(plan.ids, batch_size=cfg.train.batch_size, seed=seed, epoch=epoch,
                           shuffle=True, columns=plan.columns, start=start)
     hook = _after_step(run, ck, rewind_step, epoch, start, plan)
@@ -246,8 +263,11 @@ def _after_step(run: Run, ck: _Checkpointing, rewind_step, epoch: int, start: in
       run.first_step_end = time.perf_counter()
     if rewind_step is not None and run.rewind_point is None and global_step == rewind_step:
       run.rewind_point = save_rewind_point(global_step, state.params, state.opt_state)
-    if ck.due(global_step):
+    stop = stop_at_step()  # SIGTERM / SIGINT / a preemption notice: save here, then stop
+    if ck.due(global_step) or (stop and ck.ckpt is not None):
       ck.save(run, state, pstate, plan, metrics, epoch, start + i + 1, global_step)
+    if stop:
+      raise interrupted_at_step(global_step, saved=ck.ckpt is not None)
   return hook
 
 
@@ -318,6 +338,8 @@ def result_row(ctx, strategy: str, r: int, run: Run, held_out: np.ndarray | None
          "history": [{k: round(v, 6) for k, v in h.items()} for h in run.history]}
   if held_out is not None:
     row["val_accuracy"] = evaluate(ctx, run.state, held_out, split="train")
+  if ctx.corrupted_ids is not None:  # label noise: the share of corrupted back-propagated examples
+    row["corrupted_backprop_fraction"] = run.corrupted / max(run.backward, 1.0)
   row.setdefault("fraction_kept", 1.0)
   row.setdefault("sparsity", 0.0)
   row.update(fields)

@@ -7,11 +7,12 @@ Subpackages: :mod:`prunejax.data` (id-keyed sources, the grain loader, on-device
 schedules, masked optax), :mod:`prunejax.train` (steps and the epoch loop), :mod:`prunejax.losses`,
 :mod:`prunejax.checkpoint` (resumable units, round and mid-run checkpoints),
 :mod:`prunejax.dedup` (exact and semantic duplicates, train/test leakage), :mod:`prunejax.parallel`,
-:mod:`prunejax.report`.
+:mod:`prunejax.report`, :mod:`prunejax.adapters` (Flax NNX, Equinox and Haiku models as
+``(apply_fn, params)`` and back).
 """
 
-from prunejax import (checkpoint, data, dedup, losses, masks, models, online, optim, parallel,
-                      report, schedules, scores, select, train)
+from prunejax import (adapters, checkpoint, data, dedup, losses, masks, models, online, optim,
+                      parallel, report, schedules, scores, select, train)
 from prunejax.errors import ConfigError, DataError, PrunejaxError
 
 __version__ = "0.1.0"

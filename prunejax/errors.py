@@ -46,3 +46,12 @@ def check_positive_int(field: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise ConfigError(f"{field}={value!r} is not allowed; expected a positive integer")
   return value
+
+
+class FileError(PrunejaxError):
+  """A file cannot be written or read back (no space, read-only, no permission, damaged, or made
+  by another run); the message names the path and what to do."""
+
+
+class WorkdirBusyError(PrunejaxError):
+  """Another live process holds the workdir's lock."""

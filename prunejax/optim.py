@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from prunejax.errors import ConfigError
-from prunejax.masks.core import ones_mask
+from prunejax.masks.core import check_mask, ones_mask, reshard_like
 from prunejax.schedules import Schedule
 from prunejax.types import Mask, Params
 
@@ -54,6 +54,10 @@ def masked(tx: optax.GradientTransformation, mask: Mask | None = None, *,
   Returns:
     A ``GradientTransformation`` whose state is a :class:`MaskedState`; ``update`` needs ``params``.
 
+  Raises:
+    ConfigError: (at ``init`` / ``update``) a mask whose structure or leaf shapes differ from the
+      params' (a ``(1, n)`` mask is never broadcast over ``(m, n)`` weights), or non-bool leaves.
+
   References:
     Lee et al. 2022, "JaxPruner: A concise library for sparsity research" (masks in the optimizer
     state); Zhu and Gupta 2017 (gradual pruning inside training).
@@ -62,23 +66,42 @@ def masked(tx: optax.GradientTransformation, mask: Mask | None = None, *,
     raise ConfigError("masked: mask_fn and schedule go together (give both or neither)")
 
   def init_fn(params):
-    m = mask if mask is not None else ones_mask(params)
+    if mask is None:
+      m = ones_mask(params)
+    else:
+      check_mask(mask, params, "masked: mask")
+      m = jax.tree.map(reshard_like, mask, params)
     return MaskedState(tx.init(params), m, jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ConfigError("masked(...).update needs params (pruned weights are set to -params)")
-    m = state.mask
-    if mask_fn is not None:
-      s_now, s_prev = schedule(state.count), schedule(state.count - 1)
-      m = jax.lax.cond(s_now != s_prev, lambda: mask_fn(params, s_now), lambda: m)
-    grads = jax.tree.map(lambda g, k: jnp.where(k, g, jnp.zeros_like(g)), updates, m)
-    inner_updates, inner_state = tx.update(grads, state.inner_state, params)
-    new_updates = jax.tree.map(lambda u, p, k: jnp.where(k, u, -p).astype(u.dtype),
-                               inner_updates, params, m)
-    return new_updates, MaskedState(inner_state, m, state.count + 1)
+    return _masked_update(tx, mask_fn, schedule, updates, state, params)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _masked_update(tx, mask_fn, schedule, updates, state: MaskedState, params):
+  """The ``update`` of :func:`masked`."""
+  if params is None:
+    raise ConfigError("masked(...).update needs params (pruned weights are set to -params)")
+  check_mask(state.mask, params, "masked: the state's mask")
+  check_mask(updates, params, "masked: the updates", bool_leaves=False)
+  m = state.mask
+  if mask_fn is not None:
+
+    def new_mask():
+      fresh = mask_fn(params, s_now)
+      check_mask(fresh, params, "masked: mask_fn's mask")
+      return jax.tree.map(reshard_like, fresh, params)
+
+    s_now, s_prev = schedule(state.count), schedule(state.count - 1)
+    m = jax.lax.cond(s_now != s_prev, new_mask, lambda: m)
+  grads = jax.tree.map(lambda g, k: jnp.where(reshard_like(k, g), g, jnp.zeros_like(g)),
+                       updates, m)
+  inner_updates, inner_state = tx.update(grads, state.inner_state, params)
+  new_updates = jax.tree.map(
+      lambda u, p, k: jnp.where(reshard_like(k, u), u, -p).astype(u.dtype), inner_updates,
+      params, m)
+  return new_updates, MaskedState(inner_state, m, state.count + 1)
 
 
 def _is_masked_state(x: Any) -> bool:
@@ -92,6 +115,15 @@ def get_mask(opt_state: optax.OptState) -> Mask | None:
 
 
 def set_mask(opt_state: optax.OptState, mask: Mask) -> optax.OptState:
-  """``opt_state`` with the mask of every :class:`MaskedState` inside it replaced by ``mask``."""
-  return jax.tree.map(lambda s: s._replace(mask=mask) if _is_masked_state(s) else s, opt_state,
-                      is_leaf=_is_masked_state)
+  """``opt_state`` with the mask of every :class:`MaskedState` inside it replaced by ``mask``.
+
+  Raises:
+    ConfigError: ``mask`` does not have the structure and leaf shapes of the mask it replaces.
+  """
+  def replace(s):
+    if not _is_masked_state(s):
+      return s
+    check_mask(mask, s.mask, "set_mask: mask")
+    return s._replace(mask=jax.tree.map(reshard_like, mask, s.mask))
+
+  return jax.tree.map(replace, opt_state, is_leaf=_is_masked_state)

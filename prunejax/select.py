@@ -1,6 +1,9 @@
 """Subset selection: from per-example scores to the ids to keep.
 
-Pure host-side functions of ``(ids, scores, labels)``, run once over the dataset. The conventions:
+Pure host-side functions of ``(ids, scores, labels)``, run once over the dataset. They take NumPy
+arrays or jax arrays on one or many devices of this process (sharded with a classic ``Mesh`` or
+explicit ``jax.make_mesh`` axes alike); arrays spread over several processes must be gathered first
+(:func:`prunejax.parallel.gather`). The conventions:
 
 * **High score means hard.** EL2N, GraNd, loss, entropy, forgetting counts, prototype distances,
   cartography variability: pass them as they are. For scores where LOW means hard (margin, AUM,
@@ -29,8 +32,17 @@ def num_kept(n: int, fraction: float) -> int:
   return int(math.floor(fraction * n + 0.5))
 
 
+def _host(x, name: str) -> np.ndarray:
+  """``x`` as a NumPy array; a jax array sharded over several processes cannot be read here."""
+  if getattr(x, "is_fully_addressable", True) is False:
+    raise DataError(f"{name} is a jax array sharded over several processes; gather it first "
+                    "(prunejax.parallel.gather) so every process selects from all of it")
+  return np.asarray(x)
+
+
 def _prepare(ids, scores, labels, need_scores: bool):
-  ids = np.asarray(ids)
+  ids, scores = _host(ids, "ids"), _host(scores, "scores")
+  labels = None if labels is None else _host(labels, "labels")
   if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
     raise DataError(f"ids must be a 1-D integer array, got {ids.dtype}{list(ids.shape)}")
   scores = np.asarray(scores, np.float64)

@@ -126,14 +126,56 @@ def test_paper_scale_configs_quick_on_mock_data(name, tmp_path):
   _check_outputs(str(tmp_path), cfg.strategies)
 
 
-def test_cross_validation_reports_fold_accuracy(tmp_path):
-  cfg = _config("dynamic_pruning", cv_folds=3)
-  cfg.strategies = ("dense",)
+def test_cross_validation_reports_each_setting_once_with_fold_estimates(tmp_path):
+  """digits quick with K=3 folds: every setting asked for is one row with n=3 (the static subsets
+  keep 0.5 of 958 or 959 examples: the measured fraction differs between folds), its held-out
+  mean and t-interval and its paired differences to dense equal those computed by hand from the
+  per-fold rows of results.csv, and report.md says which accuracy is which."""
+  cfg = _config("digits", cv_folds=3)
+  cfg.strategies = ("dense", "random", "el2n", "batch", "imp")
   run.run(cfg, str(tmp_path))
   rows = _read_csv(os.path.join(tmp_path, "results.csv"))
-  assert len(rows) == 3 and all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)
-  summary = json.load(open(os.path.join(tmp_path, "results.json")))["summary"]
-  assert summary[0]["replicates"] == 3
+  assert len({r["fraction_kept"] for r in rows if r["strategy"] == "random"}) > 1  # the trap
+  results = json.load(open(os.path.join(tmp_path, "results.json")))
+  summary = results["summary"]
+  by_hand = {}
+  for r in rows:  # the setting asked for, from the csv's columns
+    key = (r["strategy"], r["nominal_fraction"] if float(r["nominal_fraction"] or -1) >= 0 else "",
+           r["round"])
+    by_hand.setdefault(key, []).append(r)
+  assert len(summary) == len(by_hand) == 1 + 1 + 1 + 1 + 3  # imp: rounds 0, 1, 2
+  dense = {r["replicate"]: r for r in by_hand[("dense", "", "")]}
+  t_975_2 = 4.302652729911275  # Student t, 2 degrees of freedom
+  for s in summary:
+    key = (s["strategy"], "" if s["nominal_fraction"] is None else str(s["nominal_fraction"]),
+           "" if s["round"] is None else str(s["round"]))
+    folds = by_hand[key]
+    assert s["replicates"] == 3 and sorted(r["replicate"] for r in folds) == ["0", "1", "2"]
+    val = [float(r["val_accuracy"]) for r in folds]
+    mean = sum(val) / 3
+    half = t_975_2 * (sum((v - mean) ** 2 for v in val) / 2) ** 0.5 / 3 ** 0.5
+    assert s["val_accuracy_mean"] == pytest.approx(mean, abs=1e-12)
+    assert (s["val_accuracy_low"], s["val_accuracy_high"]) == (
+        pytest.approx(mean - half, abs=1e-9), pytest.approx(mean + half, abs=1e-9))
+    assert s["test_accuracy_mean"] == pytest.approx(
+        sum(float(r["test_accuracy"]) for r in folds) / 3, abs=1e-12)
+    assert s["fraction_kept"] == pytest.approx(
+        sum(float(r["fraction_kept"]) for r in folds) / 3, abs=1e-12)
+    if s["strategy"] == "dense":
+      continue
+    for metric in ("val", "test"):
+      diffs = [float(r[f"{metric}_accuracy"]) - float(dense[r["replicate"]][f"{metric}_accuracy"])
+               for r in folds]
+      assert s[f"paired_{metric}_diff_mean"] == pytest.approx(sum(diffs) / 3, abs=1e-12)
+    ratios = [float(r["wall_time"]) / float(dense[r["replicate"]]["wall_time"]) for r in folds]
+    assert s["relative_wall_time"] == pytest.approx(sum(ratios) / 3, rel=1e-9)
+  report = open(os.path.join(tmp_path, "report.md")).read()
+  assert "3-fold cross-validation of the 1438 training examples, stratified by class" in report
+  assert "held-out fold acc % [95% CI]" in report and "test acc %" in report
+  assert results["headline"][0].startswith("Headline (held-out fold accuracy, mean over 3 folds")
+  el2n = next(s for s in summary if s["strategy"] == "el2n")
+  assert (f"{100 * el2n['paired_val_diff_mean']:+.2f} [{100 * el2n['paired_val_diff_low']:+.2f}, "
+          f"{100 * el2n['paired_val_diff_high']:+.2f}]") in report
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
@@ -207,3 +249,47 @@ def test_killed_run_resumes_to_the_same_results(tmp_path):
   a = json.load(open(clean / "results.json"))["rows"]
   b = json.load(open(killed / "results.json"))["rows"]
   assert _strip(a) == _strip(b)
+
+
+def test_label_noise_rows_report_the_corrupted_share_and_rho_loss_saves_il_by_id(tmp_path):
+  cfg = _config("label_noise")
+  workdir = run_twice(cfg, tmp_path)
+  rows = _check_outputs(workdir, cfg.strategies)
+  with np.load(os.path.join(workdir, "label_noise.npz")) as f:
+    flipped = f["flipped_ids"]
+    assert len(flipped) == round(0.2 * cfg.dataset.num_train) and np.all(f["true_labels"] !=
+                                                                         f["noisy_labels"])
+  by = {r["strategy"]: float(r["corrupted_backprop_fraction"]) for r in rows}
+  # full training back-propagates every example once per epoch: exactly the noise rate
+  assert by["dense"] == pytest.approx(len(flipped) / cfg.dataset.num_train)
+  from prunejax.scores import load_scores
+  il_ids, il = load_scores(os.path.join(workdir, "scores", "irreducible_loss_r0.npz"))
+  assert len(il_ids) == cfg.dataset.num_train and np.all(np.isfinite(il["irreducible_loss"]))
+
+
+def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path):
+  cfg = _config("dedup")
+  workdir = run_twice(cfg, tmp_path)
+  _check_outputs(workdir, cfg.strategies)
+  summary = json.load(open(os.path.join(workdir, "dedup", "summary.json")))
+  assert summary["step"] == "exact_and_leakage" and summary["train_before"] == 256
+  with np.load(os.path.join(workdir, "subsets", "semdedup_keep0.5_r0.npz")) as f:
+    assert len(f["ids"]) == 128
+
+
+def test_gpt2_fine_tuning_config_on_a_tiny_checkpoint(tmp_path):
+  from test_pretrained import TINY, random_gpt2_tensors, write_checkpoint
+  from test_text import write_gpt2_format_files
+  ckpt = tmp_path / "gpt2"
+  ckpt.mkdir()
+  vocab, _ = write_gpt2_format_files(ckpt)
+  tiny = dict(TINY, vocab_size=len(vocab), bos_token_id=len(vocab) - 1,
+              eos_token_id=len(vocab) - 1)
+  write_checkpoint(ckpt, tiny, random_gpt2_tensors(tiny))
+  cfg = _config("gpt2_rotten_tomatoes")
+  with pytest.raises(ConfigError, match="model.checkpoint_dir is not set.*huggingface-cli"):
+    run.run(cfg, str(tmp_path / "none"))
+  cfg.model.checkpoint_dir = str(ckpt)
+  run.run(cfg, str(tmp_path / "w"))
+  rows = _check_outputs(str(tmp_path / "w"), cfg.strategies)
+  assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)

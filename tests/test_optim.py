@@ -146,7 +146,8 @@ def test_rewind_state_of_a_train_state():
   tx = optim.masked(optax.sgd(0.1, momentum=0.9))
   params = _params()
   state = TrainState(step=jnp.asarray(7, jnp.int32), params=params, batch_stats={},
-                     opt_state=tx.init(params), model=MODEL, tx=tx)
+                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)),
+                     model=MODEL, tx=tx)
   point = masks.save_rewind_point(2, _params(seed=1))
   mask = masks.magnitude(params, 0.5)
   rewound = masks.rewind_state(state, point, mask)
@@ -156,3 +157,30 @@ def test_rewind_state_of_a_train_state():
     np.testing.assert_array_equal(np.asarray(r), np.where(np.asarray(m), np.asarray(p0), 0.0))
   for a, b in zip(jax.tree.leaves(optim.get_mask(rewound.opt_state)), jax.tree.leaves(mask)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_masked_checks_the_mask_against_the_params_exactly():
+  params = _params()
+  row = jax.tree.map(lambda p: jnp.ones((1,) + p.shape[1:] if p.ndim == 2 else p.shape, bool),
+                     params)  # (1, n) for (m, n) kernels.
+  tx = optim.masked(optax.sgd(0.1), row)
+  with pytest.raises(ConfigError, match=r"leaf dense_0/kernel has shape \(1, 16\); its parameter "
+                                        r"has shape \(8, 16\)") as e:
+    tx.init(params)
+  assert "\n" not in str(e.value)
+  missing = {k: v for k, v in masks.ones_mask(params).items() if k != "head"}
+  with pytest.raises(ConfigError, match=r"structure of the params \(missing \['head/bias'"):
+    optim.masked(optax.sgd(0.1), missing).init(params)
+  floats = jax.tree.map(lambda p: jnp.ones(p.shape), params)
+  with pytest.raises(ConfigError, match="dtype float32; expected bool"):
+    optim.masked(optax.sgd(0.1), floats).init(params)
+  tx = optim.masked(optax.sgd(0.1))
+  state = tx.init(params)
+  with pytest.raises(ConfigError, match="dense_0/kernel has shape"):
+    optim.set_mask(state, row)
+  with pytest.raises(ConfigError, match="the updates"):
+    tx.update(jax.tree.map(lambda p: p[:1], params), state, params)
+  bad_fn = lambda p, s: jax.tree.map(lambda x: jnp.ones(x.shape[-1:], bool), p)
+  tx = optim.masked(optax.sgd(0.1), mask_fn=bad_fn, schedule=schedules.one_shot(0.5, step=0))
+  with pytest.raises(ConfigError, match="mask_fn's mask leaf dense_0/kernel"):
+    jax.jit(tx.update)(params, tx.init(params), params)

@@ -180,3 +180,15 @@ def test_ccs_covers_all_strata():
   # Top-k "hard" would take only the rare high scores; CCS spends half the budget on each
   # occupied stratum's share: 50 from [9, 10], 50 from [0, 1].
   assert np.sum(scores[kept] > 5) == 50
+
+
+def test_scores_spread_over_processes_must_be_gathered_first():
+  class MultiProcessArray(np.ndarray):  # what a jax array of another process's rows reports.
+    is_fully_addressable = False
+
+  scores = np.zeros(4).view(MultiProcessArray)
+  with pytest.raises(DataError, match=r"scores is a jax array sharded over several processes; "
+                                      r"gather it first \(prunejax.parallel.gather\)"):
+    select.select(np.arange(4), scores, fraction=0.5)
+  with pytest.raises(DataError, match="ids is a jax array"):
+    select.ccs(np.arange(4).view(MultiProcessArray), np.zeros(4), fraction=0.5)

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
       # images: on-device crop (after zero padding) + flip, and standardization after scaling.
       augment=False, crop_padding=4, mean=none(tuple), std=none(tuple),
       num_threads=none(int),  # loader reader threads (default: 0 in memory, 8 on disk)
+      label_noise=0.0,  # fraction of training labels flipped (seeded), for noise experiments
       cache_dir=none(str)))
   # compute_dtype: float32 | bfloat16 | float16 (params and optimizer state stay param_dtype);
   # remat: recompute each block's activations in the backward pass (resnet18, resnet20, gpt).
@@ -38,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_pruning = ml_collections.ConfigDict(dict(
       keep_fractions=(0.3, 0.5, 0.7), keep="hard", class_balanced=False, offset=0.0,
       conventions=("epochs",), score_epochs=3, score_seeds=2, dynamic_keep=0.5,
-      tracker_epochs=10, prototypes_k=10, label_quality_folds=5, label_quality_epochs=10))
+      tracker_epochs=10, prototypes_k=10, knn_k=10, label_quality_folds=5,
+      label_quality_epochs=10))
   c.batch_pruning = ml_collections.ConfigDict(dict(keep_fraction=0.5, score="loss"))
   c.semi_batch = ml_collections.ConfigDict(dict(prune_ratio=0.5, delta=0.875))
   c.iterative = ml_collections.ConfigDict(dict(prune_per_round=0.3, target_keep=0.3, score="el2n",
@@ -50,4 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.pai = ml_collections.ConfigDict(dict(methods=("magnitude", "random", "snip", "grasp", "synflow"),
                                          sparsities=(0.5, 0.8, 0.9)))
   c.joint = ml_collections.ConfigDict(dict(data="semi_batch"))
+  # RHO-LOSS: the irreducible-loss model (holdout_fraction 0: two cross-fitted halves instead of a
+  # holdout; model: overrides of the config's model, e.g. a smaller width).
+  c.rho_loss = ml_collections.ConfigDict(dict(holdout_fraction=0.0, epochs=3, model={}))
+  # Deduplication: first="off" | "exact" | "exact_and_leakage" | "semantic" before any strategy;
+  # the "semdedup" strategy keeps data_pruning.keep_fractions by SemDeDup (eps set per fraction).
+  c.dedup = ml_collections.ConfigDict(dict(first="off", eps=0.05, num_clusters=50,
+                                           keep="farthest"))
   return c

@@ -15,7 +15,8 @@ from experiments.configs import base
 def get_config(variant: str = ""):
   c = base.get_config()
   c.name = "rotten_tomatoes"
-  c.strategies = ("dense", "random", "el2n", "batch", "semi_batch", "imp")
+  c.strategies = ("dense", "random", "el2n", "batch", "rho_loss", "semi_batch", "imp")
+  c.rho_loss.epochs = 2
   c.replicates = 1
   c.dataset.name = "rotten_tomatoes"
   c.dataset.vocab_size = 8192

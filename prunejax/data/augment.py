@@ -13,7 +13,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from prunejax.errors import ConfigError
 
@@ -107,13 +106,15 @@ def augment(x_BxHxWxC: jax.Array, ids_B: jax.Array, epoch_B: jax.Array, key: jax
   if x_BxHxWxC.ndim != 4:
     raise ConfigError(f"augment expects images [B, H, W, C]; got shape {x_BxHxWxC.shape} "
                       "(set dataset.augment=False for non-image data)")
-  _, h, w, c = x_BxHxWxC.shape
+  _, h, w, _ = x_BxHxWxC.shape
   dy_B, dx_B, flip_B = crop_flip_params(example_keys(key, ids_B, epoch_B), crop_padding)
   p = crop_padding
   padded = jnp.pad(x_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0)))
-
-  def one(img, dy, dx, f):
-    out = lax.dynamic_slice(img, (dy, dx, 0), (h, w, c)) if p else img
-    return jnp.where(f & flip, out[:, ::-1], out)
-
-  return jax.vmap(one)(padded, dy_B, dx_B, flip_B)
+  # The crop and the flip as two gathers of whole rows and columns (cheaper than a per-example
+  # dynamic slice, on CPU and GPU alike).
+  rows_BxH = dy_B[:, None] + jnp.arange(h)[None]
+  cols_BxW = dx_B[:, None] + jnp.arange(w)[None]
+  if flip:
+    cols_BxW = jnp.where(flip_B[:, None], cols_BxW[:, ::-1], cols_BxW)
+  out = jnp.take_along_axis(padded, rows_BxH[:, :, None, None], axis=1)
+  return jnp.take_along_axis(out, cols_BxW[:, None, :, None], axis=2)

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from typing import Callable, Sequence
 
 import numpy as np
 
-from prunejax.errors import ConfigError, DataError, check_choice
+from prunejax.errors import ConfigError, DataError, FileError, check_choice
 from prunejax.fileio import atomic_write_text
+
+log = logging.getLogger("prunejax")
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 TOKENIZERS = ("bpe", "gpt2", "tiktoken_gpt2")
@@ -49,24 +52,59 @@ def default_cache_dir() -> str:
 def train_bpe(texts: Sequence[str], vocab_size: int, *, name: str = "data",
               cache_dir: str | None = None) -> Tokenizer:
   """Trains (or loads from cache) a byte-level BPE tokenizer on ``texts``."""
-  from tokenizers import ByteLevelBPETokenizer, Tokenizer as HFTokenizer
+  from tokenizers import ByteLevelBPETokenizer
   if vocab_size < 258:
     raise ConfigError(f"vocab_size={vocab_size} is too small; byte-level BPE needs at least 258")
   digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()[:16]
   cache_dir = cache_dir or default_cache_dir()
   path = os.path.join(cache_dir, f"{name}_bpe{vocab_size}_{digest}.json")
-  if os.path.exists(path):
-    tok = HFTokenizer.from_file(path)
-  else:
+  tok = _cached_bpe(path, vocab_size)
+  if tok is None:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2,
                             special_tokens=[PAD, EOS], show_progress=False)
     tok = bpe._tokenizer
-    # atomic: concurrent runs never read a half-written tokenizer.
-    atomic_write_text(path, tok.to_str())
+    try:  # atomic: concurrent runs never read a half-written tokenizer.
+      text = tok.to_str()
+      atomic_write_text(path, text)
+      atomic_write_text(path + ".sha256", _sha256(text) + "\n")
+    except FileError as e:  # an unwritable cache costs a retraining next time, nothing else
+      log.warning("tokenizer cache not written (%s); set PRUNEJAX_CACHE or dataset.cache_dir to a "
+                  "writable directory to keep it", e)
   pad_id, eos_id = tok.token_to_id(PAD), tok.token_to_id(EOS)
   return Tokenizer("bpe", lambda b: [e.ids for e in tok.encode_batch(list(b))],
                    tok.get_vocab_size(), pad_id, eos_id)
+
+
+def _cached_bpe(path: str, vocab_size: int):
+  """The tokenizer cached at ``path``, or None when there is none or it is unusable (truncated,
+  damaged: its checksum ``path.sha256`` differs, unreadable, without the special tokens): it is
+  then retrained and the cache rewritten."""
+  from tokenizers import Tokenizer as HFTokenizer
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    with open(path + ".sha256", encoding="utf-8") as f:
+      expected = f.read().strip()
+    if _sha256(text) != expected:
+      raise ValueError("the file fails its checksum")
+    tok = HFTokenizer.from_str(text)
+  except Exception as e:  # noqa: BLE001 - OSError, UnicodeDecodeError, tokenizers' own Exception.
+    log.warning("the cached tokenizer %s is unusable (%s: %s); retraining it", path,
+                type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    return None
+  if tok.token_to_id(PAD) is None or tok.token_to_id(EOS) is None or \
+      tok.get_vocab_size() > vocab_size:
+    log.warning("the cached tokenizer %s is not a prunejax BPE of %d tokens; retraining it", path,
+                vocab_size)
+    return None
+  return tok
+
+
+def _sha256(text: str) -> str:
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def tiktoken_gpt2() -> Tokenizer:

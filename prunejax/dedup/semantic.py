@@ -328,6 +328,30 @@ def cluster_max_similarity(unit_NxD: Any, clusters_N: Any, order_N: Any, *, tile
   return parallel.gather(best), parallel.gather(dup).astype(np.int64)
 
 
+def _clusters(unit, n, num_clusters, key, clusters_N, num_iters, max_points_per_centroid):
+  """``(centroids, clusters)``: spherical k-means of ``unit``, or the given ``clusters_N``."""
+  if clusters_N is None:
+    check_positive_int("semdedup.num_clusters", num_clusters)
+    if num_clusters > n:
+      raise ConfigError(f"semdedup.num_clusters={num_clusters} exceeds the number of examples "
+                        f"N={n}; expected 1..{n}")
+    if key is None:
+      raise ConfigError("semdedup needs key (a PRNG key for the k-means seeding) unless clusters_N "
+                        "is given")
+    sample = None if max_points_per_centroid is None else max_points_per_centroid * num_clusters
+    centroids, clusters = spherical_kmeans(key, unit, num_clusters, num_iters=num_iters,
+                                           sample=sample)
+  else:
+    clusters = np.asarray(clusters_N)
+    if (clusters.shape != (n,) or not np.issubdtype(clusters.dtype, np.integer)
+        or clusters.min() < 0):
+      raise DataError(f"semdedup.clusters_N must be {n} non-negative ints; got dtype "
+                      f"{clusters.dtype}, shape {clusters.shape}")
+    clusters = jnp.asarray(clusters, jnp.int32)
+    centroids = cluster_centroids(unit, clusters, int(clusters.max()) + 1)
+  return centroids, clusters
+
+
 def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.Array | None = None,
              ids_N: Any = None, keep: str = "farthest", clusters_N: Any = None,
              num_iters: int = 50, max_points_per_centroid: int | None = 256, tile: int = 256,
@@ -367,25 +391,8 @@ def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.A
   ids = _check_ids(np.arange(n) if ids_N is None else ids_N, n, "semdedup.ids_N")
   _check_embeddings(embeddings_NxD, ids, "semdedup.embeddings_NxD", unit=True)
   unit = normalize_rows(embeddings_NxD)
-  if clusters_N is None:
-    check_positive_int("semdedup.num_clusters", num_clusters)
-    if num_clusters > n:
-      raise ConfigError(f"semdedup.num_clusters={num_clusters} exceeds the number of examples "
-                        f"N={n}; expected 1..{n}")
-    if key is None:
-      raise ConfigError("semdedup needs key (a PRNG key for the k-means seeding) unless clusters_N "
-                        "is given")
-    sample = None if max_points_per_centroid is None else max_points_per_centroid * num_clusters
-    centroids, clusters = spherical_kmeans(key, unit, num_clusters, num_iters=num_iters,
-                                           sample=sample)
-  else:
-    clusters = np.asarray(clusters_N)
-    if (clusters.shape != (n,) or not np.issubdtype(clusters.dtype, np.integer)
-        or clusters.min() < 0):
-      raise DataError(f"semdedup.clusters_N must be {n} non-negative ints; got dtype "
-                      f"{clusters.dtype}, shape {clusters.shape}")
-    clusters = jnp.asarray(clusters, jnp.int32)
-    centroids = cluster_centroids(unit, clusters, int(clusters.max()) + 1)
+  centroids, clusters = _clusters(unit, n, num_clusters, key, clusters_N, num_iters,
+                                  max_points_per_centroid)
   id_rank = jnp.asarray(np.argsort(np.argsort(ids, kind="stable"), kind="stable"), jnp.int32)
   order = semdedup_order(unit, centroids, clusters, id_rank, keep)
   best, dup_pos = cluster_max_similarity(unit, clusters, order, tile=tile, mesh=mesh)

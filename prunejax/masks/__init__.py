@@ -4,19 +4,22 @@
   measuring masks.
 * :mod:`~prunejax.masks.unstructured`: magnitude, random, SNIP, GraSP, SynFlow, movement.
 * :mod:`~prunejax.masks.distributions`: uniform, ERK and custom per-layer sparsities.
-* :mod:`~prunejax.masks.structured`: neurons, channels, heads, N:M.
+* :mod:`~prunejax.masks.structured`: neurons, channels, heads, N:M, in any kernel layout.
 * :mod:`~prunejax.masks.compact`: structured-pruned models rebuilt smaller.
 * :mod:`~prunejax.masks.lottery`: rewind points for lottery-ticket experiments.
 * :mod:`~prunejax.masks.methods`: :data:`METHODS`, the registry of mask methods under one contract.
 """
 
 from prunejax.masks.compact import compact
-from prunejax.masks.core import (apply_mask, count_params, default_filter_fn, leaf_paths,
-                                 make_filter_fn, ones_mask, path_str, sparsity_of, threshold_mask)
+from prunejax.masks.core import (EMBEDDING_NAME, POSITION_NAME, PRUNABLE_NAMES, WEIGHT_NAME,
+                                 apply_mask, check_mask, count_params, default_filter_fn,
+                                 leaf_paths, make_filter_fn, ones_mask, path_str, resolve_filter,
+                                 sparsity_of, threshold_mask)
 from prunejax.masks.distributions import custom, erk, uniform
 from prunejax.masks.methods import METHODS, MaskInputs, MaskMethod
 from prunejax.masks.lottery import RewindPoint, rewind, rewind_state, save_rewind_point
-from prunejax.masks.structured import channels, heads, n_m, neurons, structured_filter_fn
+from prunejax.masks.structured import (ATTENTION_NAMES, LAYOUTS, channels, heads, leaf_layout, n_m,
+                                       neurons, structured_filter_fn)
 from prunejax.masks.unstructured import (grasp, grasp_scores, magnitude, mask_from_scores,
                                          mean_cross_entropy, movement, movement_scores,
                                          prune_counts, random, snip, snip_scores, synflow,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunejax.errors import ConfigError
+from prunejax.masks.core import check_mask
 from prunejax.models.cnn import CNN
 from prunejax.models.gpt import GPTClassifier
 from prunejax.models.mlp import MLP
@@ -149,8 +150,11 @@ def compact(model: nn.Module, params: Params, mask: Mask | None = None) -> tuple
     neurons, and its params (host-built, placed on the default device).
 
   Raises:
-    ConfigError: the model type is not supported.
+    ConfigError: the model type is not supported, or ``mask`` does not have the structure and
+      leaf shapes of ``params``.
   """
+  if mask is not None:
+    check_mask(mask, params, "compact: mask")
   p = _to_numpy(jax.device_get(params))
   if mask is not None:
     p = jax.tree.map(lambda x, k: np.where(k, x, np.zeros_like(x)), p,

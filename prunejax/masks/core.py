@@ -19,20 +19,36 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from prunejax.errors import ConfigError
 from prunejax.types import FilterFn, Mask, Params, PyTree
 
 PRUNABLE_NAMES = ("kernel", "embedding")
+"""Flax's names of prunable leaves (``make_filter_fn(names=PRUNABLE_NAMES)`` is the filter of
+prunejax 0.1; the default filter now also finds the weights of other frameworks)."""
+WEIGHT_NAME = re.compile(r"(?i)^(kernel|weights?|w|w_\w+|w\d+|w[qkvo]|wqkv)$")
+"""Leaf names of weight matrices and conv kernels: Flax ``kernel``, Equinox / PyTorch ``weight``,
+Haiku ``w``, plain-dict ``W``, ``W_q``, ``w1``, ``wq`` (case-insensitive)."""
+EMBEDDING_NAME = re.compile(
+    r"(?i)^(embedding|embeddings|embed|wte|(tok|token|word)_?embed(ding)?s?)$")
+"""Leaf names of token embedding tables: Flax ``embedding``, Haiku ``embeddings``, ``wte``."""
+POSITION_NAME = re.compile(r"(?i)^(wpe|w_?pos)$|pos(ition)?(al)?_?(emb|enc)|position")
+"""Path entries of learned position tables (``wpe``, ``W_pos``, ``pos_embedding``), never
+pruned by the default filter."""
+EMBEDDING_MODULE = re.compile(r"(?i)emb|^wte$")
+"""Path entries of embedding modules (``embedding``, ``tok_emb``, ``wte``), whose weights
+``make_filter_fn(embeddings=False)`` leaves out whatever the leaf is called."""
 _MAX_ENTRIES = 2**31 - 1
 # Groups this small are selected by a stable sort: as fast, and much quicker to compile. Larger
 # groups (the ones that matter) never sort.
 _SORT_MAX = 1 << 14
+_LISTED_PATHS = 12  # leaves named in a "selects nothing" error.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,9 +63,27 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
+def _is_variable_value(path: Sequence[Any]) -> bool:
+  """Whether ``path`` ends in the ``.value`` of a Flax NNX ``Variable`` (``nnx.split`` state)."""
+  return (len(path) >= 2 and isinstance(path[-1], jax.tree_util.GetAttrKey)
+          and path[-1].name == "value")
+
+
+def _leaf_key(path: Sequence[Any]) -> Any:
+  """The key that names a leaf: the last one, or the one before an NNX ``.value``."""
+  if not path:
+    return None
+  return path[-2] if _is_variable_value(path) else path[-1]
+
+
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
-  """The names along a ``jax.tree_util`` key path, e.g. ``("dense_0", "kernel")``."""
-  return tuple(_key_name(k) for k in path)
+  """The names along a ``jax.tree_util`` key path, e.g. ``("dense_0", "kernel")``.
+
+  The ``.value`` that ends the path of a Flax NNX ``Variable`` is left out, so an ``nnx.split``
+  state has the same paths as the linen params of the same model.
+  """
+  names = tuple(_key_name(k) for k in path)
+  return names[:-1] if _is_variable_value(path) else names
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -64,45 +98,56 @@ def _is_named(key: Any) -> bool:
 
 
 def make_filter_fn(*, prune_head: bool = True, include: Iterable[str] | None = None,
-                   exclude: Iterable[str] | None = None,
-                   names: Sequence[str] = PRUNABLE_NAMES, head_name: str = "head") -> FilterFn:
+                   exclude: Iterable[str] | None = None, names: Sequence[str] | None = None,
+                   head_name: str = "head", embeddings: bool = True) -> FilterFn:
   """A ``filter_fn(path, leaf) -> bool`` choosing prunable leaves.
 
   A leaf is prunable when all of these hold:
 
-  * its last path entry is one of ``names`` (Flax's ``kernel`` of Dense/Conv and ``embedding`` of
-    Embed by default, so biases, norm scales and learned position tables are never pruned); a
-    leaf whose last path entry is not a name (a list or tuple of arrays) counts as a kernel when it
-    has at least two dimensions;
-  * if ``include`` is given, its ``"a/b/kernel"`` path matches at least one of these regular
-    expressions (``re.search``);
+  * it is a float (or, for measuring masks, bool) array;
+  * with ``names=None`` (the default): its name (the last path entry; for a Flax NNX state the
+    entry before ``.value``) is Flax's ``kernel`` or ``embedding``, or it has at least two
+    dimensions and its name is another weight name (:data:`WEIGHT_NAME`: ``weight`` of Equinox
+    and PyTorch, ``w`` of Haiku, ``W``, ``W_q``, ``w1``, ``wq`` of plain dicts) or embedding name
+    (:data:`EMBEDDING_NAME`: ``embeddings`` of Haiku, ``wte``); embeddings only with
+    ``embeddings``; and no path entry is a position table (:data:`POSITION_NAME`: ``wpe``,
+    ``W_pos``, ``pos_embedding``). So biases, norm scales (1-D even when called ``weight``) and
+    learned position tables are never pruned;
+  * with ``names`` given: its name is one of ``names`` exactly (any number of dimensions);
+  * a leaf without a name (an entry of a list or tuple of arrays) counts as a kernel when it has
+    at least two dimensions;
+  * if ``include`` is given, its ``"a/b/kernel"`` path (:func:`path_str`) matches at least one of
+    these regular expressions (``re.search``);
   * its path matches none of the ``exclude`` regular expressions;
   * ``prune_head`` is True or no path entry equals ``head_name`` (the classifier of our models).
+
+  Masks resolve the filter to one flag per leaf on the host before anything is compiled, so a
+  fresh ``filter_fn`` (a new lambda) that selects the same leaves reuses the compiled mask.
 
   Args:
     prune_head: whether the classifier head is prunable.
     include: regular expressions; if given, only matching leaves are prunable.
     exclude: regular expressions of leaves that are never prunable.
-    names: leaf names that are prunable.
+    names: exact leaf names that are prunable (e.g. ``PRUNABLE_NAMES``), instead of the name rules.
     head_name: the module name of the classifier head.
+    embeddings: whether embedding tables are prunable (with ``names=None``). ``False`` also
+      leaves out every leaf under a path entry like ``embedding``, ``tok_emb`` or ``wte``
+      (:data:`EMBEDDING_MODULE`), since Equinox and PyTorch call embedding tables ``weight``.
 
   Returns:
     The filter function.
   """
   include_res = None if include is None else [re.compile(p) for p in include]
   exclude_res = [re.compile(p) for p in (exclude or ())]
-  names = tuple(names)
+  names = None if names is None else tuple(names)
 
   def filter_fn(path, leaf) -> bool:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not (jnp.issubdtype(dtype, jnp.inexact) or dtype == jnp.bool_):
       return False
-    if path and _is_named(path[-1]):
-      if _key_name(path[-1]) not in names:
-        return False
-    elif len(leaf.shape) < 2:
-      return False
     parts = path_names(path)
+    if not _name_rules(_leaf_key(path), len(jnp.shape(leaf)), parts, names, embeddings):
+      return False
     if not prune_head and head_name in parts:
       return False
     s = "/".join(parts)
@@ -113,8 +158,32 @@ def make_filter_fn(*, prune_head: bool = True, include: Iterable[str] | None = N
   return filter_fn
 
 
+def _name_rules(key: Any, ndim: int, parts: tuple[str, ...], names: tuple[str, ...] | None,
+                embeddings: bool) -> bool:
+  """The name part of :func:`make_filter_fn`'s rules (see its docstring)."""
+  if key is None or not _is_named(key):
+    if ndim < 2:
+      return False
+  elif names is not None:
+    return _key_name(key) in names
+  else:
+    name = _key_name(key)
+    if name == "embedding":  # Flax's names, never a bias or a norm: any number of dimensions.
+      if not embeddings:
+        return False
+    elif name != "kernel" and (ndim < 2 or not (
+        WEIGHT_NAME.match(name) or (embeddings and EMBEDDING_NAME.match(name)))):
+      return False
+  if names is None and any(POSITION_NAME.search(p) for p in parts):
+    return False
+  # e.g. the ``weight`` of an Equinox ``Embedding`` stored as ``tok_emb``.
+  return names is not None or embeddings or not any(EMBEDDING_MODULE.search(p)
+                                                      for p in parts[:-1])
+
+
 default_filter_fn: FilterFn = make_filter_fn()
-"""Kernels and embeddings are prunable (the classifier head included); biases and norms are not."""
+"""Weight matrices, conv kernels and embeddings of Flax linen / NNX, Equinox, Haiku and plain dicts
+are prunable (the classifier head included); biases, norms and position tables are not."""
 
 
 def prunable_leaves(tree: PyTree, filter_fn: FilterFn | None = None
@@ -127,9 +196,123 @@ def prunable_leaves(tree: PyTree, filter_fn: FilterFn | None = None
   return leaves, flags, treedef
 
 
+def _describe(path: Sequence[Any], leaf: Any) -> str:
+  dtype = getattr(leaf, "dtype", type(leaf).__name__)
+  return f"{path_str(path) or '<root>'} {dtype}{list(jnp.shape(leaf))}"
+
+
+def nothing_selected_error(tree: PyTree, what: str, filter_fn: FilterFn | None) -> ConfigError:
+  """The one-line error for a filter that selects no leaf of ``tree``: it lists the leaves."""
+  path_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not path_leaves:
+    return ConfigError(f"{what}: the parameter tree has no array leaves; nothing can be pruned")
+  listed = ", ".join(_describe(p, l) for p, l in path_leaves[:_LISTED_PATHS])
+  more = len(path_leaves) - _LISTED_PATHS
+  listed += f" and {more} more" if more > 0 else ""
+  which = ("the default filter (float leaves named kernel or embedding, or of >= 2 dims named "
+           "weight, w, W_*, embeddings, ...)") if filter_fn is None else "filter_fn"
+  return ConfigError(
+      f"{what}: {which} selects none of the {len(path_leaves)} leaves ({listed}); choose the "
+      "prunable leaves with filter_fn=prunejax.masks.make_filter_fn(names=(...)) or "
+      "make_filter_fn(include=[r'...']) (regular expressions on these paths)")
+
+
+def resolve_filter(tree: PyTree, filter_fn: FilterFn | None = None, *, what: str = "mask"
+                   ) -> tuple[bool, ...]:
+  """One prunable flag per leaf of ``tree`` (``jax.tree.leaves`` order), computed on the host.
+
+  Masks pass these flags (a hashable tuple) to their compiled functions instead of ``filter_fn``,
+  so filters that select the same leaves share one compilation.
+
+  Raises:
+    ConfigError: the filter selects no leaf (the error lists the leaves and says how to choose).
+  """
+  _, flags, _ = prunable_leaves(tree, filter_fn)
+  if not any(flags):
+    raise nothing_selected_error(tree, what, filter_fn)
+  return tuple(flags)
+
+
 def leaf_paths(tree: PyTree) -> list[str]:
   """The ``"a/b/kernel"`` path of every leaf, in ``jax.tree.leaves`` order."""
   return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Meshes: explicit axes and shard_map.
+# ----------------------------------------------------------------------------------------------
+
+
+def _sharding(x: Any) -> Any:
+  try:
+    return getattr(jax.typeof(x), "sharding", None)
+  except TypeError:
+    return None
+
+
+def _explicit_axes(sharding: Any) -> tuple[str, ...]:
+  mesh = getattr(sharding, "mesh", None)
+  if not isinstance(sharding, NamedSharding) or mesh is None or mesh.empty:
+    return ()
+  return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+
+
+def explicit_sharding(x: Any) -> NamedSharding | None:
+  """The sharding of ``x`` when it is typed with explicit mesh axes, else None."""
+  s = _sharding(x)
+  return s if _explicit_axes(s) else None
+
+
+def has_explicit_axes(leaves: Sequence[Any]) -> bool:
+  """Whether any leaf is typed with explicit mesh axes (``jax.make_mesh`` + ``jax.set_mesh``)."""
+  return any(_explicit_axes(_sharding(l)) for l in leaves)
+
+
+def varying_axes(leaves: Sequence[Any]) -> frozenset[str]:
+  """The manual mesh axes (inside ``jax.shard_map``) over which some leaf takes different values."""
+  axes: set[str] = set()
+  for leaf in leaves:
+    try:
+      aval = jax.typeof(leaf)
+    except TypeError:
+      continue
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+      vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    axes.update(vma or ())
+  return frozenset(axes)
+
+
+def check_not_varying(leaves: Sequence[Any], what: str) -> None:
+  """Raises when a mask would be computed from per-shard values inside ``jax.shard_map``."""
+  axes = varying_axes(leaves)
+  if axes:
+    raise ConfigError(
+        f"{what}: inside jax.shard_map the params or scores vary over mesh axes {sorted(axes)}, "
+        "so each shard would get a different mask; compute the mask outside shard_map (under "
+        "jax.jit on the sharded params) or make them replicated first (jax.lax.pmean / all_gather)")
+
+
+def run_sharded(fn: Callable[..., Any], args: tuple, like: Sequence[Any]) -> Any:
+  """``fn(*args)``, and under explicit mesh axes the same computation with automatic sharding.
+
+  With ``jax.make_mesh`` / ``jax.set_mesh`` (explicit axis types) sorts, scatters and reshapes of
+  sharded operands need their output shardings spelled out; the selection code is written for
+  automatic sharding, so it runs under ``jax.sharding.auto_axes`` (the compiler shards it as with a
+  classic ``Mesh``) and output leaf ``i`` comes back sharded like ``like[i]``. Without explicit
+  axes this is ``fn(*args)``.
+  """
+  leaves = jax.tree.leaves(args) + list(like)
+  if not has_explicit_axes(leaves):
+    return fn(*args)
+  out_sharding = []
+  for leaf in like:
+    s = _sharding(leaf)
+    if not _explicit_axes(s):  # an unsharded leaf: replicated over the mesh of the others.
+      mesh = next(_sharding(l).mesh for l in leaves if _explicit_axes(_sharding(l)))
+      s = NamedSharding(mesh, PartitionSpec())
+    out_sharding.append(s)
+  return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,34 +322,105 @@ def leaf_paths(tree: PyTree) -> list[str]:
 
 @jax.jit
 def ones_mask(params: Params) -> Mask:
-  """A mask that keeps everything."""
-  return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+  """A mask that keeps everything (each leaf sharded like its parameter)."""
+  return jax.tree.map(lambda p: jnp.ones_like(p, dtype=bool), params)
+
+
+def reshard_like(m: jax.Array, p: jax.Array) -> jax.Array:
+  """Mask leaf ``m`` resharded like ``p`` where explicit mesh axes make their shardings types."""
+  sm, sp = _sharding(m), _sharding(p)
+  if (_explicit_axes(sm) or _explicit_axes(sp)) and sm != sp and sp is not None:
+    return jax.sharding.reshard(m, sp)
+  return m
+
+
+def check_mask(mask: Mask, params: Params, what: str = "mask", *, bool_leaves: bool = True
+               ) -> None:
+  """Raises unless ``mask`` has exactly the structure of ``params`` and each leaf its shape.
+
+  Args:
+    mask: the mask (or, with ``bool_leaves=False``, any tree that must match ``params``).
+    params: the params.
+    what: names ``mask`` in the error.
+    bool_leaves: whether the leaves must be bool.
+
+  Raises:
+    ConfigError: one line naming the first leaf whose structure, shape or dtype differs.
+  """
+  p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+  m_leaves, m_def = jax.tree_util.tree_flatten_with_path(mask)
+  if p_def != m_def:
+    p_paths = [path_str(p) for p, _ in p_leaves]
+    m_paths = [path_str(p) for p, _ in m_leaves]
+    missing = [p for p in p_paths if p not in m_paths]
+    extra = [p for p in m_paths if p not in p_paths]
+    detail = "; ".join(([f"missing {missing[:3]}"] if missing else [])
+                       + ([f"unexpected {extra[:3]}"] if extra else []))
+    raise ConfigError(f"{what} does not have the structure of the params "
+                      f"({detail or f'{len(m_paths)} leaves against {len(p_paths)}'}); build it "
+                      "from these params (prunejax.masks.*) or with jax.tree.map over them")
+  for (path, p), (_, m) in zip(p_leaves, m_leaves):
+    if tuple(jnp.shape(m)) != tuple(jnp.shape(p)):
+      raise ConfigError(f"{what} leaf {path_str(path)} has shape {tuple(jnp.shape(m))}; its "
+                        f"parameter has shape {tuple(jnp.shape(p))} (masks are never broadcast)")
+    if bool_leaves and getattr(m, "dtype", None) != jnp.bool_:
+      raise ConfigError(f"{what} leaf {path_str(path)} has dtype "
+                        f"{getattr(m, 'dtype', type(m).__name__)}; expected bool")
 
 
 @jax.jit
+def _apply_mask(params: Params, mask: Mask) -> Params:
+  return jax.tree.map(lambda p, m: jnp.where(reshard_like(m, p), p, jnp.zeros_like(p)), params,
+                      mask)
+
+
 def apply_mask(params: Params, mask: Mask) -> Params:
-  """``params`` with every pruned entry (mask False) set to exactly zero."""
-  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, mask)
+  """``params`` with every pruned entry (mask False) set to exactly zero.
+
+  Raises:
+    ConfigError: ``mask`` does not have the structure and leaf shapes of ``params``.
+  """
+  check_mask(mask, params)
+  return _apply_mask(params, mask)
 
 
 def count_params(tree: PyTree, filter_fn: FilterFn | None = None) -> int:
-  """Number of prunable entries of ``tree`` (a static Python int)."""
-  leaves, flags, _ = prunable_leaves(tree, filter_fn)
+  """Number of prunable entries of ``tree`` (a static Python int).
+
+  Raises:
+    ConfigError: ``filter_fn`` selects no leaf.
+  """
+  leaves, _, _ = prunable_leaves(tree, filter_fn)
+  flags = resolve_filter(tree, filter_fn, what="count_params")
   return int(sum(math.prod(jnp.shape(l)) for l, f in zip(leaves, flags) if f))
 
 
 def sparsity_of(tree: PyTree, filter_fn: FilterFn | None = None) -> jax.Array:
   """Fraction of pruned prunable entries: ``False`` entries of a mask, or zeros of params.
 
+  Pass the ``filter_fn`` the mask was made with when it was not the default: a mask that prunes
+  entries of a leaf the filter does not select is an error, but a mask made with a narrower filter
+  (e.g. ``prune_head=False``) is measured over the default filter's leaves.
+
   Args:
     tree: a mask (bool leaves) or params.
     filter_fn: chooses the prunable leaves (default :func:`default_filter_fn`).
 
   Returns:
-    A float32 scalar in ``[0, 1]`` (0 when nothing is prunable).
+    A float32 scalar in ``[0, 1]``.
+
+  Raises:
+    ConfigError: the filter selects no leaf, or a mask prunes entries of a leaf it does not select.
   """
-  leaves, flags, _ = prunable_leaves(tree, filter_fn)
+  path_leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = [l for _, l in path_leaves]
+  flags = resolve_filter(tree, filter_fn, what="sparsity_of")
   n = sum(math.prod(jnp.shape(l)) for l, f in zip(leaves, flags) if f)
+  for (path, leaf), f in zip(path_leaves, flags):
+    if (not f and getattr(leaf, "dtype", None) == jnp.bool_
+        and not isinstance(leaf, jax.core.Tracer) and not bool(jnp.all(leaf))):
+      raise ConfigError(f"sparsity_of: the mask prunes entries of {path_str(path)}, which "
+                        "filter_fn does not select; pass the filter_fn the mask was made with")
   if n == 0:
     return jnp.zeros((), jnp.float32)
   pruned = sum(jnp.sum(jnp.logical_not(l) if jnp.result_type(l) == jnp.bool_ else l == 0,
@@ -347,7 +601,8 @@ def threshold_mask(scores: PyTree, num_pruned: Any, *, filter_fn: FilterFn | Non
 
   A radix select over order-preserving integer keys of the scores (two 16-bit histogram passes for
   float32) finds the threshold; every pass is a sum of counts, so it runs unchanged on sharded
-  scores. Cost: a few passes over the scores, versus a sort of all of them.
+  scores (a classic ``Mesh`` or explicit ``jax.make_mesh`` axes). Cost: a few passes over the
+  scores, versus a sort of all of them.
 
   Args:
     scores: a pytree of float scores with the structure of the params (higher = more important).
@@ -357,22 +612,32 @@ def threshold_mask(scores: PyTree, num_pruned: Any, *, filter_fn: FilterFn | Non
     filter_fn: chooses the prunable leaves (default :func:`default_filter_fn`).
 
   Returns:
-    A bool mask with the structure of ``scores``; non-prunable leaves are all True. Ties at the
-    threshold are broken by leaf order, then by row-major flat index (lower index pruned first);
-    NaN scores count as ``-inf`` and ``-0.0`` as ``+0.0``.
+    A bool mask with the structure of ``scores``, each leaf sharded like its scores; non-prunable
+    leaves are all True. Ties at the threshold are broken by leaf order, then by row-major flat
+    index (lower index pruned first); NaN scores count as ``-inf`` and ``-0.0`` as ``+0.0``.
 
   Raises:
-    ConfigError: more than ``2**31 - 1`` entries are selected jointly (counts are int32).
+    ConfigError: the filter selects no leaf; more than ``2**31 - 1`` entries are selected jointly
+      (counts are int32); the scores vary across the shards of a ``jax.shard_map``.
   """
-  leaves, flags, treedef = prunable_leaves(scores, filter_fn)
+  flags = resolve_filter(scores, filter_fn, what="threshold_mask")
+  return threshold_mask_flags(scores, num_pruned, flags)
+
+
+def threshold_mask_flags(scores: PyTree, num_pruned: Any, flags: Sequence[bool]) -> Mask:
+  """:func:`threshold_mask` with the prunable leaves given as one flag per leaf."""
+  leaves, treedef = jax.tree.flatten(scores)
   idx = [i for i, f in enumerate(flags) if f]
-  if not idx:  # nothing prunable (an empty tree included): everything is kept
-    return jax.tree.unflatten(treedef, [jnp.ones(jnp.shape(l), bool) for l in leaves])
+  check_not_varying([leaves[i] for i in idx], "threshold_mask")
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(num_pruned)):
     groups = (tuple(range(len(idx))),) if idx else ()
     counts = [jnp.asarray(num_pruned, jnp.int32)]
   else:
-    count_leaves = treedef.flatten_up_to(num_pruned)
+    try:
+      count_leaves = treedef.flatten_up_to(num_pruned)
+    except (ValueError, TypeError):
+      raise ConfigError("num_pruned is neither one count nor a pytree with the structure of the "
+                        "scores (one count per leaf)") from None
     groups = tuple((j,) for j in range(len(idx)))
     counts = [jnp.asarray(count_leaves[i], jnp.int32) for i in idx]
   for members in groups:
@@ -383,5 +648,6 @@ def threshold_mask(scores: PyTree, num_pruned: Any, *, filter_fn: FilterFn | Non
   position = {i: j for j, i in enumerate(idx)}
   layout = tuple(position[i] if i in position else tuple(jnp.shape(l))
                  for i, l in enumerate(leaves))
-  out = _select([jnp.asarray(leaves[i]) for i in idx], counts, groups, layout, _SORT_MAX)
+  select = functools.partial(_select, groups=groups, layout=layout, sort_max=_SORT_MAX)
+  out = run_sharded(select, ([jnp.asarray(leaves[i]) for i in idx], counts), leaves)
   return jax.tree.unflatten(treedef, out)

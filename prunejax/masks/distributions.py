@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from prunejax.errors import ConfigError
-from prunejax.masks.core import num_to_prune, path_str, prunable_leaves
+from prunejax.masks.core import num_to_prune, path_str, prunable_leaves, resolve_filter
 from prunejax.types import FilterFn, Params, PyTree
 
 DISTRIBUTIONS = ("uniform", "erk")
@@ -23,7 +23,8 @@ DISTRIBUTIONS = ("uniform", "erk")
 def uniform(params: Params, sparsity: Any, filter_fn: FilterFn | None = None) -> PyTree:
   """Every prunable leaf gets ``sparsity`` (which may be traced)."""
   num_to_prune(sparsity, 1)  # validates a concrete value.
-  leaves, flags, treedef = prunable_leaves(params, filter_fn)
+  flags = resolve_filter(params, filter_fn, what="uniform")
+  treedef = jax.tree.structure(params)
   return jax.tree.unflatten(treedef, [sparsity if f else 0.0 for f in flags])
 
 
@@ -54,6 +55,7 @@ def erk(params: Params, sparsity: float, filter_fn: FilterFn | None = None, *,
     raise ConfigError("erk needs a concrete sparsity (its dense-layer set depends on the value)")
   num_to_prune(sparsity, 1)
   sparsity = float(sparsity)
+  resolve_filter(params, filter_fn, what="erk")
   leaves, flags, treedef = prunable_leaves(params, filter_fn)
   # Empty leaves have nothing to prune (sparsity 0); a 0-d leaf counts as density ``eps``.
   shapes = {i: tuple(np.shape(l)) for i, (l, f) in enumerate(zip(leaves, flags))
@@ -110,7 +112,7 @@ def custom(params: Params, sparsity_map: Mapping[str, float], filter_fn: FilterF
   for key, value in sparsity_map.items():
     num_to_prune(value, 1, f"sparsity_map[{key!r}]")
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  leaves, flags, _ = prunable_leaves(params, filter_fn)
+  flags = resolve_filter(params, filter_fn, what="custom")
   paths = [path_str(p) for p, _ in path_leaves]
   used: set[str] = set()
   out = []

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from prunejax.errors import ConfigError
+from prunejax.masks import fisher
 from prunejax.masks import unstructured as un
 from prunejax.types import ApplyFn, Batch, FilterFn, Mask, Params, PyTree
 
@@ -95,6 +96,9 @@ METHODS: dict[str, MaskMethod] = {m.name: m for m in (
         jnp.negative, un._grasp_scores_jit(i.apply_fn, p, i.batch)),
                needs=("apply_fn", "batch"),
                description="keep what preserves gradient flow: -(-w * Hg) (Wang 2020)"),
+    MaskMethod("fisher", lambda p, i: fisher.fisher_scores_jit(i.apply_fn, p, i.batch),
+               needs=("apply_fn", "batch"),
+               description="OBD with the empirical Fisher diagonal, 0.5 w^2 E[g^2] (Theis 2018)"),
     MaskMethod("synflow", lambda p, i: un.synflow_scores(i.apply_fn, p, i.input_shape),
                needs=("apply_fn", "input_shape"),
                mask_fn=lambda p, s, i, **kw: un.synflow(i.apply_fn, p, s, i.input_shape, **kw),

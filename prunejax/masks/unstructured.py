@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from prunejax.errors import ConfigError, check_choice, check_positive_int
-from prunejax.masks.core import (apply_mask, num_to_prune, ones_mask, prunable_leaves,
-                                 threshold_mask)
+from prunejax.masks.core import (apply_mask, explicit_sharding, num_to_prune, ones_mask,
+                                 resolve_filter, threshold_mask_flags)
 from prunejax.masks.distributions import layer_sparsities
 from prunejax.types import ApplyFn, Batch, FilterFn, Mask, Params, PyTree
 
@@ -49,9 +49,18 @@ def prune_counts(tree: PyTree, sparsity: Any, *, scope: str = "global",
     ``round(sparsity * n)`` over all ``n`` prunable entries for ``scope="global"``; for
     ``"layerwise"`` a pytree with ``round(s_l * n_l)`` on each prunable leaf and 0 elsewhere.
     Python ints for a concrete sparsity, int32 tracers for a traced one.
+
+  Raises:
+    ConfigError: a bad scope or distribution, a sparsity outside ``[0, 1]``, or a filter that
+      selects no leaf.
   """
+  return _prune_counts(tree, sparsity, scope, filter_fn, distribution,
+                       resolve_filter(tree, filter_fn, what="prune_counts"))
+
+
+def _prune_counts(tree, sparsity, scope, filter_fn, distribution, flags):
   check_choice("scope", scope, SCOPES)
-  leaves, flags, treedef = prunable_leaves(tree, filter_fn)
+  leaves, treedef = jax.tree.flatten(tree)
   if scope == "global":
     if distribution is not None:
       raise ConfigError(f"distribution={distribution!r} needs scope='layerwise'")
@@ -74,30 +83,36 @@ def mask_from_scores(scores: PyTree, sparsity: Any, *, scope: str = "global",
     scope: ``"global"``: exactly ``round(sparsity * n)`` of all ``n`` prunable weights are removed,
       wherever their scores are lowest; ``"layerwise"``: leaf ``l`` loses exactly
       ``round(s_l * n_l)`` weights, with ``s_l`` from ``distribution``.
-    filter_fn: chooses the prunable leaves (default: kernels and embeddings). Pass the same function
-      object across calls: jitted callers treat it as static.
+    filter_fn: chooses the prunable leaves (default: weight matrices, conv kernels and embeddings
+      of any framework, see :func:`~prunejax.masks.make_filter_fn`). It is resolved to one flag per
+      leaf before anything is compiled, so any function object that selects the same leaves
+      reuses the compiled mask.
     distribution: for ``scope="layerwise"`` only: ``"uniform"`` (default, ``s_l = sparsity``),
       ``"erk"``, or a ``{path: sparsity}`` map (see :mod:`prunejax.masks.distributions`).
 
   Returns:
     The mask; non-prunable leaves are all True.
+
+  Raises:
+    ConfigError: the filter selects no leaf (the error lists the leaves), or a bad argument.
   """
-  counts = prune_counts(scores, sparsity, scope=scope, filter_fn=filter_fn,
-                        distribution=distribution)
-  return threshold_mask(scores, counts, filter_fn=filter_fn)
+  flags = resolve_filter(scores, filter_fn, what="mask_from_scores")
+  counts = _prune_counts(scores, sparsity, scope, filter_fn, distribution, flags)
+  return threshold_mask_flags(scores, counts, flags)
 
 
-@functools.partial(jax.jit, static_argnames=("filter_fn",))
-def _magnitude_mask(params, counts, filter_fn):
-  return threshold_mask(jax.tree.map(jnp.abs, params), counts, filter_fn=filter_fn)
+@functools.partial(jax.jit, static_argnames=("flags",))
+def _magnitude_mask(params, counts, flags):
+  return threshold_mask_flags(jax.tree.map(jnp.abs, params), counts, flags)
 
 
-@functools.partial(jax.jit, static_argnames=("filter_fn",))
-def _random_mask(key, params, counts, filter_fn):
-  leaves, flags, treedef = prunable_leaves(params, filter_fn)
-  scores = [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(l)) if f
-            else jnp.zeros(jnp.shape(l)) for i, (l, f) in enumerate(zip(leaves, flags))]
-  return threshold_mask(jax.tree.unflatten(treedef, scores), counts, filter_fn=filter_fn)
+@functools.partial(jax.jit, static_argnames=("flags",))
+def _random_mask(key, params, counts, flags):
+  leaves, treedef = jax.tree.flatten(params)
+  scores = [jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(l),
+                               out_sharding=explicit_sharding(l)) if f
+            else jnp.zeros_like(l, jnp.float32) for i, (l, f) in enumerate(zip(leaves, flags))]
+  return threshold_mask_flags(jax.tree.unflatten(treedef, scores), counts, flags)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,9 +139,9 @@ def magnitude(params: Params, sparsity: Any, *, scope: str = "global",
     Han et al. 2015, "Learning both Weights and Connections for Efficient Neural Networks";
     Frankle and Carbin 2019, "The Lottery Ticket Hypothesis" (global magnitude pruning).
   """
-  counts = prune_counts(params, sparsity, scope=scope, filter_fn=filter_fn,
-                        distribution=distribution)
-  return _magnitude_mask(params, counts, filter_fn)
+  flags = resolve_filter(params, filter_fn, what="magnitude")
+  counts = _prune_counts(params, sparsity, scope, filter_fn, distribution, flags)
+  return _magnitude_mask(params, counts, flags)
 
 
 def random(params: Params, sparsity: Any, *, key: jax.Array, scope: str = "global",
@@ -145,9 +160,9 @@ def random(params: Params, sparsity: Any, *, key: jax.Array, scope: str = "globa
   Returns:
     The mask.
   """
-  counts = prune_counts(params, sparsity, scope=scope, filter_fn=filter_fn,
-                        distribution=distribution)
-  return _random_mask(key, params, counts, filter_fn)
+  flags = resolve_filter(params, filter_fn, what="random")
+  counts = _prune_counts(params, sparsity, scope, filter_fn, distribution, flags)
+  return _random_mask(key, params, counts, flags)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,19 +326,19 @@ def synflow(apply_fn: ApplyFn, params: Params, sparsity: float, input_shape: Seq
   """
   check_positive_int("rounds", rounds)
   num_to_prune(sparsity, 1)
+  flags = resolve_filter(params, filter_fn, what="synflow")
 
   @jax.jit
   def one_round(params, mask, counts):
     scores = synflow_scores(apply_fn, params, input_shape, mask)
     # Already-pruned weights rank below everything, so masks only ever shrink.
     scores = jax.tree.map(lambda s, m: jnp.where(m, s, -jnp.inf), scores, mask)
-    return threshold_mask(scores, counts, filter_fn=filter_fn)
+    return threshold_mask_flags(scores, counts, flags)
 
   mask = ones_mask(params)
   for r in range(1, rounds + 1):
     s_r = sparsity if r == rounds else 1.0 - (1.0 - float(sparsity)) ** (r / rounds)
-    counts = prune_counts(params, s_r, scope=scope, filter_fn=filter_fn,
-                          distribution=distribution)
+    counts = _prune_counts(params, s_r, scope, filter_fn, distribution, flags)
     mask = one_round(params, mask, counts)
   return mask
 

@@ -340,7 +340,18 @@ def load_gpt2_classifier(checkpoint_dir: str, num_classes: int, *, key: jax.Arra
                           **fields)
   files = _TensorFiles(checkpoint_dir)
   keys = _check_tensors(files, config, checkpoint_dir)
-  get = lambda name: files.get(keys[name])
+  params = _classifier_params(model, config, lambda name: files.get(keys[name]))
+  d = config.n_embd
+  params["head"] = nn.Dense(num_classes).init(key, jnp.zeros((1, d), jnp.float32))["params"]
+  param_dtype = dtype_of("param_dtype", model.param_dtype)
+  params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params)
+  _check_structure(model, params)
+  return model, params
+
+
+def _classifier_params(model: GPTClassifier, config: GPT2Config, get) -> dict:
+  """Our GPT's params (head aside) from the checkpoint's tensors, ``get(hf_name)``: the fused
+  ``c_attn`` split into query/key/value, Conv1D weights kept (in, out), a zero row for a new pad."""
   d = config.n_embd
   wte = get("wte.weight")
   if model.vocab_size > config.vocab_size:
@@ -363,11 +374,7 @@ def load_gpt2_classifier(checkpoint_dir: str, num_classes: int, *, key: jax.Arra
         "mlp_proj": dense(f"h.{i}.mlp.c_proj"),
     }
   params["ln_f"] = ln("ln_f")
-  params["head"] = nn.Dense(num_classes).init(key, jnp.zeros((1, d), jnp.float32))["params"]
-  param_dtype = dtype_of("param_dtype", model.param_dtype)
-  params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params)
-  _check_structure(model, params)
-  return model, params
+  return params
 
 
 def _check_structure(model: GPTClassifier, params: dict) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from prunejax.scores.dynamics import Tracker, aum, cartography, forgetting
 from prunejax.scores.grand import grand, grand_last_layer
 from prunejax.scores.output import el2n, entropy, loss, margin
+from prunejax.scores.uncertainty import least_confidence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,8 @@ SCORES: dict[str, ScoreSpec] = _specs(
     ScoreSpec("loss", True, 1.0, fn=loss, description="cross-entropy"),
     ScoreSpec("margin", False, 1.0, fn=margin, description="label logit minus the largest other"),
     ScoreSpec("entropy", True, 1.0, fn=entropy, description="predictive entropy"),
+    ScoreSpec("least_confidence", True, 1.0, fn=least_confidence,
+              description="1 - max softmax probability (Coleman et al. 2020)"),
     ScoreSpec("grand", True, 3.0, fn=grand, description="exact per-example gradient norm"),
     ScoreSpec("grand_last_layer", True, 1.0, fn=grand_last_layer,
               description="gradient norm of a linear head, closed form"),
@@ -87,6 +90,8 @@ SCORES: dict[str, ScoreSpec] = _specs(
               description="std of p(y|x) over training (dataset cartography)"),
     ScoreSpec("prototypes", True, 1.0,
               description="distance to the nearest k-means centroid of embeddings"),
+    ScoreSpec("knn_outlier", True, 1.0,
+              description="k-nearest-neighbour outlier score of embeddings (cleanlab Datalab)"),
     ScoreSpec("self_confidence", False, 1.0,
               description="out-of-fold p(label) (Confident Learning)"),
     ScoreSpec("normalized_margin", False, 1.0,

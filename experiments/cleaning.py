@@ -1,0 +1,126 @@
+"""Cleaning before pruning: label noise for noise experiments, and deduplication as a first step.
+
+* ``dataset.label_noise = f``: a seeded fraction ``f`` of the training labels is flipped to another
+  class (``prunejax.data.flip_labels``); the flipped ids and their true labels are saved to
+  ``workdir/label_noise.npz`` and every row reports the share of corrupted examples that were
+  back-propagated.
+* ``dedup.first``: ``"exact"`` removes exact duplicates within the training split (all but the
+  lowest id of each group of equal content), ``"exact_and_leakage"`` also removes training examples
+  whose content occurs in the test split, ``"semantic"`` removes SemDeDup near-duplicates at
+  ``dedup.eps`` (embeddings of a briefly trained model); what was removed is saved by id under
+  ``workdir/dedup/`` with a summary, and every strategy then runs on what remains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from experiments import common
+from prunejax import data, dedup
+from prunejax.fileio import atomic_write_json
+
+log = logging.getLogger("prunejax")
+FIRST_STEPS = ("off", "exact", "exact_and_leakage", "semantic")
+
+
+def add_label_noise(ctx: common.Context) -> common.Context:
+  """``ctx`` with ``dataset.label_noise`` of its training labels flipped (seeded by ``seed``)."""
+  frac = float(ctx.config.dataset.get("label_noise", 0.0) or 0.0)
+  if frac <= 0:
+    return ctx
+  train = ctx.ds.train
+  noisy, flipped = data.flip_labels(train.ids, train.labels(), frac,
+                                    num_classes=ctx.ds.num_classes, seed=int(ctx.config.seed))
+  common.save_npz(os.path.join(ctx.workdir, "label_noise.npz"), flipped_ids=flipped,
+                  true_labels=train.labels(flipped), noisy_labels=noisy[train.index.rows(flipped)])
+  log.info("label noise: flipped %d of %d training labels (ids saved to label_noise.npz)",
+           len(flipped), len(train))
+  ds = dataclasses.replace(ctx.ds, train=data.RelabeledSource(train, noisy))
+  return dataclasses.replace(ctx, ds=ds, corrupted_ids=flipped)
+
+
+def _kind(ctx) -> tuple[str, int | None]:
+  return ("tokens", ctx.ds.meta["pad_id"]) if ctx.ds.kind == "text" else ("image", None)
+
+
+def _hashes(ctx, split: str) -> tuple[np.ndarray, np.ndarray]:
+  kind, pad = _kind(ctx)
+  return dedup.hash_batches(ctx.batches(split=split), kind=kind, pad_id=pad)
+
+
+def _exact(ctx, with_leakage: bool) -> tuple[np.ndarray, dict]:
+  tr_ids, tr_h = _hashes(ctx, "train")
+  te_ids, te_h = _hashes(ctx, "test")
+  groups = dedup.exact_duplicates(tr_ids, tr_h)
+  redundant = dedup.redundant_ids(groups)
+  leak_tr, leak_te = dedup.leakage(tr_ids, tr_h, te_ids, te_h)
+  out = os.path.join(ctx.workdir, "dedup")
+  common.save_npz(os.path.join(out, "exact_duplicates.npz"), removed_ids=redundant,
+                  group_sizes=np.asarray([len(g) for g in groups], np.int64))
+  common.save_npz(os.path.join(out, "leakage.npz"), train_ids=leak_tr, test_ids=leak_te)
+  removed = np.union1d(redundant, leak_tr) if with_leakage else redundant
+  summary = {"exact_duplicate_groups": len(groups), "exact_duplicates_removed": len(redundant),
+             "leaked_train_examples": int(len(np.unique(leak_tr))),
+             "leaked_test_examples": int(len(np.unique(leak_te))),
+             "leakage_removed": bool(with_leakage)}
+  return removed, summary
+
+
+def _semantic(ctx) -> tuple[np.ndarray, dict]:
+  from experiments import scoring
+  ids = np.sort(ctx.ds.train.ids)
+  cfg = ctx.config.dedup
+  emb, compute = scoring.embeddings(ctx, ids, int(ctx.config.seed), "dedup embeddings")
+  res = dedup.semdedup(emb, ids_N=ids, num_clusters=min(cfg.num_clusters, len(ids)),
+                       key=jax.random.key(int(ctx.config.seed)), keep=cfg.keep)
+  removed = res.removed_ids(cfg.eps)
+  common.save_npz(os.path.join(ctx.workdir, "dedup", "semantic.npz"), ids=res.ids,
+                  max_similarity=res.max_similarity, duplicate_of=res.duplicate_of,
+                  removed_ids=removed)
+  return removed, {"semantic_removed": len(removed), "eps": cfg.eps, "compute": compute}
+
+
+def deduplicate(ctx: common.Context) -> common.Context:
+  """``ctx`` whose training split lost what ``dedup.first`` removes (see the module doc)."""
+  step = ctx.config.dedup.get("first", "off")
+  if step == "off":
+    return ctx
+  removed, summary = _semantic(ctx) if step == "semantic" else _exact(
+      ctx, step == "exact_and_leakage")
+  train = ctx.ds.train
+  keep = np.setdiff1d(train.ids, removed)
+  summary.update(step=step, train_before=len(train), train_after=len(keep))
+  if jax.process_index() == 0:
+    atomic_write_json(os.path.join(ctx.workdir, "dedup", "summary.json"), summary)
+  log.info("deduplication (%s): %s", step, json.dumps(summary))
+  ds = dataclasses.replace(ctx.ds, train=data.SubsetSource(train, keep))
+  return dataclasses.replace(ctx, ds=ds, cleaning=summary)
+
+
+def notes(ctx: common.Context) -> list[str]:
+  """What was done to the data before the strategies, as report lines."""
+  out = []
+  if ctx.corrupted_ids is not None:
+    out.append(f"Label noise: {len(ctx.corrupted_ids):,} training labels "
+               f"({ctx.config.dataset.label_noise:.0%}) were flipped to another class (ids in "
+               "label_noise.npz); `corrupted_backprop_fraction` in results.csv is the share of "
+               "back-propagated examples whose label was flipped.")
+  c = ctx.cleaning
+  if c:
+    if c["step"] == "semantic":
+      what = f"{c['semantic_removed']:,} SemDeDup near-duplicates at eps={c['eps']}"
+    else:
+      what = (f"{c['exact_duplicates_removed']:,} exact duplicates (in "
+              f"{c['exact_duplicate_groups']:,} groups)")
+      leak = (f"{c['leaked_train_examples']:,} training examples equal to "
+              f"{c['leaked_test_examples']:,} test examples")
+      what += f" and {leak}" if c["leakage_removed"] else f"; found (not removed) {leak}"
+    out.append(f"Deduplication ({c['step']}): removed {what}; {c['train_after']:,} of "
+               f"{c['train_before']:,} training examples remain (ids under dedup/).")
+  return out
