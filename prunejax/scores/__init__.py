@@ -25,11 +25,12 @@ from typing import Any, Callable
 import jax
 
 from prunejax.errors import check_choice
+from prunejax.layer_taps import penultimate
 from prunejax.scores.dynamics import (CartographyState, ForgettingState, MeanState, Tracker, aum,
                                       average_over_checkpoints, cartography, forgetting,
                                       running_mean)
 from prunejax.scores.grand import (GhostPlan, ghost_plan, grand, grand_jacrev, grand_last_layer,
-                                   grand_vmap, penultimate)
+                                   grand_vmap)
 from prunejax.scores.io import align, load_scores, save_scores
 from prunejax.scores.label_quality import (confident_joint, find_label_issues, normalized_margin,
                                            out_of_fold_probs, self_confidence, stratified_folds)

@@ -1,7 +1,9 @@
 """Scores read off the model's output: EL2N, loss, margin and entropy.
 
 Each is ``fn(apply_fn, params, batch) -> f32[B]``, one forward pass, 0 on padding rows (``mask``
-False). They are computed in float32, or in the logits' dtype when it is wider (float64 tests).
+False) and NaN on real rows whose label is outside ``[0, C)``; float labels are an error. They are
+computed in float32, or in the logits' dtype when it is wider (float64 tests). The label checks
+(:func:`checked_labels`, :func:`finish_scores`) are shared with :mod:`prunejax.scores.grand`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from prunejax.errors import DataError
 from prunejax.types import ApplyFn, Batch, Params, Scores, batch_mask
 
 
@@ -21,6 +24,26 @@ def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
   """Per-example cross-entropy ``logsumexp(z) - z_y`` in the dtype of ``logits_BxC``."""
   logit_y_B = jnp.take_along_axis(logits_BxC, y_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
   return jax.nn.logsumexp(logits_BxC, axis=-1) - logit_y_B
+
+
+def checked_labels(y_B: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """``(y_B, valid_B)``: the labels with those outside ``[0, num_classes)`` replaced by 0 (so they
+  index safely), and which were inside.
+
+  Raises:
+    DataError: the labels are not integers (a float label would otherwise be truncated).
+  """
+  dtype = jnp.result_type(y_B)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise DataError(f"batch['y'] has dtype {dtype}; labels must be integers in [0, {num_classes})")
+  valid_B = (y_B >= 0) & (y_B < num_classes)
+  return jnp.where(valid_B, y_B, 0), valid_B
+
+
+def finish_scores(scores_B: jax.Array, batch: Batch, valid_B: jax.Array) -> Scores:
+  """0 on padding rows, NaN on real rows with a label outside the classes, else ``scores_B``."""
+  real_B = batch["mask"].astype(bool) if "mask" in batch else jnp.ones_like(scores_B, bool)
+  return jnp.where(real_B, jnp.where(valid_B, scores_B, jnp.nan), 0.0)
 
 
 def _logits(apply_fn: ApplyFn, params: Params, batch: Batch) -> jax.Array:
@@ -56,15 +79,16 @@ def el2n(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
     batch: ``x``, ``y`` (int labels) and optionally ``mask``.
 
   Returns:
-    f32[B], 0 on padding rows.
+    f32[B], 0 on padding rows, NaN on rows whose label is outside ``[0, C)``.
 
   References:
     Paul, Ganguli, Dziugaite. "Deep Learning on a Data Diet: Finding Important Examples Early in
     Training." NeurIPS 2021.
   """
   logits_BxC = _logits(apply_fn, params, batch)
-  scores_B = el2n_from_logits(logits_BxC, batch["y"])
-  return jnp.where(batch_mask(batch, scores_B.shape[0]), scores_B, 0.0)
+  y_B, valid_B = checked_labels(batch["y"], logits_BxC.shape[-1])
+  scores_B = el2n_from_logits(logits_BxC, y_B)
+  return finish_scores(scores_B, batch, valid_B)
 
 
 def loss(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
@@ -76,15 +100,16 @@ def loss(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
     batch: ``x``, ``y`` (int labels) and optionally ``mask``.
 
   Returns:
-    f32[B], 0 on padding rows.
+    f32[B], 0 on padding rows, NaN on rows whose label is outside ``[0, C)``.
 
   References:
     Toneva et al. "An Empirical Study of Example Forgetting during Deep Neural Network Learning."
     ICLR 2019 (loss as a baseline ranking).
   """
   logits_BxC = _logits(apply_fn, params, batch)
-  scores_B = cross_entropy(logits_BxC, batch["y"])
-  return jnp.where(batch_mask(batch, scores_B.shape[0]), scores_B, 0.0)
+  y_B, valid_B = checked_labels(batch["y"], logits_BxC.shape[-1])
+  scores_B = cross_entropy(logits_BxC, y_B)
+  return finish_scores(scores_B, batch, valid_B)
 
 
 def margin(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
@@ -99,15 +124,16 @@ def margin(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
     batch: ``x``, ``y`` (int labels) and optionally ``mask``.
 
   Returns:
-    f32[B], 0 on padding rows.
+    f32[B], 0 on padding rows, NaN on rows whose label is outside ``[0, C)``.
 
   References:
     Pleiss et al. "Identifying Mislabeled Data using the Area Under the Margin Ranking."
     NeurIPS 2020 (the margin whose average over training is AUM).
   """
   logits_BxC = _logits(apply_fn, params, batch)
-  scores_B = margin_from_logits(logits_BxC, batch["y"])
-  return jnp.where(batch_mask(batch, scores_B.shape[0]), scores_B, 0.0)
+  y_B, valid_B = checked_labels(batch["y"], logits_BxC.shape[-1])
+  scores_B = margin_from_logits(logits_BxC, y_B)
+  return finish_scores(scores_B, batch, valid_B)
 
 
 def entropy(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
