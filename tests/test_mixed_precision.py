@@ -459,6 +459,21 @@ def test_grand_and_el2n_in_bfloat16_within_1_percent_of_float32(name):
     assert np.all(agree[gaps])
 
 
+@pytest.mark.parametrize("name", ["resnet20", "gpt"])
+def test_grand_handles_every_leaf_of_bfloat16_and_remat_models_as_of_the_float32_model(name):
+  """The float32 islands (norms, softmax) and rematerialized blocks sit inside ``jax.checkpoint``;
+  GraNd's layer taps look inside it, so no leaf falls back to per-example gradients."""
+  from prunejax import scores
+  m32, x = _model(name)
+  v = init_variables(m32, jax.random.key(1), x)
+  want = scores.ghost_plan(make_apply_fn(m32), v, x).describe()
+  assert "materialized" not in want.values()
+  for fields in ({"compute_dtype": "bfloat16"}, {"remat": True},
+                 {"compute_dtype": "bfloat16", "remat": True}):
+    model, _ = _model(name, **fields)
+    assert scores.ghost_plan(make_apply_fn(model), v, x).describe() == want, fields
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs of the experiment configs.
 # ----------------------------------------------------------------------------------------------
