@@ -92,7 +92,8 @@ def bench_case(name: str, compute_dtype: str, remat: bool, quick: bool,
     return metrics
 
   rows = [{"model": name, "fn": "train step", "dtype": compute_dtype, "remat": remat,
-           "examples_per_s": b / _time(train_call, repeats), "peak_mb": compiled_bytes(step) / 2**20}]
+           "examples_per_s": b / _time(train_call, repeats),
+           "peak_mb": compiled_bytes(step) / 2**20}]
   apply_fn = make_apply_fn(model)
   variables = holder[0].variables
   grand = jax.jit(lambda v, bt: scores.grand(apply_fn, v, bt)).lower(variables, batch).compile()

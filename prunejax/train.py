@@ -11,11 +11,12 @@ Gradient accumulation (``TrainState.accumulation_steps = A``): one step splits i
 micro-batches, the strided rows ``m, m + A, m + 2A, ...`` of micro-batch ``m`` (so each one is
 sharded over the devices like the batch, and the padding at the end of a batch spreads over all of
 them), runs the forward and backward pass of one micro-batch at a time (``lax.scan``: the activation
-memory of ``B / A`` rows) and applies one optimizer update with the summed gradients. The loss is the
-same masked mean over the real rows of the *whole* batch, so the update equals the one of the large
-batch up to float rounding, with padding rows, per-example weights and dropout (each micro-batch
-draws its own dropout key). BatchNorm is the exception: its batch statistics are those of each
-micro-batch, and the running statistics the real-row-weighted mean of the micro-batches' updates.
+memory of ``B / A`` rows) and applies one optimizer update with the summed gradients. The loss is
+the same masked mean over the real rows of the *whole* batch, per-example weights included, so the
+update equals the one of the large batch up to float rounding. Dropout draws one key per
+micro-batch (another draw than the large batch's). BatchNorm is the exception: its batch statistics
+are those of each micro-batch, and the running statistics the real-row-weighted mean of the
+micro-batches' updates.
 
 Mixed precision lives in the model (:mod:`prunejax.models.precision`): params, gradients and
 optimizer state keep the params' dtype (float32), the loss reduces in float32. ``loss_scale`` (for
@@ -165,7 +166,8 @@ def train_step_with_losses(state: TrainState, batch: dict
   else:
     grads, batch_stats, metrics, ce_B = _accumulated_grads(state, batch, dropout_key)
   if state.loss_scale != 1.0:
-    grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / state.loss_scale).astype(g.dtype), grads)
+    unscale = lambda g: (g.astype(jnp.float32) / state.loss_scale).astype(g.dtype)
+    grads = jax.tree.map(unscale, grads)
   updates_p, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates_p)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

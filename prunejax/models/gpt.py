@@ -20,8 +20,8 @@ Mixed precision (:mod:`prunejax.models.precision`): the projections, attention p
 MLP compute in ``compute_dtype``; the residual stream (embeddings plus every block's output), the
 LayerNorm statistics, the attention softmax and the logits are float32. (A bfloat16 residual stream
 rounds every block's sum; on a small model it made the error of the loss against float32 three
-times and that of GraNd twice as large.) ``remat=True`` rematerializes each block (``jax.checkpoint``): its activations are
-recomputed in the backward pass instead of being stored.
+times and that of GraNd twice as large.) ``remat=True`` rematerializes each block
+(``jax.checkpoint``): its activations are recomputed in the backward pass instead of being stored.
 """
 
 from __future__ import annotations

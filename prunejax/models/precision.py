@@ -6,8 +6,9 @@ casts its inputs and its parameters to ``compute_dtype`` (bfloat16 or float16) f
 multiplies and convolutions, where the throughput and the activation memory are. What needs the
 range or the precision stays float32: LayerNorm and BatchNorm statistics (Flax reduces them in
 float32), the attention softmax, global pooling, the GPT's residual stream, and the logits, which
-every model returns in float32 so that losses and scores reduce in float32. float16 has a narrow range: train it with a loss scale
-(:func:`prunejax.train.create_train_state`'s ``loss_scale``); bfloat16 needs none.
+every model returns in float32 so that losses and scores reduce in float32. float16 has a narrow
+range: train it with a loss scale (:func:`prunejax.train.create_train_state`'s ``loss_scale``);
+bfloat16 needs none.
 
 ``compute_dtype=None`` (the models' default) keeps the dtype of the inputs and params, so a model
 with float64 params (with ``jax_enable_x64``) still gives float64 references.
