@@ -391,7 +391,7 @@ def test_grand_last_layer_closed_form_identity():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("score_name", sorted(scores.SCORES))
+@pytest.mark.parametrize("score_name", scores.BATCH_SCORES)
 def test_registry_jit_no_retrace_and_padding(score_name):
   chex.clear_trace_counter()
   apply_fn, variables, batch = _case("mlp")

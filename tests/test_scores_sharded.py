@@ -42,7 +42,7 @@ cases = {name: (make_apply_fn(m), random_variables(m, jnp.asarray(x[:1])), x)
          for name, (m, x) in flax_cases.items()}
 cases["plain"] = (plain_resnet_apply, plain_resnet_init(jax.random.key(1), (4, 8), 1, 3),
                   rng.normal(size=(B, 3, 8, 8)).astype(np.float32))
-which = {"mlp": sorted(scores.SCORES), "resnet": ["grand"], "gpt": ["grand", "el2n"],
+which = {"mlp": list(scores.BATCH_SCORES), "resnet": ["grand"], "gpt": ["grand", "el2n"],
          "plain": ["grand"]}
 classic = parallel.data_mesh()
 explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))

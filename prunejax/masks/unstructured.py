@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from prunejax import losses
 from prunejax.errors import ConfigError, check_choice, check_positive_int
 from prunejax.masks.core import (apply_mask, explicit_sharding, num_to_prune, ones_mask,
                                  resolve_filter, threshold_mask_flags)
@@ -171,15 +171,9 @@ def random(params: Params, sparsity: Any, *, key: jax.Array, scope: str = "globa
 
 
 def mean_cross_entropy(logits_BxC: jax.Array, batch: Batch) -> jax.Array:
-  """Mean cross-entropy over the real rows of ``batch`` (``mask`` False rows add nothing).
-
-  Keeps the dtype of the logits, so float64 references stay float64.
-  """
-  ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxC, batch["y"])
-  if "mask" not in batch:
-    return jnp.mean(ce_B)
-  keep_B = batch["mask"].astype(ce_B.dtype)
-  return jnp.sum(jnp.where(batch["mask"], ce_B, 0.0)) / jnp.maximum(keep_B.sum(), 1.0)
+  """Mean cross-entropy over the real rows of ``batch`` (``mask`` False rows add nothing): the one
+  cross-entropy of :mod:`prunejax.losses`, in float32 or wider (float64 references stay float64)."""
+  return losses.masked_mean(losses.cross_entropy(logits_BxC, batch["y"]), batch, weighted=False)
 
 
 def _loss(apply_fn: ApplyFn, loss_fn: LossFn | None, temperature: float = 1.0):

@@ -12,18 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from prunejax.errors import DataError
+from prunejax.losses import as_float, cross_entropy
 from prunejax.types import ApplyFn, Batch, Params, Scores, batch_mask
-
-
-def as_float(logits_BxC: jax.Array) -> jax.Array:
-  """Logits in float32, or in their own dtype when it is wider."""
-  return logits_BxC.astype(jnp.promote_types(logits_BxC.dtype, jnp.float32))
-
-
-def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
-  """Per-example cross-entropy ``logsumexp(z) - z_y`` in the dtype of ``logits_BxC``."""
-  logit_y_B = jnp.take_along_axis(logits_BxC, y_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
-  return jax.nn.logsumexp(logits_BxC, axis=-1) - logit_y_B
 
 
 def checked_labels(y_B: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
