@@ -90,6 +90,29 @@ def _check_model_pruning(config: ml_collections.ConfigDict) -> None:
                         f"(needs {need} rounds)")
 
 
+def _check_precision(config: ml_collections.ConfigDict) -> None:
+  from prunejax.models import REMAT_MODELS
+  from prunejax.models.precision import dtype_of
+  for field in ("compute_dtype", "param_dtype"):
+    dtype_of(f"model.{field}", config.model.get(field))
+  remat = config.model.get("remat", False)
+  if not isinstance(remat, bool):
+    raise ConfigError(f"model.remat={remat!r} is not allowed; expected True or False")
+  if remat and config.model.name not in REMAT_MODELS:
+    raise ConfigError(f"model.remat=True is not supported by model {config.model.name!r}; "
+                      f"rematerialization is per block of: {', '.join(map(repr, REMAT_MODELS))}")
+  steps = config.train.get("accumulation_steps", 1)
+  check_positive_int("train.accumulation_steps", steps)
+  if config.train.batch_size % steps:
+    raise ConfigError(f"train.accumulation_steps={steps} must divide train.batch_size="
+                      f"{config.train.batch_size} (each micro-batch has batch_size / "
+                      "accumulation_steps rows)")
+  parallel.check_batch_size(config.train.batch_size // steps, parallel.data_mesh(),
+                            "train.batch_size / train.accumulation_steps")
+  check_range("train.loss_scale", config.train.get("loss_scale", 1.0), 0.0, 2.0 ** 24,
+              lo_open=True)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field that can be checked before any work starts; one-line errors."""
   from experiments import strategies
@@ -106,6 +129,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_choice("strategies", s, strategies.REGISTRY)
   check_positive_int("train.epochs", config.train.epochs)
   check_positive_int("train.batch_size", config.train.batch_size)
+  _check_precision(config)
   check_positive_int("replicates", config.replicates)
   folds = config.get("cv_folds", 0)
   if folds and (not isinstance(folds, int) or folds < 2):
@@ -367,7 +391,7 @@ class Context:
     if self.config.model.get("checkpoint_dir"):
       return _pretrained(self.config.model.checkpoint_dir, self.ds.num_classes,
                          self.ds.meta["max_len"], self.ds.meta["pad_id"],
-                         self.config.model.get("dropout"), 0)[0]
+                         self.config.model.get("dropout"), 0, _precision(self.config))[0]
     kw = {k: v for k, v in self.config.model.to_dict().items()
           if k not in ("name", "checkpoint_dir", "dropout")}
     if self.config.model.name == "gpt":
@@ -384,7 +408,7 @@ class Context:
       return None
     params = _pretrained(self.config.model.checkpoint_dir, self.ds.num_classes,
                          self.ds.meta["max_len"], self.ds.meta["pad_id"],
-                         self.config.model.get("dropout"), seed)[1]
+                         self.config.model.get("dropout"), seed, _precision(self.config))[1]
     # A copy: train steps donate their state's buffers, the cached checkpoint must survive them.
     return {"params": jax.tree.map(lambda a: jax.numpy.array(a, copy=True), params)}
 
@@ -420,12 +444,20 @@ class Context:
     return self.config.get("cv_folds", 0) or self.config.replicates
 
 
+def _precision(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """The ``model.compute_dtype``, ``model.param_dtype`` and ``model.remat`` fields that are set."""
+  return tuple((k, config.model[k]) for k in _PRECISION_FIELDS if config.model.get(k) is not None)
+
+
+_PRECISION_FIELDS = ("compute_dtype", "param_dtype", "remat")
+
+
 @functools.lru_cache(maxsize=2)
 def _pretrained(checkpoint_dir: str, num_classes: int, context: int, pad_id: int,
-                dropout: float | None, seed: int):
+                dropout: float | None, seed: int, precision: tuple = ()):
   from prunejax.models.pretrained import load_gpt2_classifier
   return load_gpt2_classifier(checkpoint_dir, num_classes, key=jax.random.key(seed),
-                              context=context, pad_id=pad_id, dropout=dropout)
+                              context=context, pad_id=pad_id, dropout=dropout, **dict(precision))
 
 
 @functools.lru_cache(maxsize=64)

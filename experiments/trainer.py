@@ -86,7 +86,9 @@ def initial_state(ctx, ids: np.ndarray, *, seed: int, epochs: int, pruner: onlin
                   mask is not None)
   variables = None if model_overrides else ctx.initial_variables(seed)
   state = train.create_train_state(ctx.model(**(model_overrides or {})), tx, jax.random.key(seed),
-                                   ctx.x_example, ctx.preprocess, variables)
+                                   ctx.x_example, ctx.preprocess, variables,
+                                   accumulation_steps=cfg.train.get("accumulation_steps", 1),
+                                   loss_scale=cfg.train.get("loss_scale", 1.0))
   mask = _copy(mask)
   if mask is not None and jax.tree.structure(mask) != jax.tree.structure(state.params):
     raise ConfigError(f"mask structure {jax.tree.structure(mask)} does not match the params "

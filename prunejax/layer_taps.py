@@ -53,9 +53,10 @@ from prunejax.errors import ConfigError
 from prunejax.layer_rows import dense_dims, layer_rows
 from prunejax.types import ApplyFn, Params
 
-# Higher-order primitives whose body is inlined when parameters and the batch meet inside them.
-# Custom derivatives (custom_jvp/vjp), scans and loops are kept whole: their leaves are other uses.
-_INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat"})
+# Higher-order primitives whose body is inlined when parameters and the batch meet inside them
+# (``jax.checkpoint`` binds ``remat2`` in recent JAX). Custom derivatives (custom_jvp/vjp), scans
+# and loops are kept whole: their leaves are other uses.
+_INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2"})
 # Parameter-side ops whose pullback preserves the norm of a gradient (permutations, selections,
 # casts): a leaf seen through them is still the layer's weight.
 _ISOMETRIC = frozenset({"reshape", "squeeze", "expand_dims", "transpose", "copy", "copy_p",

@@ -6,6 +6,21 @@ padding rows (``mask`` False) add nothing, and optional per-example weights ``w`
 e.g. InfoBatch's rescaling) scale each example's contribution. Inputs go through the state's
 :class:`~prunejax.data.Preprocess` on device (normalization; crop + flip in training, keyed by the run
 key, the epoch and the example id). Models with dropout draw it from ``fold_in(run key, step)``.
+
+Gradient accumulation (``TrainState.accumulation_steps = A``): one step splits its batch into ``A``
+micro-batches, the strided rows ``m, m + A, m + 2A, ...`` of micro-batch ``m`` (so each one is
+sharded over the devices like the batch, and the padding at the end of a batch spreads over all of
+them), runs the forward and backward pass of one micro-batch at a time (``lax.scan``: the activation
+memory of ``B / A`` rows) and applies one optimizer update with the summed gradients. The loss is
+the same masked mean over the real rows of the *whole* batch, per-example weights included, so the
+update equals the one of the large batch up to float rounding. Dropout draws one key per
+micro-batch (another draw than the large batch's). BatchNorm is the exception: its batch statistics
+are those of each micro-batch, and the running statistics the real-row-weighted mean of the
+micro-batches' updates.
+
+Mixed precision lives in the model (:mod:`prunejax.models.precision`): params, gradients and
+optimizer state keep the params' dtype (float32), the loss reduces in float32. ``loss_scale`` (for
+float16 compute) multiplies the loss before the backward pass and divides the gradients after it.
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ from flax import struct
 
 from prunejax import losses, parallel
 from prunejax.data.augment import Preprocess
-from prunejax.errors import ConfigError, check_choice, check_range
+from prunejax.errors import ConfigError, check_choice, check_positive_int, check_range
 from prunejax.types import PyTree, batch_mask
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -31,10 +46,13 @@ _DROPOUT_STREAM = 0xD50
 
 
 class TrainState(struct.PyTreeNode):
-  """Everything a step changes, plus the static model, optimizer and input preprocessing.
+  """Everything a step changes, plus the static model, optimizer, input preprocessing and step
+  options.
 
   ``batch_stats`` is ``{}`` for models without BatchNorm; ``rng`` is the raw data of the run's key
-  (augmentation and dropout randomness derive from it).
+  (augmentation and dropout randomness derive from it). ``accumulation_steps`` and ``loss_scale``
+  are static, so every step function (:func:`train_step` and the online pruners' steps) honours them
+  without an argument; see the module doc.
   """
 
   step: jax.Array
@@ -45,6 +63,8 @@ class TrainState(struct.PyTreeNode):
   model: nn.Module = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   preprocess: Preprocess = struct.field(pytree_node=False, default=Preprocess())
+  accumulation_steps: int = struct.field(pytree_node=False, default=1)
+  loss_scale: float = struct.field(pytree_node=False, default=1.0)
 
   @property
   def variables(self) -> dict:
@@ -58,18 +78,38 @@ class TrainState(struct.PyTreeNode):
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                        x_example: jax.Array, preprocess: Preprocess | None = None,
-                       variables: dict | None = None) -> TrainState:
+                       variables: dict | None = None, *, accumulation_steps: int = 1,
+                       loss_scale: float = 1.0) -> TrainState:
   """A fresh state: variables initialized from ``key`` (on ``preprocess.eval(x_example)``), or the
   given ``variables`` (e.g. a pretrained checkpoint's, ``{"params": ...}``); ``key`` is also the
-  run key."""
+  run key.
+
+  Args:
+    model: a Flax module (its ``compute_dtype`` / ``param_dtype`` set the precision).
+    tx: the optimizer.
+    key: the run key.
+    x_example: an input batch of the model, for the initialization.
+    preprocess: on-device input preprocessing (default: none).
+    variables: initial variables instead of a fresh initialization.
+    accumulation_steps: micro-batches per optimizer step (1: none).
+    loss_scale: the loss is multiplied by it before the backward pass and the gradients divided
+      after (1: none); for float16 compute, e.g. ``2.0 ** 12``.
+
+  Raises:
+    ConfigError: ``accumulation_steps`` not a positive integer, or ``loss_scale`` not in
+      ``(0, 2**24]``.
+  """
   from prunejax.models import init_variables
+  check_positive_int("train.accumulation_steps", accumulation_steps)
+  check_range("train.loss_scale", loss_scale, 0.0, 2.0 ** 24, lo_open=True)
   preprocess = preprocess or Preprocess()
   if variables is None:
     variables = init_variables(model, key, preprocess.eval(jnp.asarray(x_example)))
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    rng=jax.random.key_data(key), model=model, tx=tx, preprocess=preprocess)
+                    rng=jax.random.key_data(key), model=model, tx=tx, preprocess=preprocess,
+                    accumulation_steps=accumulation_steps, loss_scale=float(loss_scale))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,10 +160,34 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict[str, ja
 def train_step_with_losses(state: TrainState, batch: dict
                            ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
   """:func:`train_step` that also returns the per-example losses f32[B] of its forward pass."""
+  dropout_key = jax.random.fold_in(jax.random.fold_in(state.key, _DROPOUT_STREAM), state.step)
+  if state.accumulation_steps == 1:
+    grads, batch_stats, metrics, ce_B = _grads(state, batch, dropout_key)
+  else:
+    grads, batch_stats, metrics, ce_B = _accumulated_grads(state, batch, dropout_key)
+  if state.loss_scale != 1.0:
+    unscale = lambda g: (g.astype(jnp.float32) / state.loss_scale).astype(g.dtype)
+    grads = jax.tree.map(unscale, grads)
+  updates_p, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates_p)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=batch_stats)
+  # Cheap on-device fault detection: one reduction over the gradient norm.
+  metrics["grad_nonfinite"] = (~jnp.isfinite(optax.tree.norm(grads))).astype(jnp.float32)
+  return new_state, metrics, ce_B
+
+
+def _grads(state: TrainState, batch: dict, dropout_key: jax.Array,
+           denominator: jax.Array | None = None) -> tuple[PyTree, PyTree, dict, jax.Array]:
+  """(gradients, updated batch statistics, summed metrics, per-example losses) of ``batch``.
+
+  The loss is the masked mean of the batch, or with ``denominator`` the weighted sum of its real
+  rows' losses divided by it (a micro-batch's share of the whole batch's mean); times the state's
+  ``loss_scale``.
+  """
   has_bn = bool(state.batch_stats)
   x = train_inputs(state, batch)
-  rngs = {"dropout": jax.random.fold_in(jax.random.fold_in(state.key, _DROPOUT_STREAM),
-                                        state.step)}
+  rngs = {"dropout": dropout_key}
 
   def loss_fn(params):
     variables = {"params": params, **({"batch_stats": state.batch_stats} if has_bn else {})}
@@ -133,23 +197,86 @@ def train_step_with_losses(state: TrainState, batch: dict
                                           mutable=["batch_stats"])
     else:
       logits, updates = state.model.apply(variables, x, train=True, rngs=rngs), {}
-    loss, ce_B = masked_mean_loss(logits, batch)
+    ce_B = per_example_ce(logits, batch["y"])
+    if denominator is None:
+      loss = losses.masked_mean(ce_B, batch)
+    else:
+      loss = losses.masked_mean(ce_B, batch) * (_real_rows(batch, ce_B) / denominator)
+    if state.loss_scale != 1.0:
+      loss = loss * state.loss_scale
     return loss, (logits, ce_B, updates)
 
   (_, (logits, ce_B, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates_p, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates_p)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            batch_stats=updates.get("batch_stats", state.batch_stats))
-  metrics = metrics_of(logits, ce_B, batch)
-  # Cheap on-device fault detection: one reduction over the gradient norm.
-  metrics["grad_nonfinite"] = (~jnp.isfinite(optax.tree.norm(grads))).astype(jnp.float32)
-  return new_state, metrics, ce_B
+  return (grads, updates.get("batch_stats", state.batch_stats), metrics_of(logits, ce_B, batch),
+          ce_B)
+
+
+def _real_rows(batch: dict, values_B: jax.Array) -> jax.Array:
+  """The masked mean's denominator: the number of real rows, at least 1."""
+  return jnp.maximum(batch_mask(batch, values_B.shape[0]).sum().astype(values_B.dtype), 1.0)
+
+
+def micro_batches(batch: dict, num: int) -> dict:
+  """``batch`` as ``num`` micro-batches along a new leading axis: micro-batch ``m`` holds rows
+  ``m, m + num, m + 2 num, ...``; the batch is first padded with padding rows (``mask`` False,
+  zeros elsewhere) to a multiple of ``num``. Every value has shape ``[num, ceil(B / num), ...]``."""
+  b = jax.tree.leaves(batch)[0].shape[0]
+  pad = -b % num
+  if pad and "mask" not in batch:
+    batch = {**batch, "mask": jnp.ones((b,), bool)}
+
+  def split(v):
+    if pad:
+      v = jnp.concatenate([v, jnp.zeros((pad,) + v.shape[1:], v.dtype)])
+    return v.reshape((-1, num) + v.shape[1:]).swapaxes(0, 1)
+
+  return {k: split(v) for k, v in batch.items()}
+
+
+def _unsplit(values: jax.Array, b: int) -> jax.Array:
+  """The inverse of :func:`micro_batches` on one array: ``[num, M, ...] -> [B, ...]``."""
+  return values.swapaxes(0, 1).reshape((-1,) + values.shape[2:])[:b]
+
+
+def _accumulated_grads(state: TrainState, batch: dict, dropout_key: jax.Array
+                       ) -> tuple[PyTree, PyTree, dict, jax.Array]:
+  """:func:`_grads` of the whole batch, summed over ``state.accumulation_steps`` micro-batches."""
+  num = state.accumulation_steps
+  b = batch["y"].shape[0]
+  micro = micro_batches(batch, num)
+  n_real = batch_mask(batch, b).sum().astype(jnp.float32)
+  denominator = jnp.maximum(n_real, 1.0)
+  wide = lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
+
+  def body(grads_acc, xs):
+    i, mb = xs
+    grads, stats, metrics, ce = _grads(state, mb, jax.random.fold_in(dropout_key, i), denominator)
+    # A micro-batch of padding rows only (the end of a last batch) adds nothing, even where its
+    # forward pass is not finite (BatchNorm statistics of no rows).
+    live = metrics["count"] > 0
+    grads_acc = jax.tree.map(lambda acc, g: acc + jnp.where(live, g, 0).astype(acc.dtype),
+                             grads_acc, grads)
+    stats = jax.tree.map(lambda s: jnp.where(live, metrics["count"] * s, 0), stats)
+    return grads_acc, (stats, metrics, ce)
+
+  grads, (stats_A, metrics_A, ce_AxM) = jax.lax.scan(
+      body, jax.tree.map(wide, state.params), (jnp.arange(num), micro))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+  batch_stats = jax.tree.map(
+      lambda s_A, old: jnp.where(n_real > 0, s_A.sum(0) / denominator, old).astype(old.dtype),
+      stats_A, state.batch_stats)
+  metrics = jax.tree.map(lambda m_A: m_A.sum(0), metrics_A)
+  return grads, batch_stats, metrics, _unsplit(ce_AxM, b)
 
 
 def eval_logits(state: TrainState, x: jax.Array) -> jax.Array:
-  """Logits in evaluation mode (frozen BatchNorm statistics, no dropout, no augmentation)."""
-  return state.model.apply(state.variables, state.preprocess.eval(x), train=False)
+  """Logits in evaluation mode (frozen BatchNorm statistics, no dropout, no augmentation); with
+  ``state.accumulation_steps > 1`` computed one micro-batch at a time."""
+  apply = lambda x: state.model.apply(state.variables, state.preprocess.eval(x), train=False)
+  if state.accumulation_steps == 1:
+    return apply(x)
+  x_AxM = micro_batches({"x": x}, state.accumulation_steps)["x"]
+  return _unsplit(jax.lax.map(apply, x_AxM), x.shape[0])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -23,14 +23,19 @@ def get_config() -> ml_collections.ConfigDict:
       num_threads=none(int),  # loader reader threads (default: 0 in memory, 8 on disk)
       label_noise=0.0,  # fraction of training labels flipped (seeded), for noise experiments
       cache_dir=none(str)))
-  c.model = ml_collections.ConfigDict(dict(name="mlp"))
+  # compute_dtype: float32 | bfloat16 | float16 (params and optimizer state stay param_dtype);
+  # remat: recompute each block's activations in the backward pass (resnet18, resnet20, gpt).
+  c.model = ml_collections.ConfigDict(dict(name="mlp", compute_dtype="float32",
+                                           param_dtype="float32", remat=False))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine",
       warmup_epochs=0.0, step_epochs=(), step_factor=0.1, b1=0.9, b2=0.999))
   c.train = ml_collections.ConfigDict(dict(
       epochs=20, batch_size=32, eval_batch_size=256, progress=True,
       # mid-run checkpoints (a killed run resumes at the batch where it stopped); 0 = off.
-      checkpoint_every_steps=0, checkpoint_minutes=10.0))
+      checkpoint_every_steps=0, checkpoint_minutes=10.0,
+      # micro-batches per optimizer step (batch_size rows in all); loss scale for float16 compute.
+      accumulation_steps=1, loss_scale=1.0))
   c.data_pruning = ml_collections.ConfigDict(dict(
       keep_fractions=(0.3, 0.5, 0.7), keep="hard", class_balanced=False, offset=0.0,
       conventions=("epochs",), score_epochs=3, score_seeds=2, dynamic_keep=0.5,

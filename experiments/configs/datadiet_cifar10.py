@@ -24,7 +24,7 @@ def get_config(variant: str = ""):
   c.replicates = 1
   c.dataset.name = "cifar10"
   c.dataset.augment = True
-  c.model = base.ml_collections.ConfigDict(dict(name="resnet18", width_multiplier=1.0))
+  c.model.update(dict(name="resnet18", width_multiplier=1.0))
   c.optimizer.update(dict(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           schedule="step", step_epochs=(60, 120, 160), step_factor=0.2))
   c.train.epochs = 200

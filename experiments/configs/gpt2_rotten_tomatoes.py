@@ -25,7 +25,8 @@ def get_config(variant: str = ""):
   c.name = "gpt2_rotten_tomatoes"
   c.strategies = ("dense", "random", "batch", "semi_batch")
   c.model = rotten_tomatoes.base.ml_collections.ConfigDict(dict(
-      name="gpt", require_checkpoint=True,
+      name="gpt", require_checkpoint=True, compute_dtype="float32", param_dtype="float32",
+      remat=False,
       checkpoint_dir=rotten_tomatoes.base.ml_collections.FieldReference(None, field_type=str),
       dropout=rotten_tomatoes.base.ml_collections.FieldReference(None, field_type=float)))
   c.dataset.tokenizer = "gpt2"

@@ -14,7 +14,7 @@ def get_config(variant: str = ""):
   c.strategies = ("dense",)
   c.replicates = 2
   c.dataset.name = "mnist5k"
-  c.model = base.ml_collections.ConfigDict(dict(name="cnn", features=(32, 64), dense=128))
+  c.model.update(dict(name="cnn", features=(32, 64), dense=128))
   c.optimizer.update(dict(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           schedule="cosine"))
   c.train.epochs = 8

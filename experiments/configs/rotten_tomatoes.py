@@ -21,7 +21,7 @@ def get_config(variant: str = ""):
   c.dataset.name = "rotten_tomatoes"
   c.dataset.vocab_size = 8192
   c.dataset.max_len = 64
-  c.model = base.ml_collections.ConfigDict(dict(name="gpt", depth=2, width=128, num_heads=4))
+  c.model.update(dict(name="gpt", depth=2, width=128, num_heads=4))
   c.optimizer.update(dict(name="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine",
                           warmup_epochs=0.2))
   c.train.epochs = 2

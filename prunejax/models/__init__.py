@@ -9,20 +9,41 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prunejax.errors import check_choice
+from prunejax.errors import ConfigError, check_choice
 from prunejax.models.cnn import CNN
 from prunejax.models.gpt import GPTClassifier
 from prunejax.models.mlp import MLP
+from prunejax.models.precision import DTYPES, at_least_float32, dtype_of
 from prunejax.models.pretrained import (GPT2Config, gpt2_classifier, gpt2_config_from_dict,
                                         gpt2_tensor_shapes, load_gpt2_classifier, read_gpt2_config)
 from prunejax.models.resnet import ResNet, resnet18, resnet20
 
 MODELS = ("mlp", "cnn", "resnet18", "resnet20", "gpt")
+# Models whose blocks can be rematerialized (``remat=True``).
+REMAT_MODELS = ("resnet18", "resnet20", "gpt")
 
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-  """A model by name; ``kwargs`` are its fields (e.g. ``hidden`` for mlp, ``width`` for gpt)."""
+  """A model by name; ``kwargs`` are its fields (e.g. ``hidden`` for mlp, ``width`` for gpt).
+
+  Every model takes ``compute_dtype`` and ``param_dtype`` (names from
+  :data:`prunejax.models.precision.DTYPES`, see :mod:`prunejax.models.precision`); ``remat=True``
+  (rematerialize each block) is allowed for the models in :data:`REMAT_MODELS`, and ``remat=False``
+  for every model.
+
+  Raises:
+    ConfigError: an unknown name, a dtype outside ``DTYPES``, or ``remat=True`` for a model without
+      blocks to rematerialize.
+  """
   check_choice("model.name", name, MODELS)
+  for field in ("compute_dtype", "param_dtype"):
+    if kwargs.get(field) is not None:
+      dtype_of(f"model.{field}", kwargs[field])
+  if name not in REMAT_MODELS:
+    if kwargs.get("remat"):
+      raise ConfigError(f"model.remat={kwargs['remat']!r} is not supported by model {name!r}; "
+                        f"rematerialization is per block of: {', '.join(map(repr, REMAT_MODELS))}")
+    kwargs.pop("remat", None)
   if name == "mlp":
     return MLP(num_classes, **kwargs)
   if name == "cnn":

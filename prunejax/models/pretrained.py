@@ -36,6 +36,7 @@ import numpy as np
 
 from prunejax.errors import ConfigError, DataError, check_positive_int, check_range
 from prunejax.models.gpt import GPTClassifier
+from prunejax.models.precision import dtype_of
 
 # Hugging Face architectures whose base model is GPT2Model (their extra heads are skipped).
 ARCHITECTURES = ("GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel",
@@ -46,6 +47,8 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 _SKIPPED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\..*|score\..*|"
                       r"multiple_choice_head\..*|qa_outputs\..*|classifier\..*)$")
 _PREFIX = "transformer."
+# GPTClassifier fields a pretrained model may set (they leave the params' structure unchanged).
+_FIELDS = ("compute_dtype", "param_dtype", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +172,8 @@ def gpt2_tensor_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 
 
 def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None = None,
-                    pad_id: int | None = None, dropout: float | None = None) -> GPTClassifier:
+                    pad_id: int | None = None, dropout: float | None = None,
+                    **fields: Any) -> GPTClassifier:
   """The :class:`GPTClassifier` with the architecture of ``config`` and a ``num_classes`` head.
 
   Args:
@@ -181,10 +185,18 @@ def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None
       reuses that token's row and masks every occurrence of it.
     dropout: one rate for the embedding, attention and residual dropout; default (None) the
       checkpoint's ``embd_pdrop``, ``attn_pdrop`` and ``resid_pdrop``.
+    **fields: further :class:`GPTClassifier` fields that do not change the architecture:
+      ``compute_dtype``, ``param_dtype``, ``remat``.
 
   Raises:
-    ConfigError: ``num_classes``, ``context``, ``pad_id`` or ``dropout`` out of range.
+    ConfigError: ``num_classes``, ``context``, ``pad_id`` or ``dropout`` out of range, or a field
+      other than those three.
   """
+  extra = sorted(set(fields) - set(_FIELDS))
+  if extra:
+    raise ConfigError(f"gpt2_classifier got field {extra[0]!r}; a pretrained GPT-2's "
+                      "architecture comes from its config.json, only "
+                      f"{', '.join(map(repr, _FIELDS))} may be set")
   check_positive_int("num_classes", num_classes)
   context = config.n_positions if context is None else context
   check_positive_int("context", context)
@@ -206,7 +218,7 @@ def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None
       context=context, depth=config.n_layer, width=config.n_embd, num_heads=config.n_head,
       head_dim=config.n_embd // config.n_head, mlp_dim=config.mlp_dim, pad_id=pad_id,
       ln_epsilon=config.layer_norm_epsilon, embd_dropout=rates[0], attn_dropout=rates[1],
-      resid_dropout=rates[2])
+      resid_dropout=rates[2], **fields)
 
 
 class _TensorFiles:
@@ -286,13 +298,13 @@ def _check_tensors(files: _TensorFiles, config: GPT2Config, checkpoint_dir: str)
 
 def load_gpt2_classifier(checkpoint_dir: str, num_classes: int, *, key: jax.Array,
                          context: int | None = None, dropout: float | None = None,
-                         pad_id: int | None = None) -> tuple[GPTClassifier, dict]:
+                         pad_id: int | None = None, **fields: Any) -> tuple[GPTClassifier, dict]:
   """A :class:`GPTClassifier` and its params from a Hugging Face GPT-2 checkpoint directory.
 
   Every tensor of the checkpoint is checked (present, shape from ``config.json``, floating dtype)
-  before any is loaded; weights are converted to float32. The classification head (``head``: kernel
-  ``[n_embd, num_classes]``, bias) is new, initialized from ``key`` with the model's own
-  initializers.
+  before any is loaded; weights are converted to float32 (or ``param_dtype``). The classification
+  head (``head``: kernel ``[n_embd, num_classes]``, bias) is new, initialized from ``key`` with the
+  model's own initializers.
 
   Args:
     checkpoint_dir: a directory with ``config.json`` and ``model.safetensors`` (or a sharded
@@ -305,6 +317,8 @@ def load_gpt2_classifier(checkpoint_dir: str, num_classes: int, *, key: jax.Arra
     dropout: one dropout rate for all three sites; default (None) the checkpoint's ``embd_pdrop``,
       ``attn_pdrop`` and ``resid_pdrop``. Dropout acts only with ``train=True``.
     pad_id: see :func:`gpt2_classifier` (default: a new id ``vocab_size``, zero embedding row).
+    **fields: ``compute_dtype``, ``param_dtype``, ``remat`` of the model (see
+      :func:`gpt2_classifier`); the weights are converted to ``param_dtype`` (default float32).
 
   Returns:
     ``(model, params)``: ``params`` has exactly the structure, shapes and dtypes of
@@ -322,13 +336,15 @@ def load_gpt2_classifier(checkpoint_dir: str, num_classes: int, *, key: jax.Arra
     Radford et al. 2019, "Language Models are Unsupervised Multitask Learners".
   """
   config = read_gpt2_config(checkpoint_dir)
-  model = gpt2_classifier(config, num_classes, context=context, pad_id=pad_id, dropout=dropout)
+  model = gpt2_classifier(config, num_classes, context=context, pad_id=pad_id, dropout=dropout,
+                          **fields)
   files = _TensorFiles(checkpoint_dir)
   keys = _check_tensors(files, config, checkpoint_dir)
   params = _classifier_params(model, config, lambda name: files.get(keys[name]))
   d = config.n_embd
   params["head"] = nn.Dense(num_classes).init(key, jnp.zeros((1, d), jnp.float32))["params"]
-  params = jax.tree.map(jnp.asarray, params)
+  param_dtype = dtype_of("param_dtype", model.param_dtype)
+  params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), params)
   _check_structure(model, params)
   return model, params
 
