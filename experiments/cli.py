@@ -117,6 +117,7 @@ def main(run: Callable, default_config: str) -> None:
       _exit_watchdog(code)
 
   from prunejax import checkpoint
+  _quiet_closed_loop_callbacks()
   # SIGTERM and SIGINT stop the run at the next step, saved (before jax.distributed.initialize,
   # whose preemption service then takes SIGTERM over when there are several processes).
   checkpoint.install_signal_handlers()
@@ -171,6 +172,27 @@ def _env_int(name: str) -> int | None:
   except ValueError:
     raise ConfigError(f"{name}={value!r} is not an integer; set it to an integer or unset it") \
         from None
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Drops one known echo of an already reported write failure: when a checkpoint write fails,
+  orbax closes its event loop while TensorStore still completes the other writes of that save, and
+  their done-callbacks (``loop.call_soon_threadsafe``) raise ``RuntimeError: Event loop is closed``
+  on TensorStore's threads, which report it as unraisable (a bare traceback). Only that error, raised from asyncio's
+  ``_check_closed``, is dropped (logged at DEBUG); everything else goes to the previous hook."""
+  previous_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    value, tb, last = unraisable.exc_value, unraisable.exc_traceback, None
+    while tb is not None:
+      last, tb = tb, tb.tb_next
+    if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        and last is not None and last.tb_frame.f_code.co_name == "_check_closed"):
+      logging.getLogger("prunejax").debug("ignored after a failed write: %s", value)
+      return
+    previous_hook(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def _exit_watchdog(code: int, seconds: float = 60.0) -> None:

@@ -111,7 +111,7 @@ print(json.dumps(out))
 def test_sharded_scores_equal_single_device():
   result = run_on_devices(CODE, 8)
   styles = ("", "/explicit", "/set_mesh", "/shard_map", "/pmap")
-  expected = ({f"mlp/{s}" for s in ("el2n", "loss", "margin", "entropy", "grand_last_layer")}
+  expected = ({f"mlp/{s}" for s in ("el2n", "loss", "margin", "entropy", "least_confidence", "grand_last_layer")}
               | {f"{m}/grand{s}" for m in ("mlp", "resnet", "gpt", "plain") for s in styles}
               | {"gpt/el2n", "mlp/grand/classic_fsdp", "mlp/grand/explicit_fsdp", "forgetting"})
   assert set(result) == expected
