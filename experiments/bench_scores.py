@@ -193,24 +193,26 @@ def interleaved_seconds(calls: dict[str, tuple[Any, tuple, int]]) -> dict[str, f
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _score_fns(case: dict, baselines: bool) -> dict[str, Callable]:
+def _score_fns(case: dict, baselines: bool, jacrev: bool = True) -> dict[str, Callable]:
   apply_fn = case["apply_fn"]
   fns = {"el2n": lambda v, b: scores.el2n(apply_fn, v, b),
          "grand": lambda v, b: scores.grand(apply_fn, v, b)}
   if baselines:
     fns["grand vmap(grad)"] = lambda v, b: scores.grand_vmap(apply_fn, v, b)
-    fns["grand jacrev"] = lambda v, b: scores.grand_jacrev(apply_fn, v, b)
+    if jacrev:
+      fns["grand jacrev"] = lambda v, b: scores.grand_jacrev(apply_fn, v, b)
   return fns
 
 
 def bench_model(name: str, batch_size: int = 128, repeats: int = 5, *, quick: bool = False,
-                baselines: bool = True, max_gb: float = 4.0, **sizes: Any) -> list[dict]:
+                baselines: bool = True, jacrev: bool = True, max_gb: float = 4.0,
+                **sizes: Any) -> list[dict]:
   """Rows ``{model, fn, seconds, examples_per_s, peak_mb, speed_vs_train, memory_vs_train}`` for
   one model; the GraNd row also has ``max_rel_diff_vs_vmap`` when the baseline ran."""
   case = make_case(name, batch_size, quick, **sizes)
   fns = {"train step": (case["train_step"], case["train_args"])}
-  fns.update({k: (f, (case["params"], case["batch"])) for k, f in _score_fns(case,
-                                                                               baselines).items()})
+  fns.update({k: (f, (case["params"], case["batch"])) for k, f in _score_fns(case, baselines,
+                                                                               jacrev).items()})
   rows, calls = [], {}
   for fn_name, (fn, args) in fns.items():
     logging.info("%s: compiling %s", name, fn_name)
@@ -233,13 +235,13 @@ def bench_model(name: str, batch_size: int = 128, repeats: int = 5, *, quick: bo
 
 
 def measure(models: Sequence[str] = MODELS, batch_size: int = 128, repeats: int = 5, *,
-            quick: bool = False, baselines: bool = True, max_gb: float = 4.0,
+            quick: bool = False, baselines: bool = True, jacrev: bool = True, max_gb: float = 4.0,
             resnet_width: float = 0.25, gpt_tokens: int = 64, gpt_width: int = 128) -> list[dict]:
   """Benchmark rows of every model in ``models`` (see :func:`bench_model`), measured in this
   process on the default device."""
   rows = []
   for name in models:
-    rows += bench_model(name, batch_size, repeats, quick=quick, baselines=baselines,
+    rows += bench_model(name, batch_size, repeats, quick=quick, baselines=baselines, jacrev=jacrev,
                         max_gb=max_gb, resnet_width=resnet_width, gpt_tokens=gpt_tokens,
                         gpt_width=gpt_width)
   return rows
@@ -260,7 +262,7 @@ def table(rows: list[dict]) -> str:
     if "grand vmap(grad)" in by_fn:
       ours = by_fn["grand"]["examples_per_s"]
       vs = {fn: ours / by_fn[fn]["examples_per_s"] for fn in ("grand vmap(grad)", "grand jacrev")
-            if np.isfinite(by_fn[fn]["examples_per_s"])}
+            if fn in by_fn and np.isfinite(by_fn[fn]["examples_per_s"])}
       speedups = ", ".join(f"{v:.1f}x {fn[6:]}" for fn, v in vs.items())
       notes.append(f"{model}: GraNd {speedups}; max |GraNd / vmap(grad) - 1| = "
                    f"{by_fn['grand'].get('max_rel_diff_vs_vmap', float('nan')):.1e}")
