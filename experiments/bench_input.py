@@ -218,6 +218,7 @@ def main(_):
   mem = pipeline_rates(data.ArraySource(x, y), n, repeats)
   old = old_rates(x, y, n if quick else 10_000, repeats)
   tmp = FLAGS.tmpdir or tempfile.mkdtemp(prefix="bench_input_")
+  os.makedirs(tmp, exist_ok=True)
   path = os.path.join(tmp, "cifar.array_record")
   data.write_array_record(path, x, y)
   disk = pipeline_rates(data.ArrayRecordSource(path), n, repeats)

@@ -11,7 +11,7 @@ import pytest
 
 from prunejax import data
 from prunejax.data import text
-from prunejax.errors import ConfigError, DataError
+from prunejax.errors import ConfigError, DataError, FileError
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +216,25 @@ def test_array_record_source_reads_by_id(tmp_path):
   np.testing.assert_array_equal(np.sort(seen), ids)
   with pytest.raises(DataError, match="not a prunejax array_record dataset"):
     data.ArrayRecordSource(str(tmp_path / "missing"))
+
+
+def test_write_array_record_failures_are_one_clear_error_and_leave_nothing(tmp_path):
+  x, y = _images(8, 4, 4, 3), np.arange(8) % 3
+  missing = tmp_path / "no_such_folder" / "d.array_record"
+  with pytest.raises(FileError, match="no_such_folder.* does not exist"):
+    data.write_array_record(str(missing), x, y)
+  assert not (tmp_path / "no_such_folder").exists()
+  if os.geteuid() == 0:
+    return  # root writes into read-only folders; the check below needs an ordinary user
+  ro = tmp_path / "read_only"
+  ro.mkdir()
+  ro.chmod(0o555)
+  try:
+    with pytest.raises(FileError, match="cannot write"):
+      data.write_array_record(str(ro / "d.array_record"), x, y)
+    assert list(ro.iterdir()) == []
+  finally:
+    ro.chmod(0o755)
 
 
 _BUILDERS = {}

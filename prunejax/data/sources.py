@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from prunejax.data.ids import IdIndex
-from prunejax.errors import DataError
+from prunejax.errors import DataError, FileError
 
 
 class Source:
@@ -274,15 +274,24 @@ def write_array_record(path: str, x: Any, y: np.ndarray, ids: np.ndarray | None 
     raise DataError(f"write_array_record: x={len(x)}, y={len(y)}, ids={len(ids)} disagree")
   IdIndex(ids, path)  # unique ids
   first = np.asarray(x[:1])
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise FileError(f"write_array_record: cannot write {path!r}: the folder {folder!r} does not "
+                    "exist; create it first")
   tmp = path + ".tmp"
-  writer = ArrayRecordWriter(tmp, "group_size:1")
   try:
-    for start in range(0, len(y), chunk):
-      block = np.ascontiguousarray(x[start:start + chunk], dtype=first.dtype)
-      for row in block:
-        writer.write(row.tobytes())
-  finally:
-    writer.close()
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      for start in range(0, len(y), chunk):
+        block = np.ascontiguousarray(x[start:start + chunk], dtype=first.dtype)
+        for row in block:
+          writer.write(row.tobytes())
+    finally:
+      writer.close()
+  except RuntimeError as e:  # array_record reports I/O failures (no space, no permission) so
+    if os.path.exists(tmp):  # nothing half-written stays behind
+      os.remove(tmp)
+    raise FileError(f"write_array_record: cannot write {path!r}: {e}") from e
   os.replace(tmp, path)
   atomic_savez(path + _INDEX_SUFFIX, ids=ids, labels=y.astype(np.int32),
                shape=np.asarray(first.shape[1:], np.int64),
