@@ -56,11 +56,17 @@ def test_read_by_ids_and_unknown_ids(digits):
 
 def test_id_index_dense_and_sparse_lookups_agree():
   rng = np.random.default_rng(0)
-  for ids in (rng.permutation(1000), rng.choice(10**9, 500, replace=False)):
+  # positions themselves (no lookup), offset positions, a permuted dense table, a sorted search,
+  # a dense table with holes
+  for ids in (np.arange(1000), np.arange(1000) + 70, rng.permutation(1000),
+              rng.choice(10**9, 500, replace=False), np.arange(0, 2000, 3)):
     index = data.IdIndex(ids)
     pick = ids[rng.integers(0, len(ids), 64)]
     np.testing.assert_array_equal(ids[index.rows(pick)], pick)
     assert not index.contains(np.array([-5]))[0]
+    missing = np.setdiff1d(np.array([-1, 1, 999, 1070, 5000, 10**9 + 1]), ids)[:1]
+    with pytest.raises(DataError, match=rf"1 ids are not in the source: \[{missing[0]}\]"):
+      index.rows(np.concatenate([pick[:3], missing]))
   with pytest.raises(DataError, match="unique"):
     data.IdIndex(np.array([3, 1, 3]))
 

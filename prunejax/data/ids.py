@@ -43,7 +43,10 @@ class IdIndex:
         raise DataError(f"ids of {what} must be unique; {n - np.count_nonzero(self._table >= 0)} "
                         "are repeated")
       self._order = None
+      # ids lo, lo+1, ... in row order (a source's own positions): a row is id - lo, no lookup.
+      self._identity = n == span and bool(np.all(self.ids == np.arange(self._lo, self._lo + n)))
     else:
+      self._identity = False
       self._table = None
       self._order = np.argsort(self.ids, kind="stable")
       sorted_ids = self.ids[self._order]
@@ -61,6 +64,16 @@ class IdIndex:
       DataError: an id that is not in the index, naming the first few and the range that exists.
     """
     ids = np.asarray(ids, np.int64)
+    if self._table is not None and len(self.ids):  # one pass: bounds, one gather, one check
+      off = ids - self._lo
+      inside = (off >= 0) & (off < len(self._table))
+      if self._identity:
+        if inside.all():
+          return off
+      else:
+        rows = self._table[np.where(inside, off, 0)]
+        if (inside & (rows >= 0)).all():
+          return rows
     found = self.contains(ids)
     if not np.all(found):
       bad = ids[~found]

@@ -63,14 +63,16 @@ class _EpochBatches:
 
   def __init__(self, source: Source, ids: np.ndarray, order: np.ndarray, batch_size: int,
                lo: int, local: int, columns: dict[str, np.ndarray], epoch: int):
-    self.source, self.ids, self.order = source, ids, order
+    self.source, self.order = source, order
+    self.ordered_ids = ids[order]  # once per epoch, so a batch's ids are a slice, not a gather
     self.batch_size, self.lo, self.local = batch_size, lo, local
     self.columns, self.epoch = columns, epoch
 
   def __call__(self, b: int) -> dict[str, np.ndarray]:
-    pos = self.order[b * self.batch_size:(b + 1) * self.batch_size][self.lo:self.lo + self.local]
-    n, local = len(pos), self.local
-    chunk = self.ids[pos]
+    window = slice(b * self.batch_size + self.lo,
+                   min(b * self.batch_size + self.lo + self.local, (b + 1) * self.batch_size))
+    chunk = self.ordered_ids[window]
+    n, local = len(chunk), self.local
     got = self.source.read(chunk)
     shape, dtype = self.source.spec["x"]
     x = np.zeros((local,) + tuple(shape), dtype)
@@ -80,7 +82,7 @@ class _EpochBatches:
     batch["y"][:n], batch["id"][:n], batch["mask"][:n] = got["y"], chunk, True
     for name, values in self.columns.items():
       col = np.zeros((local,) + values.shape[1:], values.dtype)
-      col[:n] = values[pos]
+      col[:n] = values[self.order[window]]
       batch[name] = col
     return batch
 
