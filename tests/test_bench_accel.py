@@ -32,7 +32,8 @@ def test_bench_accel_quick_runs_every_section():
   assert re.match(r"# bench_accel on .+ \(cpu\), jax \S+, \d{4}-\d\d-\d\d", out)
   loop = _section(out, "loop")
   busy = re.search(r"\| (\d+)% \| ([\d,]+) \|", loop)
-  assert busy and 0 < int(busy.group(1)) <= 100 and int(busy.group(2).replace(",", "")) > 0, loop
+  # step time alone x steps over loop time: near or, with timing noise on a busy CPU, above 100%
+  assert busy and 0 < int(busy.group(1)) and int(busy.group(2).replace(",", "")) > 0, loop
   inp = _section(out, "input")
   assert re.search(r"loader \+ device put \+ augmentation .*\| [\d,]+ \|", inp), inp
   assert re.search(r"slowest-model train step: [\d.]+x", inp), inp
