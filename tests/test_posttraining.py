@@ -329,6 +329,33 @@ def test_calibration_statistics_equal_intercepted_dense_inputs():
   np.testing.assert_array_equal(cal.ids, [0, 1, 2, 4, 5, 6])
 
 
+def test_one_example_batches_calibrate_the_gpt_as_one_batch_does():
+  """Batches of one example (where the GPT's last-token read traces differently) give the same
+  statistics, ids and Wanda mask as the same examples in one batch."""
+  model = _gpt()
+  (big,) = _gpt_batches(num=1, rows=3)
+  big["mask"][:] = True
+  params = model.init(jax.random.key(0), big["x"])["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  ones = [{k: v[i:i + 1] for k, v in big.items()} for i in range(3)]
+  ones[1]["mask"][:] = False  # a padding row alone: counts nothing
+  together = {k: v[[0, 2]] for k, v in big.items()}
+  cal_1 = pt.calibrate(apply_fn, params, ones, token_mask_fn=_not_pad)
+  cal_2 = pt.calibrate(apply_fn, params, [together], token_mask_fn=_not_pad)
+  np.testing.assert_array_equal(cal_1.ids, [0, 2])
+  np.testing.assert_array_equal(cal_2.ids, [0, 2])
+  assert set(cal_1.stats) == set(cal_2.stats) and len(cal_1.layers) == len(cal_2.layers) > 0
+  for name, s2 in cal_2.stats.items():
+    s1 = cal_1.stats[name]
+    assert float(s1.rows) == float(s2.rows) > 0
+    np.testing.assert_allclose(s1.gram, s2.gram, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s1.norms_sq, s2.norms_sq, rtol=1e-5, atol=1e-5)
+  m1 = pt.wanda(apply_fn, params, ones, 0.5, token_mask_fn=_not_pad)
+  m2 = pt.wanda(apply_fn, params, [together], 0.5, token_mask_fn=_not_pad)
+  for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ----------------------------------------------------------------------------------------------
 # Convolutions (both layouts, feature groups) and a fused weight sliced into three layers.
 # ----------------------------------------------------------------------------------------------

@@ -339,6 +339,26 @@ def _gather(params: Params, batches: list[dict], an: _Analysis, **static) -> dic
   return acc
 
 
+def _at_least_two_rows(b: dict) -> dict:
+  """A one-example batch as two rows, the second a masked copy of the first (id -1).
+
+  :func:`prunejax.layer_taps.find_layers` tells the example axis by tracing at ``B`` and ``2B``,
+  and some functions trace differently at ``B = 1`` (``jnp.take_along_axis`` over a size-1 axis,
+  as the GPT's last-token read): with two rows they do not. A masked row adds nothing to any
+  statistic (rows are weighted by ``mask``). Several processes pass their own rows: left as is.
+  """
+  if jax.process_count() > 1 or lt.batch_size(b["x"]) != 1:
+    return b
+  twice = lambda v: (np.concatenate([v, v]) if isinstance(v, np.ndarray)
+                     else jnp.concatenate([v, v]))
+  out = {"x": jax.tree.map(twice, b["x"])}
+  first = bool(np.asarray(b["mask"]).reshape(-1)[0]) if "mask" in b else True
+  out["mask"] = np.array([first, False])
+  if "id" in b:
+    out["id"] = np.array([int(np.asarray(b["id"]).reshape(-1)[0]), -1], np.int64)
+  return out
+
+
 def _device_batches(batches: Iterable[Batch], mesh: Any) -> tuple[list[dict], np.ndarray]:
   """The calibration batches on device (sharded over ``mesh`` when given as host arrays) and
   the ids of their real rows. The calibration set is small by design, so it is kept."""
@@ -346,7 +366,7 @@ def _device_batches(batches: Iterable[Batch], mesh: Any) -> tuple[list[dict], np
   for batch in batches:
     if "x" not in batch:
       raise DataError(f"a calibration batch needs 'x'; got keys {sorted(batch)}")
-    b = {k: batch[k] for k in ("x", "mask", "id") if k in batch}
+    b = _at_least_two_rows({k: batch[k] for k in ("x", "mask", "id") if k in batch})
     if any(isinstance(v, np.ndarray) for v in jax.tree.leaves(b)):
       b = parallel.shard_batch(b, mesh or parallel.data_mesh())
     out.append(b)
