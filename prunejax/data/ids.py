@@ -64,39 +64,29 @@ class IdIndex:
       DataError: an id that is not in the index, naming the first few and the range that exists.
     """
     ids = np.asarray(ids, np.int64)
-    if self._table is not None and len(self.ids):  # one pass: bounds, one gather, one check
-      off = ids - self._lo
-      inside = (off >= 0) & (off < len(self._table))
-      if self._identity:
-        if inside.all():
-          return off
-      else:
-        rows = self._table[np.where(inside, off, 0)]
-        if (inside & (rows >= 0)).all():
-          return rows
-    found = self.contains(ids)
+    rows, found = self._find(ids)
     if not np.all(found):
       bad = ids[~found]
       rng = (f"{self._lo} to {int(self.ids.max())}" if len(self.ids) else "none")
       raise DataError(f"{len(bad)} ids are not in {self.what}: {bad[:5].tolist()} (its ids run "
                       f"from {rng})")
-    return self._lookup(ids)
+    return rows
 
   def contains(self, ids: np.ndarray) -> np.ndarray:
     """bool[n]: whether each id is in the index."""
-    ids = np.asarray(ids, np.int64)
+    return self._find(np.asarray(ids, np.int64))[1]
+
+  def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, found)`` in one pass: bounds, at most one gather (none when the ids are the rows'
+    own positions), one check; ``rows`` is meaningful where ``found``."""
     if not len(self.ids):
-      return np.zeros(ids.shape, bool)
+      return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
     if self._table is not None:
       off = ids - self._lo
       inside = (off >= 0) & (off < len(self._table))
-      out = np.zeros(ids.shape, bool)
-      out[inside] = self._table[off[inside]] >= 0
-      return out
+      if self._identity:
+        return off, inside
+      rows = self._table[np.where(inside, off, 0)]
+      return rows, inside & (rows >= 0)
     where = np.clip(np.searchsorted(self._sorted, ids), 0, len(self._sorted) - 1)
-    return self._sorted[where] == ids
-
-  def _lookup(self, ids: np.ndarray) -> np.ndarray:
-    if self._table is not None:
-      return self._table[ids - self._lo]
-    return self._order[np.searchsorted(self._sorted, ids)]
+    return self._order[where], self._sorted[where] == ids
