@@ -17,7 +17,7 @@ from prunejax.errors import ConfigError
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
 
 
-def _config(name, variant="quick", **overrides):
+def _config(name, variant="quick", /, **overrides):
   import importlib
   cfg = importlib.import_module(f"experiments.configs.{name}").get_config(variant)
   for k, v in overrides.items():
@@ -278,14 +278,8 @@ def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path):
 
 
 def test_gpt2_fine_tuning_config_on_a_tiny_checkpoint(tmp_path):
-  from test_pretrained import TINY, random_gpt2_tensors, write_checkpoint
-  from test_text import write_gpt2_format_files
-  ckpt = tmp_path / "gpt2"
-  ckpt.mkdir()
-  vocab, _ = write_gpt2_format_files(ckpt)
-  tiny = dict(TINY, vocab_size=len(vocab), bos_token_id=len(vocab) - 1,
-              eos_token_id=len(vocab) - 1)
-  write_checkpoint(ckpt, tiny, random_gpt2_tensors(tiny))
+  from test_pretrained import write_tiny_gpt2_dir
+  ckpt = write_tiny_gpt2_dir(tmp_path / "gpt2")
   cfg = _config("gpt2_rotten_tomatoes")
   with pytest.raises(ConfigError, match="model.checkpoint_dir is not set.*huggingface-cli"):
     run.run(cfg, str(tmp_path / "none"))

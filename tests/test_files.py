@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from experiments import common
-from experiments.configs import digits
 from prunejax import checkpoint, fileio
 from prunejax.checkpoint import RoundCheckpoints, RunCheckpoint, Units, WorkdirLock
 from prunejax.errors import ConfigError, DataError, FileError, WorkdirBusyError
@@ -296,14 +295,8 @@ def test_workdir_lock_without_flock_detects_stale_holders(tmp_path, monkeypatch)
 
 
 def _cfg(**overrides):
-  cfg = digits.get_config("quick")
-  for k, v in overrides.items():
-    node = cfg
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return cfg
+  from test_experiments import _config
+  return _config("digits", **overrides)
 
 
 def test_workdir_refusal_names_the_fields_and_neutral_fields_may_change(tmp_path):

@@ -64,14 +64,8 @@ def test_post_training_quick_runs_saves_calibration_ids_and_resumes(tmp_path):
 
 
 def test_post_training_of_a_loaded_gpt2_checkpoint(tmp_path):
-  from test_pretrained import TINY, random_gpt2_tensors, write_checkpoint
-  from test_text import write_gpt2_format_files
-  ckpt = tmp_path / "gpt2"
-  ckpt.mkdir()
-  vocab, _ = write_gpt2_format_files(ckpt)
-  tiny = dict(TINY, vocab_size=len(vocab), bos_token_id=len(vocab) - 1,
-              eos_token_id=len(vocab) - 1)
-  write_checkpoint(ckpt, tiny, random_gpt2_tensors(tiny))
+  from test_pretrained import write_tiny_gpt2_dir
+  ckpt = write_tiny_gpt2_dir(tmp_path / "gpt2")
   config = post_training.get_config("gpt2_quick")
   config.model.checkpoint_dir = str(ckpt)
   config.post_training.methods = ("magnitude", "sparsegpt")

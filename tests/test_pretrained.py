@@ -59,6 +59,17 @@ def write_checkpoint(path, cfg: dict, tensors: dict[str, np.ndarray], *, prefix:
   return str(path)
 
 
+def write_tiny_gpt2_dir(path) -> str:
+  """A complete tiny GPT-2 checkpoint directory: a byte-level BPE in GPT-2's file layout
+  (vocab.json, merges.txt) and random TINY-shaped weights for its vocabulary."""
+  from test_text import write_gpt2_format_files
+  path.mkdir(parents=True, exist_ok=True)
+  vocab, _ = write_gpt2_format_files(path)
+  tiny = dict(TINY, vocab_size=len(vocab), bos_token_id=len(vocab) - 1,
+              eos_token_id=len(vocab) - 1)
+  return write_checkpoint(path, tiny, random_gpt2_tensors(tiny))
+
+
 # ---- The reference: GPT-2 from the paper's equations on the Hugging Face tensors, float64. ----
 
 

@@ -31,7 +31,7 @@ def get_config(variant: str = ""):
   if gpt2:  # gpt2_quick: the tests run it on a tiny random checkpoint they write
     c = gpt2_rotten_tomatoes.get_config("quick" if quick else "")
   else:
-    c = rotten_tomatoes.get_config()
+    c = rotten_tomatoes.get_config("quick" if quick else "")
   c.name = "post_training" + ("_gpt2" if gpt2 else "")
   c.strategies = ("post_training",)
   c.replicates = 3
@@ -44,12 +44,6 @@ def get_config(variant: str = ""):
     c.post_training.error_size = 32
     c.post_training.batch_size = 16
     c.post_training.blocksize = 16
-  if variant == "quick":
-    c.train.epochs = 1
-    c.train.batch_size = 32
-    c.dataset.num_train = 256
-    c.dataset.num_test = 128
-    c.dataset.vocab_size = 512
-    c.dataset.max_len = 16
-    c.model.update(dict(width=32, num_heads=2, depth=1))
+  if variant == "quick":  # rotten_tomatoes.py's quick sizes, one block
+    c.model.depth = 1
   return c
