@@ -104,6 +104,7 @@ def stop_at_step() -> bool:
   (``multihost_utils.reached_preemption_sync_point``), so all save the same step together.
   """
   _STEPS[0] += 1
+  kill_point("step")
   if _multi_process():
     from jax.experimental import multihost_utils
     try:
@@ -111,6 +112,26 @@ def stop_at_step() -> bool:
     except RuntimeError:  # the preemption service is disabled
       return False
   return _STOP["signum"] is not None
+
+
+_KILL_COUNTS = {"step": 0, "unit": 0}
+KILL_AT_ENV = "PRUNEJAX_KILL_AT"
+
+
+def kill_point(kind: str) -> None:
+  """Fault injection for tests of resumption: with ``PRUNEJAX_KILL_AT=KIND:N`` in the environment
+  (``step:N`` or ``unit:N``) the process kills itself with SIGKILL at the N-th training step, or
+  right after the N-th unit record is written, that this process completes. A test then knows
+  exactly where the run died, however fast or slow the machine is. Unset: does nothing."""
+  spec = os.environ.get(KILL_AT_ENV)
+  if not spec:
+    return
+  want, _, n = spec.partition(":")
+  if want not in _KILL_COUNTS or not n.isdigit():
+    raise ValueError(f"{KILL_AT_ENV}={spec!r}; expected 'step:N' or 'unit:N'")
+  _KILL_COUNTS[kind] += 1
+  if kind == want and _KILL_COUNTS[kind] == int(n):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def interrupted_at_step(step: int, saved: bool) -> Interrupted:
@@ -420,6 +441,7 @@ class Units:
       atomic_write_json(self._path(key), {"key": key, "fingerprint": self.fingerprint,
                                           "sha256": _sha(result), "files": rec.files,
                                           "result": result})
+    kill_point("unit")
     barrier(f"unit {key}")  # every process sees the file before going on
     return result
 

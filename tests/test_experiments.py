@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -227,25 +226,33 @@ def test_cli_workdir_that_is_a_file(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_results(tmp_path):
-  """SIGKILL a run several times at different points; each rerun resumes; results equal a clean run."""
+  """SIGKILL a run at three known points (mid-way through a training run, right after a unit is
+  written, mid-way through a later run); each rerun resumes; results equal a clean run.
+
+  The kills come from the run itself (``PRUNEJAX_KILL_AT``, :func:`prunejax.checkpoint.kill_point`),
+  so where the run dies does not depend on how fast the machine is."""
+  from prunejax.checkpoint import KILL_AT_ENV
   args = ["--config=experiments/configs/imp.py:quick"]
   clean = tmp_path / "clean"
   assert _cli(args + [f"--workdir={clean}"], ROOT).returncode == 0
   killed = tmp_path / "killed"
-  rng = np.random.default_rng(0)
-  interrupted = 0
-  for attempt in range(3):
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.run"] + args +
-                            [f"--workdir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    time.sleep(float(rng.uniform(4, 12)))
-    interrupted += proc.poll() is None  # still running when killed
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  resumable = args + [f"--workdir={killed}", "--config.train.checkpoint_every_steps=4"]
+  units = lambda: sorted(p.name for p in (killed / "units").glob("*.json"))
+  seen = []
+  for point in ("step:15", "unit:2", "step:25"):
+    proc = subprocess.run([sys.executable, "-m", "experiments.run"] + resumable, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, KILL_AT_ENV: point})
+    assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-3000:])
+    assert not (killed / "results.json").exists()
     for p in killed.rglob("*.json"):  # never half-written
       json.loads(p.read_text())
-  assert interrupted >= 2
-  assert _cli(args + [f"--workdir={killed}"], ROOT).returncode == 0
+    seen.append(units())
+  # Step 15 is inside the first training run: nothing finished, its mid-run checkpoint saved.
+  assert seen[0] == [] and any((killed / "checkpoints").rglob("*"))
+  # The second process finished exactly two more units; the third died inside a later run.
+  assert len(seen[1]) == 2 and set(seen[1]) <= set(seen[2]) and len(seen[2]) < 7
+  assert _cli(resumable, ROOT).returncode == 0
   a = json.load(open(clean / "results.json"))["rows"]
   b = json.load(open(killed / "results.json"))["rows"]
   assert _strip(a) == _strip(b)
