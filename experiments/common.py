@@ -109,8 +109,22 @@ def _check_precision(config: ml_collections.ConfigDict) -> None:
                       "accumulation_steps rows)")
   parallel.check_batch_size(config.train.batch_size // steps, parallel.data_mesh(),
                             "train.batch_size / train.accumulation_steps")
+  _check_fused(config)
   check_range("train.loss_scale", config.train.get("loss_scale", 1.0), 0.0, 2.0 ** 24,
               lo_open=True)
+
+
+def _check_fused(config: ml_collections.ConfigDict) -> None:
+  from prunejax.fused import check_steps_per_dispatch
+  fused = config.train.get("fused", True)
+  if not isinstance(fused, bool):
+    raise ConfigError(f"train.fused={fused!r} is not allowed; expected True or False")
+  check_choice("train.vmap_replicas", config.train.get("vmap_replicas", "auto"),
+               ("auto", "on", "off"))
+  check_steps_per_dispatch(config.train.get("steps_per_dispatch", 0))
+  check_choice("dataset.device_resident", config.dataset.get("device_resident", "auto"),
+               ("auto", "on", "off"))
+  check_range("dataset.device_budget_mb", config.dataset.get("device_budget_mb", 0), 0.0, 2.0**30)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -382,6 +396,30 @@ class Context:
   preprocess: data.Preprocess
   corrupted_ids: np.ndarray | None = None  # training ids whose label noise flipped
   cleaning: dict | None = None  # what deduplication removed (experiments/cleaning.py)
+  _device: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+  def device_data(self):
+    """The training split on the device (:func:`prunejax.fused.to_device`) when the fused path
+    applies, else None: ``train.fused`` is on, one process, and ``dataset.device_resident`` is
+    'on' (an error if the split is over the budget) or 'auto' and the split fits the budget."""
+    from prunejax import fused
+    cfg = self.config
+    mode = cfg.dataset.get("device_resident", "auto")
+    if not cfg.train.get("fused", True) or mode == "off" or jax.process_count() > 1:
+      return None
+    source = self.ds.train
+    key = id(source)
+    if key not in self._device:
+      budget = device_budget_bytes(cfg)
+      if mode == "auto" and not fused.fits(source, budget):
+        logging.getLogger("prunejax").info(
+            "the training split (%.1f MiB) is over dataset.device_budget_mb (%.1f MiB): it streams "
+            "from the host, one step per dispatch", fused.source_nbytes(source) / 2**20,
+            budget / 2**20)
+        self._device[key] = (source, None)
+      else:
+        self._device[key] = (source, fused.to_device(source, budget_bytes=budget, mesh=self.mesh))
+    return self._device[key][1]
 
   @property
   def x_example(self) -> np.ndarray:
@@ -464,6 +502,17 @@ def _pretrained(checkpoint_dir: str, num_classes: int, context: int, pad_id: int
 def _apply_fn(model, preprocess):
   # One function object per (model, preprocessing): jitted scores keyed on it compile once.
   return make_apply_fn(model, preprocess)
+
+
+def device_budget_bytes(config: ml_collections.ConfigDict) -> int:
+  """``dataset.device_budget_mb`` in bytes; 0 means a quarter of the first device's memory, or
+  2 GiB where the device does not report it (CPU)."""
+  mb = config.dataset.get("device_budget_mb", 0) or 0
+  if mb:
+    return int(mb * 2**20)
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return int(limit // 4) if limit else 2 * 2**30
 
 
 def _check_splits(config: ml_collections.ConfigDict, ds: data.Dataset) -> None:

@@ -31,9 +31,10 @@ from prunejax.errors import DataError, PrunejaxError
 def batch_score(ctx, name: str, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
   dp, spec = ctx.config.data_pruning, scores_lib.SCORES[name]
   total, compute = np.zeros(len(ids), np.float64), 0.0
-  for s in range(dp.score_seeds):
-    run = trainer.train_model(ctx, ids, seed=seed * 1000 + s, epochs=dp.score_epochs,
-                              desc=f"score {name} seed {s}")
+  runs = trainer.train_models(ctx, [ids] * dp.score_seeds,
+                              [seed * 1000 + s for s in range(dp.score_seeds)],
+                              epochs=dp.score_epochs, desc=f"score {name}")
+  for run in runs:  # summed in seed order, as one seed after another would
     total += trainer.score_ids(ctx, run.state, ids, name)
     compute += run.compute + spec.passes * len(ids)
   return spec.hardness((total / dp.score_seeds).astype(np.float32)), compute

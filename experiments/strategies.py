@@ -52,31 +52,47 @@ ONLINE_PRUNERS: dict[str, Callable[..., online.OnlinePruner]] = {
 """The online data pruners by name, built from the config."""
 
 
+def replica_units(ctx: common.Context, prefix: str, keys: list[str],
+                  train: Callable[[list[int], str], list[trainer.Run]],
+                  row: Callable[[int, trainer.Run], dict]) -> Rows:
+  """Units ``keys`` whose training runs are replicas of one setting: the unfinished ones train
+  together (``train(todo, checkpoint_key) -> runs``, one program where
+  :func:`trainer.train_models` can) and unit ``keys[j]`` records ``row(j, run)``. A rerun trains
+  only the replicas whose unit is not finished; the group's mid-run checkpoint key names them."""
+  todo = [j for j, k in enumerate(keys) if ctx.units.get(k) is None]
+  runs = dict(zip(todo, train(todo, f"{prefix}_g{'-'.join(map(str, todo))}"))) if todo else {}
+  return [ctx.units.run(k, lambda j=j: row(j, runs[j])) for j, k in enumerate(keys)]
+
+
 def dense(ctx: common.Context) -> Rows:
-  rows = []
-  for r, ids, held, seed in _replicates(ctx):
-    key = f"dense_r{r}"
-    run = lambda: trainer.train_model(ctx, ids, seed=seed, desc=f"dense r{r}", checkpoint=key)
-    rows.append(ctx.units.run(key, lambda: trainer.result_row(ctx, "dense", r, run(), held)))
-  return rows
+  reps = list(_replicates(ctx))
+  return replica_units(
+      ctx, "dense", [f"dense_r{r}" for r, *_ in reps],
+      lambda todo, key: trainer.train_models(ctx, [reps[j][1] for j in todo],
+                                             [reps[j][3] for j in todo], desc="dense",
+                                             checkpoint=key),
+      lambda j, run: trainer.result_row(ctx, "dense", reps[j][0], run, reps[j][2]))
 
 
 def online_strategy(ctx: common.Context, name: str) -> Rows:
   """Training with the online pruner ``name``; ``fraction_kept`` is the measured fraction of
   examples back-propagated (the nominal one for batch and random pruning)."""
-  rows = []
   pruner = ONLINE_PRUNERS[name](ctx.config)
-  for r, ids, held, seed in _replicates(ctx):
-    def unit(key=f"{name}_r{r}"):
-      run = trainer.train_model(ctx, ids, seed=seed, pruner=pruner, desc=f"{name} r{r}",
-                                checkpoint=key)
-      kept = {"batch": ctx.config.batch_pruning.keep_fraction,
-              "random_dynamic": ctx.config.data_pruning.dynamic_keep}.get(
-                  name, run.backward / (len(ids) * ctx.config.train.epochs))
-      return trainer.result_row(ctx, name, r, run, held, fraction_kept=kept,
-                                nominal_fraction=-1.0)
-    rows.append(ctx.units.run(f"{name}_r{r}", unit))
-  return rows
+  reps = list(_replicates(ctx))
+
+  def row(j, run):
+    r, ids, held, _ = reps[j]
+    kept = {"batch": ctx.config.batch_pruning.keep_fraction,
+            "random_dynamic": ctx.config.data_pruning.dynamic_keep}.get(
+                name, run.backward / (len(ids) * ctx.config.train.epochs))
+    return trainer.result_row(ctx, name, r, run, held, fraction_kept=kept, nominal_fraction=-1.0)
+
+  return replica_units(
+      ctx, name, [f"{name}_r{r}" for r, *_ in reps],
+      lambda todo, key: trainer.train_models(ctx, [reps[j][1] for j in todo],
+                                             [reps[j][3] for j in todo], pruner=pruner,
+                                             desc=name, checkpoint=key),
+      row)
 
 
 def rho_loss(ctx: common.Context) -> Rows:
@@ -116,26 +132,43 @@ def _subset_runs(ctx, strategy: str, kept_fn: Callable[[int, np.ndarray, int, fl
   """Trains on the kept subset for each keep fraction, convention and replicate."""
   rows = []
   dp = ctx.config.data_pruning
-  for r, ids, held, seed in _replicates(ctx):
-    for frac in dp.keep_fractions:
-      for conv in dp.conventions:
-        key = f"{strategy}_keep{frac}_{conv}_r{r}"
+  reps = list(_replicates(ctx))
+  for frac in dp.keep_fractions:
+    for conv in dp.conventions:
+      kept = {}
 
-        def unit(frac=frac, conv=conv, key=key):
-          kept = kept_fn(r, ids, seed, frac)
-          common.save_npz(os.path.join(ctx.workdir, "subsets", f"{strategy}_keep{frac}_r{r}.npz"),
-                          ids=kept)
-          epochs = ctx.config.train.epochs
-          if conv == "steps":  # same number of optimizer steps as full data
-            epochs = int(round(epochs * len(ids) / max(len(kept), 1)))
-          run = trainer.train_model(ctx, kept, seed=seed, epochs=epochs, checkpoint=key,
-                                    desc=f"{strategy} keep={frac} r{r}")
-          return trainer.result_row(ctx, strategy, r, run, held,
-                                    fraction_kept=len(kept) / len(ids), nominal_fraction=frac,
-                                    convention=conv,
-                                    scoring_compute=scoring_compute(r),
-                                    per_class_kept=_per_class_kept(ctx, kept, ids))
-        rows.append(ctx.units.run(key, unit))
+      def epochs_of(j, frac=frac, conv=conv):
+        epochs = ctx.config.train.epochs
+        if conv == "steps":  # same number of optimizer steps as full data
+          epochs = int(round(epochs * len(reps[j][1]) / max(len(kept[j]), 1)))
+        return epochs
+
+      def train(todo, key, frac=frac):
+        for j in todo:
+          r, ids, _, seed = reps[j]
+          kept[j] = kept_fn(r, ids, seed, frac)
+        by_epochs = {}  # replicas of one program share the number of epochs
+        for j in todo:
+          by_epochs.setdefault(epochs_of(j), []).append(j)
+        runs = {}
+        for epochs, js in by_epochs.items():
+          got = trainer.train_models(ctx, [kept[j] for j in js], [reps[j][3] for j in js],
+                                     epochs=epochs, checkpoint=f"{key}_e{epochs}",
+                                     desc=f"{strategy} keep={frac}")
+          runs.update(zip(js, got))
+        return [runs[j] for j in todo]
+
+      def row(j, run, frac=frac, conv=conv):
+        r, ids, held, _ = reps[j]
+        common.save_npz(os.path.join(ctx.workdir, "subsets", f"{strategy}_keep{frac}_r{r}.npz"),
+                        ids=kept[j])
+        return trainer.result_row(ctx, strategy, r, run, held,
+                                  fraction_kept=len(kept[j]) / len(ids), nominal_fraction=frac,
+                                  convention=conv, scoring_compute=scoring_compute(r),
+                                  per_class_kept=_per_class_kept(ctx, kept[j], ids))
+
+      rows += replica_units(ctx, f"{strategy}_keep{frac}_{conv}",
+                            [f"{strategy}_keep{frac}_{conv}_r{r}" for r, *_ in reps], train, row)
   return rows
 
 

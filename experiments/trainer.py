@@ -59,10 +59,14 @@ class Run:
 
 
 @functools.lru_cache(maxsize=64)
-def _optimizer(cfg_json: str, steps_per_epoch: int, epochs: int, masked: bool):
+def _optimizer(cfg_json: str, steps_per_epoch: int, epochs: int, masked: bool,
+               traced: bool = False):
   """One optimizer object per (config, schedule length, masked): runs that share it share the
-  compiled train step (the optimizer is a static part of the state; the mask lives in its state)."""
-  tx = train.make_optimizer(ml_collections.ConfigDict(json.loads(cfg_json)), steps_per_epoch, epochs)
+  compiled train step (the optimizer is a static part of the state; the mask lives in its state).
+  ``traced``: the schedule's length lives in the optimizer state (the fused path), so runs of any
+  length share one optimizer; ``steps_per_epoch`` and ``epochs`` are then 0."""
+  tx = train.make_optimizer(ml_collections.ConfigDict(json.loads(cfg_json)), steps_per_epoch, epochs,
+                            traced_schedule=traced)
   if masked:
     from prunejax import optim
     tx = optim.masked(tx)
@@ -82,8 +86,9 @@ def initial_state(ctx, ids: np.ndarray, *, seed: int, epochs: int, pruner: onlin
   of the config's model (e.g. a smaller irreducible-loss model), always freshly initialized."""
   cfg = ctx.config
   steps = pruner.steps_per_epoch(len(ids), cfg.train.batch_size)
-  tx = _optimizer(json.dumps(cfg.optimizer.to_dict(), sort_keys=True, default=str), steps, epochs,
-                  mask is not None)
+  traced = ctx.device_data() is not None
+  tx = _optimizer(json.dumps(cfg.optimizer.to_dict(), sort_keys=True, default=str),
+                  0 if traced else steps, 0 if traced else epochs, mask is not None, traced)
   variables = None if model_overrides else ctx.initial_variables(seed)
   state = train.create_train_state(ctx.model(**(model_overrides or {})), tx, jax.random.key(seed),
                                    ctx.x_example, ctx.preprocess, variables,
@@ -104,6 +109,9 @@ def initial_state(ctx, ids: np.ndarray, *, seed: int, epochs: int, pruner: onlin
     from prunejax import optim
     state = state.replace(params=apply_mask(state.params, mask),
                           opt_state=optim.set_mask(state.opt_state, mask))
+  if traced:
+    state = state.replace(opt_state=train.set_schedule(state.opt_state, cfg.optimizer, steps,
+                                                       epochs))
   return parallel.replicate(state, ctx.mesh)
 
 
@@ -220,6 +228,11 @@ def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
   epochs = epochs or cfg.train.epochs
   pruner = pruner or online.FullData()
   ids = np.asarray(ids, np.int64)
+  if ctx.device_data() is not None:
+    return train_models(ctx, [ids], [seed], epochs=epochs, pruner=pruner, masks=[mask],
+                        rewind_to=[rewind_to], rewind_step=rewind_step, desc=desc,
+                        checkpoint=checkpoint, on_epoch=on_epoch,
+                        model_overrides=model_overrides)[0]
   state = initial_state(ctx, ids, seed=seed, epochs=epochs, pruner=pruner, mask=mask,
                         rewind_to=rewind_to, model_overrides=model_overrides)
   pstate = parallel.replicate(pruner.init(ids), ctx.mesh)
@@ -252,6 +265,71 @@ def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
   run.state = state
   ck.finish()
   return run
+
+
+def groupable(ctx, sizes: list[int], pruner: online.OnlinePruner | None = None) -> bool:
+  """Whether runs on ``sizes`` examples each can train as replicas of one program: the fused path
+  applies, ``train.vmap_replicas`` is on, and they share the number of steps per epoch (so the
+  optimizer and its schedule) and a pruner whose epochs have a fixed length (InfoBatch's do not).
+  ``train.vmap_replicas="auto"`` groups on accelerators and not on CPU, where R replicas in one
+  program ran slower than R runs one after another (batched matmuls and grouped convolutions)."""
+  pruner = pruner or online.FullData()
+  cfg = ctx.config
+  vmap = {"on": True, "off": False,  # "auto": measured slower than one run after another on CPU
+          "auto": jax.default_backend() != "cpu"}[cfg.train.get("vmap_replicas", "auto")]
+  return (len(sizes) > 1 and ctx.device_data() is not None and vmap
+          and pruner.fixed_epoch_length
+          and len({pruner.steps_per_epoch(n, cfg.train.batch_size) for n in sizes}) == 1)
+
+
+def train_models(ctx, ids_list: list[np.ndarray], seeds: list[int], *, epochs: int | None = None,
+                 pruner: online.OnlinePruner | None = None, masks: list | None = None,
+                 rewind_to: list | None = None, rewind_step: int | None = None,
+                 desc: str = "train", checkpoint: str | None = None,
+                 on_epoch: Callable[[int, train.TrainState], None] | None = None,
+                 model_overrides: dict | None = None) -> list[Run]:
+  """:func:`train_model` for several runs at once (replicates, score seeds, IMP seeds): one
+  ``vmap``-ed program on the device-resident split when :func:`groupable`, else one after another.
+  ``masks`` and ``rewind_to`` give each run its own (default: none); ``checkpoint`` keys the
+  group's mid-run checkpoint; ``on_epoch`` is for single runs."""
+  from experiments import fused_loop
+  cfg = ctx.config
+  epochs = epochs or cfg.train.epochs
+  pruner = pruner or online.FullData()
+  n = len(ids_list)
+  masks, rewind_to = masks or [None] * n, rewind_to or [None] * n
+  ids_list = [np.asarray(i, np.int64) for i in ids_list]
+  data = ctx.device_data()
+  if data is None or (n > 1 and not groupable(ctx, [len(i) for i in ids_list], pruner)):
+    return [train_model(ctx, i, seed=s, epochs=epochs, pruner=pruner, mask=m, rewind_to=w,
+                        rewind_step=rewind_step, desc=f"{desc} [{j}]" if n > 1 else desc,
+                        checkpoint=checkpoint and (f"{checkpoint}_{j}" if n > 1 else checkpoint),
+                        on_epoch=on_epoch, model_overrides=model_overrides)
+            for j, (i, s, m, w) in enumerate(zip(ids_list, seeds, masks, rewind_to))]
+  if n > 1 and on_epoch is not None:
+    raise ValueError("on_epoch is for single runs; train the replicas one by one")
+  states = [initial_state(ctx, i, seed=s, epochs=epochs, pruner=pruner, mask=m, rewind_to=w,
+                          model_overrides=model_overrides)
+            for i, s, m, w in zip(ids_list, seeds, masks, rewind_to)]
+  tc = cfg.train
+  every = int(tc.get("checkpoint_every_steps", 0) or 0)
+  minutes = float(tc.get("checkpoint_minutes", 0) or 0)
+  ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", checkpoint),
+                        fingerprint=ctx.units.fingerprint)
+          if checkpoint and (every or minutes) else None)
+  ck = fused_loop.FusedCheckpoint(ckpt, every, minutes)
+  runs = [Run(s) for s in states]
+  finals, points = fused_loop.run_fused(
+      data=data, index=ctx.ds.train.index, ids_list=ids_list, seeds=list(seeds), epochs=epochs,
+      pruner=pruner, states=states, runs=runs, batch_size=cfg.train.batch_size,
+      steps_per_dispatch=int(tc.get("steps_per_dispatch", 0)),
+      epoch_steps=-(-len(ctx.ds.train) // cfg.train.batch_size), checkpoint=ck,
+      rewind_step=rewind_step, desc=desc, mark=lambda plan: _with_corrupted(ctx, plan),
+      mesh=ctx.mesh, on_epoch=on_epoch)
+  for run, state, point in zip(runs, finals, points):
+    run.state, run.rewind_point = state, point
+  ck.finish()
+  return runs
 
 
 def _after_step(run: Run, ck: _Checkpointing, rewind_step, epoch: int, start: int,

@@ -96,15 +96,16 @@ def clear_stop() -> None:
   _STOP["signum"] = None
 
 
-def stop_at_step() -> bool:
-  """Whether training must save and stop after the step that just ended; call it after every step.
+def stop_at_step(steps: int = 1) -> bool:
+  """Whether training must save and stop after the step that just ended; call it after every step
+  (or after every chunk of ``steps`` steps run in one dispatch).
 
   One process: whether a stop was requested. Several: whether every process has reached the step
   that JAX's preemption service chose after a SIGTERM to any of them
   (``multihost_utils.reached_preemption_sync_point``), so all save the same step together.
   """
-  _STEPS[0] += 1
-  kill_point("step")
+  _STEPS[0] += steps
+  kill_point("step", steps)
   if _multi_process():
     from jax.experimental import multihost_utils
     try:
@@ -118,10 +119,11 @@ _KILL_COUNTS = {"step": 0, "unit": 0}
 KILL_AT_ENV = "PRUNEJAX_KILL_AT"
 
 
-def kill_point(kind: str) -> None:
+def kill_point(kind: str, count: int = 1) -> None:
   """Fault injection for tests of resumption: with ``PRUNEJAX_KILL_AT=KIND:N`` in the environment
-  (``step:N`` or ``unit:N``) the process kills itself with SIGKILL at the N-th training step, or
-  right after the N-th unit record is written, that this process completes. A test then knows
+  (``step:N`` or ``unit:N``) the process kills itself with SIGKILL once it has completed N training
+  steps (at the end of the dispatch that reaches N, when steps run in chunks), or right after the
+  N-th unit record it writes. A test then knows
   exactly where the run died, however fast or slow the machine is. Unset: does nothing."""
   spec = os.environ.get(KILL_AT_ENV)
   if not spec:
@@ -129,8 +131,9 @@ def kill_point(kind: str) -> None:
   want, _, n = spec.partition(":")
   if want not in _KILL_COUNTS or not n.isdigit():
     raise ValueError(f"{KILL_AT_ENV}={spec!r}; expected 'step:N' or 'unit:N'")
-  _KILL_COUNTS[kind] += 1
-  if kind == want and _KILL_COUNTS[kind] == int(n):
+  before = _KILL_COUNTS[kind]
+  _KILL_COUNTS[kind] += count
+  if kind == want and before < int(n) <= _KILL_COUNTS[kind]:
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -192,6 +192,7 @@ class OnlinePruner:
   """Every example every epoch, every row back-propagated: plain training (and the base class)."""
 
   name = "full_data"
+  fixed_epoch_length = True  # every epoch has steps_per_epoch steps (replicas can share a program)
 
   def init(self, ids: np.ndarray) -> Any:
     return ()
@@ -282,6 +283,7 @@ class InfoBatch(OnlinePruner):
   delta: float = 0.875
   initial_score: float = 3.0
   name = "semi_batch"
+  fixed_epoch_length = False  # an epoch visits the examples its plan keeps
 
   def __post_init__(self):
     check_range("semi_batch.prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True)

@@ -22,7 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
       augment=False, crop_padding=4, mean=none(tuple), std=none(tuple),
       num_threads=none(int),  # loader reader threads (default: 0 in memory, 8 on disk)
       label_noise=0.0,  # fraction of training labels flipped (seeded), for noise experiments
-      cache_dir=none(str)))
+      cache_dir=none(str),
+      # The training split on the device (the fused path): "auto" when it fits device_budget_mb
+      # (0: a quarter of the device's memory, 2 GiB on CPU), "on" (an error if it does not fit),
+      # "off" (stream it from the host).
+      device_resident="auto", device_budget_mb=0.0))
   # compute_dtype: float32 | bfloat16 | float16 (params and optimizer state stay param_dtype);
   # remat: recompute each block's activations in the backward pass (resnet18, resnet20, gpt).
   c.model = ml_collections.ConfigDict(dict(name="mlp", compute_dtype="float32",
@@ -35,7 +39,14 @@ def get_config() -> ml_collections.ConfigDict:
       # mid-run checkpoints (a killed run resumes at the batch where it stopped); 0 = off.
       checkpoint_every_steps=0, checkpoint_minutes=10.0,
       # micro-batches per optimizer step (batch_size rows in all); loss scale for float16 compute.
-      accumulation_steps=1, loss_scale=1.0))
+      accumulation_steps=1, loss_scale=1.0,
+      # One compiled program per run (prunejax.fused): on a device-resident split, run
+      # steps_per_dispatch steps per dispatch in one lax.scan (0: a whole epoch, or 1 for
+      # convolutions on CPU, which XLA runs slowly inside loops), and train the replicas of a
+      # setting (seeds, score seeds, equal-size subsets) as one vmapped program (vmap_replicas:
+      # "on" | "off" | "auto" = on accelerators, not on CPU where it measured slower). fused=False: the host
+      # loop, one step per dispatch.
+      fused=True, steps_per_dispatch=0, vmap_replicas="auto"))
   c.data_pruning = ml_collections.ConfigDict(dict(
       keep_fractions=(0.3, 0.5, 0.7), keep="hard", class_balanced=False, offset=0.0,
       conventions=("epochs",), score_epochs=3, score_seeds=2, dynamic_keep=0.5,

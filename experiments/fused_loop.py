@@ -1,0 +1,272 @@
+"""The experiments' fused training loop: one run, or R replicas of a run in one ``vmap``-ed program,
+on a device-resident split, ``train.steps_per_dispatch`` steps per dispatch
+(:mod:`prunejax.fused`).
+
+The host decides per epoch what it decides on the host path (the online pruner's plan, the order of
+the batches) and then dispatches chunks of steps. A chunk also ends where the host must look at the
+state: at the rewind step, and at every ``train.checkpoint_every_steps``; minute-based checkpoints,
+stop requests (SIGTERM, SIGINT) and kill points are honoured at the end of each chunk. Fault flags
+come back once per epoch; a non-finite loss or gradient raises
+:class:`prunejax.train.NumericalError` naming the run, epoch, step and example ids as the host loop
+does.
+
+Replicas: every replica has the same model, optimizer (so the same schedule length), pruner and
+number of steps per epoch; their ids, seeds, masks and rewind points may differ. A group is
+checkpointed and resumed as one unit of work. Each replica's wall time is the group's divided by R
+(the program runs them together).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prunejax import fused, online, parallel, train
+from prunejax.checkpoint import RunCheckpoint, interrupted_at_step, stop_at_step
+from prunejax.masks import RewindPoint, save_rewind_point
+
+_COMPILED: dict = {}
+_COMPILE_SECONDS = [0.0]  # spent in _compiled, subtracted from the runs' wall time
+
+
+def _compiled(fn, args):
+  """``fn`` compiled ahead of time for ``args``' shapes, dtypes and shardings (cached), so a run's
+  wall time does not include compilation and runs of one shape share the program."""
+  leaves, treedef = jax.tree.flatten(args)
+  key = (fn, treedef, tuple((np.shape(l), getattr(l, "dtype", None) or np.result_type(l),
+                             getattr(l, "sharding", None)) for l in leaves))
+  if key not in _COMPILED:
+    t0 = time.perf_counter()
+    _COMPILED[key] = fn.lower(*args).compile()
+    _COMPILE_SECONDS[0] += time.perf_counter() - t0
+  return _COMPILED[key]
+
+
+_SLOW: dict = {}
+
+
+def _slow_in_control_flow(pruner, state, ids, data, batch_size) -> bool:
+  key = (pruner, state.model, state.preprocess)
+  if key not in _SLOW:
+    rows = np.zeros((batch_size,), np.int32)
+    batch = jax.eval_shape(lambda d: fused.gather_batch(d, jnp.asarray(rows), {}, 0), data)
+    plan = pruner.plan(jax.device_get(pruner.init(ids)), ids, seed=0, epoch=0, num_epochs=1)
+    cols = {c: jax.ShapeDtypeStruct((batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
+            for c, v in plan.columns.items()}
+    _SLOW[key] = fused.control_flow_is_slow(pruner.train_step, state, pruner.init(ids),
+                                            {**batch, **cols})
+  return _SLOW[key]
+
+
+@functools.lru_cache(maxsize=64)
+def _runner(pruner: online.OnlinePruner, group: bool, mesh):
+  # Keyed on the pruner (equal settings, one program): its bound method compares by identity.
+  return fused.make_runner(pruner.train_step, replicas=group, mesh=mesh)
+
+
+def _stack_plans(plans: list[online.EpochPlan]) -> tuple[np.ndarray, dict, list[int]]:
+  lens = [len(p.ids) for p in plans]
+  n = max(lens)
+  ids = np.full((len(plans), n), -1, np.int64)
+  cols = {k: np.zeros((len(plans), n) + np.shape(v)[1:], np.asarray(v).dtype)
+          for k, v in plans[0].columns.items()}
+  for r, p in enumerate(plans):
+    ids[r, :lens[r]] = p.ids
+    for k, v in p.columns.items():
+      cols[k][r, :lens[r]] = v
+  return ids, cols, lens
+
+
+def _unstack_plans(ids, cols, lens) -> list[online.EpochPlan]:
+  return [online.EpochPlan(np.asarray(ids[r, :n]), {k: np.asarray(v[r, :n]) for k, v in cols.items()})
+          for r, n in enumerate(lens)]
+
+
+class FusedCheckpoint:
+  """Mid-run checkpoints of a fused run or replica group (the same cadence as the host loop's)."""
+
+  def __init__(self, ckpt: RunCheckpoint | None, every: int, minutes: float):
+    self.ckpt, self.every, self.minutes = ckpt, every, minutes
+    self.last = time.monotonic()
+
+  def due(self, global_step: int) -> bool:
+    if self.ckpt is None:
+      return False
+    return bool((self.every and global_step % self.every == 0)
+                or (self.minutes and time.monotonic() - self.last >= 60 * self.minutes))
+
+  def save(self, runs, state, pstate, plans, metrics, epoch, next_batch, global_step, rewind):
+    ids, cols, lens = _stack_plans(plans)
+    tree = {"state": state, "pruner": pstate, "plan_ids": ids, "plan": cols, "metrics": metrics,
+            "rewind": {} if rewind is None else {"params": rewind.params,
+                                                 "opt_state": rewind.opt_state}}
+    meta = {"fused": True, "epoch": epoch, "next_batch": next_batch, "steps": global_step,
+            "runs": [{"forward": r.forward, "backward": r.backward, "history": r.history,
+                      "corrupted": r.corrupted} for r in runs],
+            "plan_lens": lens, "plan_columns": sorted(cols), "metric_keys": sorted(metrics),
+            "metric_shape": list(np.shape(next(iter(metrics.values())))),
+            "rewind_step": None if rewind is None else int(rewind.step)}
+    self.ckpt.save(tree, meta)
+    self.last = time.monotonic()
+
+  def resume(self, runs, state, pstate):
+    meta = self.ckpt.meta() if self.ckpt is not None else None
+    if meta is None or not meta.get("fused") or len(meta["runs"]) != len(runs):
+      return None
+    r, n = len(meta["plan_lens"]), max(meta["plan_lens"])
+    shape = tuple(meta["metric_shape"])
+    like = {"state": state, "pruner": pstate, "plan_ids": np.zeros((r, n), np.int64),
+            "plan": {k: np.zeros((r, n), np.float32) for k in meta["plan_columns"]},
+            "metrics": {k: np.zeros(shape, np.float32) for k in meta["metric_keys"]},
+            "rewind": {} if meta["rewind_step"] is None else
+            {"params": state.params, "opt_state": state.opt_state}}
+    got = self.ckpt.restore(like)
+    if got is None:
+      return None
+    tree, meta = got
+    for run, m in zip(runs, meta["runs"]):
+      run.forward, run.backward, run.history = m["forward"], m["backward"], m["history"]
+      run.corrupted, run.steps = m["corrupted"], meta["steps"]
+    rewind = (None if meta["rewind_step"] is None else
+              RewindPoint(meta["rewind_step"], tree["rewind"]["params"], tree["rewind"]["opt_state"]))
+    plans = _unstack_plans(tree["plan_ids"], tree["plan"], meta["plan_lens"])
+    return (tree["state"], tree["pruner"], meta["epoch"], meta["next_batch"], plans,
+            jax.tree.map(jnp.asarray, tree["metrics"]), rewind)
+
+  def finish(self) -> None:
+    if self.ckpt is not None:
+      self.ckpt.delete()
+
+
+def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seeds: list[int],
+              epochs: int, pruner: online.OnlinePruner, states: list, runs: list,
+              batch_size: int, steps_per_dispatch: int, epoch_steps: int,
+              checkpoint: FusedCheckpoint,
+              rewind_step: int | None, desc: str, mark: Callable, mesh,
+              on_epoch: Callable | None = None) -> tuple[list, list]:
+  """Trains ``states`` (one per replica) on ``ids_list``; fills ``runs`` (counters, history, wall
+  time) and returns ``(final states, rewind points or None)``, one per replica.
+
+  ``steps_per_dispatch`` is the scan length K of every dispatch; runs with the same K, model,
+  optimizer and pruner share one compiled program whatever their length (give every run of an
+  experiment the same K). 0: ``epoch_steps`` (a whole epoch of the full split), or 1 where the step
+  is slow inside control flow (:func:`prunejax.fused.control_flow_is_slow`: convolutions on CPU). ``mark(plan) -> plan`` adds per-example columns to each epoch's plan
+  (label-noise flags).
+  """
+  n_rep = len(states)
+  group = n_rep > 1
+  sharding = fused.replica_sharding(n_rep) if group else None
+  if group:
+    state = fused.stack(states)
+    pstate = fused.stack([pruner.init(i) for i in ids_list])
+    if sharding is not None:
+      state, pstate = jax.device_put((state, pstate), sharding)
+      data = jax.device_put(data, jax.sharding.NamedSharding(sharding.mesh,
+                                                             jax.sharding.PartitionSpec()))
+  else:
+    state, pstate = states[0], parallel.replicate(pruner.init(ids_list[0]), mesh)
+  runner = _runner(pruner, group, None if group else mesh)
+  k = steps_per_dispatch or (1 if _slow_in_control_flow(pruner, states[0], ids_list[0], data,
+                                                         batch_size) else epoch_steps)
+  rewind = None
+  resumed = checkpoint.resume(runs, state, pstate)
+  if resumed is not None:
+    state, pstate = resumed[0], resumed[1]
+    if sharding is not None:
+      state, pstate = jax.device_put((state, pstate), sharding)
+    elif not group:
+      state, pstate = parallel.replicate((state, pstate), mesh)
+    rewind = resumed[6]
+  start_epoch = resumed[2] if resumed else 0
+  t_start = None  # the clock starts at the first dispatch, as the host loop's after its first step
+  for epoch in range(start_epoch, epochs):
+    if resumed is not None and epoch == start_epoch:
+      start, plans, metrics = resumed[3], resumed[4], resumed[5]
+    else:
+      host_p = jax.device_get(pstate)
+      plans = [mark(pruner.plan(host_p if not group else jax.tree.map(lambda a, r=r: a[r], host_p),
+                                ids_list[r], seed=seeds[r], epoch=epoch, num_epochs=epochs))
+               for r in range(n_rep)]
+      start, metrics = 0, None
+    ers = [fused.epoch_rows(index, p.ids, batch_size=batch_size, seed=seeds[r], epoch=epoch,
+                            columns=p.columns) for r, p in enumerate(plans)]
+    steps = ers[0].steps
+    if any(er.steps != steps for er in ers):
+      raise ValueError("replicas of one program need equal epoch lengths; got "
+                       f"{[er.steps for er in ers]}")
+    rows = np.stack([er.rows_SxB for er in ers])
+    cols = {c: np.stack([er.columns[c] for er in ers]) for c in ers[0].columns}
+    base = runs[0].steps - start  # global steps before this epoch's first step
+    breaks = []
+    if rewind_step is not None and rewind is None:
+      breaks.append(rewind_step - base)
+    if checkpoint.every:
+      breaks += [j for j in range(start + 1, steps) if (base + j) % checkpoint.every == 0]
+    flags = []
+    for s, n in fused.chunks(steps - start, k, tuple(b - start for b in breaks)):
+      s += start
+      rows_k = np.stack([fused.pad_steps(rows[r], s, n, k, -1) for r in range(n_rep)])
+      cols_k = {c: np.stack([fused.pad_steps(v[r], s, n, k, 0) for r in range(n_rep)])
+                for c, v in cols.items()}
+      if not group:
+        rows_k, cols_k = rows_k[0], {c: v[0] for c, v in cols_k.items()}
+      if metrics is None:  # the epoch's sums start at zero (one program for every chunk)
+        shapes = jax.eval_shape(runner, state, pstate, data, rows_k, cols_k, 0, 0, None)
+        metrics = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes.metrics)
+      args = (state, pstate, data, rows_k, cols_k, np.int32(epoch), np.int32(n), metrics)
+      fn = _compiled(runner, args)
+      if t_start is None:
+        t_start, compile_before = time.perf_counter(), _COMPILE_SECONDS[0]
+      res = fn(*args)
+      state, pstate, metrics = res.state, res.pruner_state, res.metrics
+      flags.append((s, res.flags))
+      global_step = base + s + n
+      if rewind_step is not None and rewind is None and global_step == rewind_step:
+        rewind = save_rewind_point(global_step, state.params, state.opt_state)
+      stop = stop_at_step(n)
+      if checkpoint.due(global_step) or (stop and checkpoint.ckpt is not None):
+        checkpoint.save(runs, state, pstate, plans, metrics, epoch, s + n, global_step, rewind)
+      if stop:
+        raise interrupted_at_step(global_step, saved=checkpoint.ckpt is not None)
+    _check_flags(flags, ers, desc, epoch, group)
+    done = steps - start
+    for r, run in enumerate(runs):
+      run.add_epoch(epoch, metrics if not group else jax.tree.map(lambda a, r=r: a[r], metrics),
+                    done)
+    if on_epoch is not None and not group:
+      on_epoch(epoch, state)
+  jax.block_until_ready(state.params)
+  finals = fused.unstack(state, n_rep) if group else [state]
+  points = [None] * n_rep
+  if rewind is not None and group:
+    opt = (fused.unstack(rewind.opt_state, n_rep) if rewind.opt_state is not None
+           else [None] * n_rep)
+    points = [RewindPoint(rewind.step, p, o)
+              for p, o in zip(fused.unstack(rewind.params, n_rep), opt)]
+  elif rewind is not None:
+    points = [rewind]
+  wall = (0.0 if t_start is None else
+          time.perf_counter() - t_start - (_COMPILE_SECONDS[0] - compile_before))
+  for run in runs:
+    run.wall = wall / n_rep
+  return finals, points
+
+
+def _check_flags(flags, ers, desc, epoch, group) -> None:
+  """Raises :class:`prunejax.train.NumericalError` for the first step with a non-finite loss or
+  gradient in this epoch (one host sync per epoch)."""
+  for s, f in flags:
+    f = np.asarray(jax.device_get(f))
+    f = f if group else f[None]
+    bad = np.argwhere(f > 0)
+    if len(bad):
+      r, i = int(bad[0][0]), int(bad[0][1])
+      who = f"{desc}" + (f" replica {r}" if group else "")
+      raise train.NumericalError(
+          f"non-finite loss or gradient in {who}, epoch {epoch}, step {s + i + 1} of this epoch; "
+          f"examples of that batch: {ers[r].batch_ids(s + i)[:16].tolist()}")
