@@ -2,6 +2,7 @@
 
     python -m experiments.bench_accel                      # one GPU: every section in <= 6 minutes
     python -m experiments.bench_accel --sections=precision --budget_s=120
+    python -m experiments.bench_accel --out_dir=/tmp/bench --compilation_cache_dir=/tmp/jax_cache
     python -m experiments.bench_accel --quick              # tiny sizes on a CPU (the tests run it)
 
 Sections, in priority order (a lease that ends early loses the last ones, not the first):
@@ -142,7 +143,7 @@ class Recorder:
 
 @dataclasses.dataclass
 class Section:
-  """What a section sees: its name, ``quick``, its deadline (``time.monotonic``) and the recorder."""
+  """What a section sees: its name, ``quick``, its deadline (on ``_clock``), the recorder."""
   name: str
   quick: bool
   deadline: float
@@ -348,11 +349,13 @@ def precision_section(sec: Section) -> None:
         sec.emit(f"{label} goal (>= 1.6x throughput, <= 0.6x memory)",
                  _goal(speed >= 1.6 and memory <= 0.6), "")
 
-  # The quick run times GraNd and remat on the tiny GPT only: a convnet's compiles cost tens of
-  # seconds each on a CPU (tests/test_mixed_precision.py covers ResNet in bfloat16).
-  more_models = ("gpt",) if quick else ("resnet18", "gpt")
+  # The quick run times ResNet-18's train step (for the profile) and GraNd on the tiny GPT only:
+  # each compile costs tens of seconds on a loaded CPU (tests/test_mixed_precision.py covers both
+  # models in bfloat16, remat included).
+  step_models, grand_models = (("resnet18",), ("gpt",)) if quick else (("resnet18", "gpt"),) * 2
+  remat_models = () if quick else ("resnet18", "gpt")
   compiled_text: dict[str, str] = {}
-  for model in ("resnet18", "gpt"):
+  for model in step_models:
     for dtype in ("float32", "bfloat16"):
       if not sec.room(f"{model} train step {dtype}"):
         continue
@@ -379,14 +382,14 @@ def precision_section(sec: Section) -> None:
       if len(big) == 2:
         sec.emit("resnet18 train step bfloat16 / float32 throughput, batch 1024",
                  big["bfloat16"]["examples_per_s"] / big["float32"]["examples_per_s"], "x")
-  for model in more_models:
+  for model in grand_models:
     for dtype in ("float32", "bfloat16"):
       if not sec.room(f"{model} grand {dtype}"):
         continue
       rows[(model, "grand", dtype, False)] = bench_precision.bench_grand(model, dtype, False,
                                                                         quick, repeats)
       ratio_figures(model, "grand", dtype, False)
-  for model in more_models:
+  for model in remat_models:
     if not sec.room(f"{model} train step bfloat16 + remat"):
       continue
     row, _ = bench_precision.bench_train_step(model, "bfloat16", True, quick, repeats)
@@ -573,6 +576,9 @@ def run(sections: list[str], quick: bool, budget_s: float, out_dir: str,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.compilation_cache_dir:  # a rerun in the same lease skips the compiles already done
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
     run(FLAGS.sections, FLAGS.quick, FLAGS.budget_s, FLAGS.out_dir)
   except ValueError as e:
@@ -585,6 +591,8 @@ def _define_flags() -> None:
   flags.DEFINE_float("budget_s", 360.0, "wall-time budget of the whole run from process start, "
                      "compilation included; shared among the sections")
   flags.DEFINE_string("out_dir", ".", "where bench_accel.json and bench_accel.md are appended")
+  flags.DEFINE_string("compilation_cache_dir", "", "JAX compilation cache (a rerun "
+                      "of cut sections in the same lease reuses compiled programs); off if empty")
 
 
 if __name__ == "__main__":
