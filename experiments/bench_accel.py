@@ -364,6 +364,13 @@ def precision_section(sec: Section) -> None:
       ratio_figures(model, "train step", dtype, False)
       if model == "resnet18":
         compiled_text[dtype] = step.as_text()
+        xla = step.cost_analysis()
+        xla = (xla[0] if isinstance(xla, (list, tuple)) and xla else xla) or {}
+        if "flops" in xla:  # XLA's own totals, a cross-check of the profile's counts
+          sec.emit(f"resnet18 {dtype} step: XLA cost analysis flops", xla["flops"] / 1e9, "GFLOP")
+        if "bytes accessed" in xla:
+          sec.emit(f"resnet18 {dtype} step: XLA cost analysis bytes accessed",
+                   xla["bytes accessed"] / 2**20, "MB")
       del step
     if model == "resnet18" and compiled_text and sec.room("resnet18 step profile"):
       step_ms = {d: 1e3 * rows[key]["batch"] / rows[key]["examples_per_s"]

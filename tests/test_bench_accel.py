@@ -260,6 +260,7 @@ def test_bench_accel_quick_writes_every_sections_figures(tmp_path):
               if n.startswith(f"resnet18 {dtype} step: ") and "share" in n]
     assert sum(shares) == pytest.approx(100.0, abs=0.1)
     assert precision[f"resnet18 {dtype} step: estimated time"]["value"] > 0
+    assert precision[f"resnet18 {dtype} step: XLA cost analysis flops"]["value"] > 0
     assert any(n.startswith(f"resnet18 {dtype} step: convolution share") for n in precision)
     assert any(n.startswith(f"resnet18 {dtype} step: optimizer update share") for n in precision)
   assert precision["resnet18 bfloat16 / float32 speed-up, estimated from the profile"]["value"] > 0
