@@ -118,23 +118,27 @@ def old_rates(x, y, n: int, repeats: int) -> dict[str, float]:
               lambda: _drain(_old_batches(x[:n], y[:n], ids, augment=True)), n, repeats)}
 
 
-def train_step_rates(quick: bool) -> dict[str, float]:
-  """Examples/s of a train step of the paper configs' models, batch 128 (CIFAR-shaped)."""
+def train_step_rates(quick: bool, models: dict[str, tuple[str, dict]] | None = None
+                     ) -> dict[str, float]:
+  """Examples/s of a train step, batch 128 (CIFAR-shaped), of ``models`` (label -> (model name,
+  ``build_model`` keyword arguments)), by default the paper configs' models."""
   import jax
   import jax.numpy as jnp
   import optax
   from prunejax import data, train
   from prunejax.models import build_model
   out = {}
-  models = {"resnet18 (datadiet_cifar10)": ("resnet18", 0.125 if quick else 1.0),
-            "resnet20 (openlth_resnet20_cifar10)": ("resnet20", 0.25 if quick else 1.0)}
+  models = models or {
+      "resnet18 (datadiet_cifar10)": ("resnet18", {"width_multiplier": 0.125 if quick else 1.0}),
+      "resnet20 (openlth_resnet20_cifar10)": ("resnet20",
+                                              {"width_multiplier": 0.25 if quick else 1.0})}
   x = np.random.default_rng(0).integers(0, 255, (128, 32, 32, 3)).astype(np.uint8)
   batch = {"x": x, "y": np.arange(128) % 10, "mask": np.ones(128, bool), "id": np.arange(128),
            "epoch": np.zeros(128, np.int32)}
   prep = data.Preprocess(scale=255.0, crop_padding=4, flip=True)
-  for label, (name, width) in models.items():
-    state = train.create_train_state(build_model(name, 10, width_multiplier=width),
-                                     optax.sgd(0.1, 0.9), jax.random.key(0), x[:1], prep)
+  for label, (name, kwargs) in models.items():
+    state = train.create_train_state(build_model(name, 10, **kwargs), optax.sgd(0.1, 0.9),
+                                     jax.random.key(0), x[:1], prep)
     state, m = train.jit_train_step(state, batch)
     jax.block_until_ready(m)
     steps = 2 if quick else 5

@@ -37,17 +37,21 @@ NUM_CLASSES = 10
 VARIANTS = (("float32", False), ("bfloat16", False), ("bfloat16", True))
 
 
-def make_case(name: str, quick: bool, compute_dtype: str, remat: bool) -> tuple[Any, dict]:
-  """(model, batch) with random inputs and labels, on the default device."""
+def make_case(name: str, quick: bool, compute_dtype: str, remat: bool,
+              batch_size: int | None = None) -> tuple[Any, dict]:
+  """(model, batch) with random inputs and labels, on the default device; ``batch_size`` None is
+  the model's default (ResNet-18 256, the GPT 64; quick 16 and 8)."""
   rng = np.random.default_rng(0)
   fields = dict(compute_dtype=compute_dtype, remat=remat)
   if name == "resnet18":
     b, side = (16, 8) if quick else (256, 32)
+    b = batch_size or b
     model = build_model("resnet18", NUM_CLASSES, width_multiplier=0.125 if quick else 1.0,
                         **fields)
     x = rng.normal(size=(b, side, side, 3)).astype(np.float32)
   elif name == "gpt":
     b, t = (8, 16) if quick else (64, 128)
+    b = batch_size or b
     shape = (dict(vocab_size=500, depth=2, width=32, num_heads=2) if quick else
              dict(vocab_size=50257, depth=12, width=768, num_heads=12))
     model = build_model("gpt", NUM_CLASSES, context=t, pad_id=0, **shape, **fields)
@@ -77,10 +81,10 @@ def _time(call: Callable[[], Any], repeats: int) -> float:
   return statistics.median(times)
 
 
-def bench_case(name: str, compute_dtype: str, remat: bool, quick: bool,
-               repeats: int) -> list[dict]:
-  """The train-step and GraNd rows of one model variant."""
-  model, batch = make_case(name, quick, compute_dtype, remat)
+def bench_train_step(name: str, compute_dtype: str, remat: bool, quick: bool, repeats: int,
+                     batch_size: int | None = None) -> tuple[dict, Any]:
+  """The train-step row of one model variant, and its compiled step (for its HLO)."""
+  model, batch = make_case(name, quick, compute_dtype, remat, batch_size)
   b = batch["y"].shape[0]
   state = train.create_train_state(model, optax.sgd(0.1, momentum=0.9), jax.random.key(0),
                                    batch["x"][:1])
@@ -91,16 +95,29 @@ def bench_case(name: str, compute_dtype: str, remat: bool, quick: bool,
     holder[0], metrics = step(holder[0], batch)
     return metrics
 
-  rows = [{"model": name, "fn": "train step", "dtype": compute_dtype, "remat": remat,
-           "examples_per_s": b / _time(train_call, repeats),
-           "peak_mb": compiled_bytes(step) / 2**20}]
+  row = {"model": name, "fn": "train step", "dtype": compute_dtype, "remat": remat, "batch": b,
+         "examples_per_s": b / _time(train_call, repeats), "peak_mb": compiled_bytes(step) / 2**20}
+  return row, step
+
+
+def bench_grand(name: str, compute_dtype: str, remat: bool, quick: bool, repeats: int) -> dict:
+  """The GraNd row of one model variant (variables float32, as the model initializes them)."""
+  model, batch = make_case(name, quick, compute_dtype, remat)
+  b = batch["y"].shape[0]
+  variables = train.create_train_state(model, optax.sgd(0.1, momentum=0.9), jax.random.key(0),
+                                       batch["x"][:1]).variables
   apply_fn = make_apply_fn(model)
-  variables = holder[0].variables
   grand = jax.jit(lambda v, bt: scores.grand(apply_fn, v, bt)).lower(variables, batch).compile()
-  rows.append({"model": name, "fn": "grand", "dtype": compute_dtype, "remat": remat,
-               "examples_per_s": b / _time(lambda: grand(variables, batch), repeats),
-               "peak_mb": compiled_bytes(grand) / 2**20})
-  return rows
+  return {"model": name, "fn": "grand", "dtype": compute_dtype, "remat": remat,
+          "examples_per_s": b / _time(lambda: grand(variables, batch), repeats),
+          "peak_mb": compiled_bytes(grand) / 2**20}
+
+
+def bench_case(name: str, compute_dtype: str, remat: bool, quick: bool,
+               repeats: int) -> list[dict]:
+  """The train-step and GraNd rows of one model variant."""
+  return [bench_train_step(name, compute_dtype, remat, quick, repeats)[0],
+          bench_grand(name, compute_dtype, remat, quick, repeats)]
 
 
 def measure(quick: bool = False, repeats: int | None = None,

@@ -16,7 +16,9 @@ compiled function (arguments + outputs + temporaries - aliased buffers, from
 
 Models (random inputs and labels): ``mlp`` LeNet-300-100 on 28x28x1; ``cnn`` (32, 64) features,
 dense 128 on 32x32x3; ``resnet18`` (``--resnet_width`` times the standard widths) on 32x32x3;
-``gpt`` (``--gpt_width``, depth 2, 4 heads, ``--gpt_tokens`` tokens, vocabulary 8192); and
+``gpt`` (``--gpt_width``, depth 2, 4 heads, ``--gpt_tokens`` tokens, vocabulary 8192);
+``gpt2_small`` (GPT-2 small's shape: 12 blocks, width 768, 12 heads, vocabulary 50,257, on
+``--gpt_tokens`` tokens); and
 ``plain_resnet``, a small residual convnet written in plain JAX as a user would (NCHW, a params
 dict, widths 16/32/64, two blocks per stage, no BatchNorm). The measurement is importable:
 ``measure(models=..., batch_size=...) -> list[dict]`` (one row per model and function), so another
@@ -38,7 +40,8 @@ from absl import app, flags, logging
 from prunejax import scores, train
 from prunejax.models import build_model, make_apply_fn
 
-MODELS = ("mlp", "cnn", "gpt", "resnet18", "plain_resnet")
+MODELS = ("mlp", "cnn", "gpt", "resnet18", "plain_resnet")  # the default list
+ALL_MODELS = MODELS + ("gpt2_small",)
 NUM_CLASSES = 10
 
 FLAGS = flags.FLAGS
@@ -49,7 +52,7 @@ def define_flags() -> None:
   script can import :func:`measure` and define its own."""
   flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
   flags.DEFINE_integer("repeats", 5, "Timed calls per function (the median is reported).")
-  flags.DEFINE_list("models", list(MODELS), f"Models to benchmark, from {MODELS}.")
+  flags.DEFINE_list("models", list(MODELS), f"Models to benchmark, from {ALL_MODELS}.")
   flags.DEFINE_bool("quick", False, "Small inputs and narrow models: a smoke run.")
   flags.DEFINE_float("resnet_width", 0.25, "Width multiplier of ResNet-18.")
   flags.DEFINE_integer("gpt_tokens", 64, "Tokens per example for the GPT classifier.")
@@ -123,6 +126,12 @@ def _flax_case(name: str, batch_size: int, quick: bool, resnet_width: float, gpt
   if name == "resnet18":
     model = build_model("resnet18", NUM_CLASSES, width_multiplier=0.125 if quick else resnet_width)
     return model, rng.normal(size=(batch_size, side, side, 3)).astype(np.float32)
+  if name == "gpt2_small":  # GPT-2 small's shape: 12 blocks, width 768, 12 heads, 50,257 tokens
+    tokens = 8 if quick else gpt_tokens
+    shape = (dict(vocab_size=1000, depth=2, width=16, num_heads=2) if quick else
+             dict(vocab_size=50257, depth=12, width=768, num_heads=12))
+    model = build_model("gpt", NUM_CLASSES, context=tokens, **shape)
+    return model, rng.integers(1, model.vocab_size, size=(batch_size, tokens)).astype(np.int32)
   tokens, width = (8, 16) if quick else (gpt_tokens, gpt_width)
   model = build_model("gpt", NUM_CLASSES, vocab_size=1000 if quick else 8192, context=tokens,
                       depth=2, width=width, num_heads=2 if quick else 4)
@@ -134,8 +143,8 @@ def make_case(name: str, batch_size: int, quick: bool = False, resnet_width: flo
   """``apply_fn``, ``params`` (what the scores take), ``batch`` and a jit-able ``train_step``
   with its ``train_args``, for one benchmark model."""
   rng = np.random.default_rng(0)
-  if name not in MODELS:
-    raise app.UsageError(f"--models: unknown model {name!r}; choose from {MODELS}")
+  if name not in ALL_MODELS:
+    raise app.UsageError(f"--models: unknown model {name!r}; choose from {ALL_MODELS}")
   y = rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)
   tx = optax.sgd(0.1, momentum=0.9)
   if name == "plain_resnet":
