@@ -293,21 +293,27 @@ def _keeps_optimizer(ctx) -> bool:
   return bool(cfg.rewind_step) and not cfg.get("reset_optimizer", True)
 
 
-def _imp_round0(ctx, strategy, r, ids, held, seed, pruner, init):
-  """Round 0 of IMP: dense training; returns the round's checkpoint tree."""
+def _imp_round0(ctx, strategy, reps, pruner, inits) -> list[dict]:
+  """Round 0 of IMP for the replicates ``reps`` (trained together where they can share a program):
+  dense training; returns each one's round checkpoint tree."""
   cfg = ctx.config.imp
-  run0 = trainer.train_model(ctx, ids, seed=seed, rewind_step=cfg.rewind_step or None,
-                             pruner=pruner, desc=f"{strategy} dense r{r}")
-  rewind = run0.rewind_point.params if cfg.rewind_step else init
-  if run0.rewind_point is None and cfg.rewind_step:
-    raise common.ConfigError(f"imp.rewind_step={cfg.rewind_step} is beyond the {run0.steps} steps "
-                             "of a training run")
-  ctx.units.run(f"{strategy}_round0_r{r}", lambda: trainer.result_row(
-      ctx, strategy, r, run0, held, sparsity=0.0, round=0, **_data_kept(ctx, run0, ids)))
-  state = {"trained": run0.state.params, "rewind": rewind, "mask": masks.ones_mask(init)}
-  if _keeps_optimizer(ctx):
-    state["rewind_opt"] = run0.rewind_point.opt_state
-  return state
+  runs = trainer.train_models(ctx, [ids for _, ids, _, _ in reps], [seed for *_, seed in reps],
+                              rewind_step=cfg.rewind_step or None, pruner=pruner,
+                              desc=f"{strategy} dense")
+  states = []
+  for (r, ids, held, _), run0, init in zip(reps, runs, inits):
+    rewind = run0.rewind_point.params if cfg.rewind_step else init
+    if run0.rewind_point is None and cfg.rewind_step:
+      raise common.ConfigError(f"imp.rewind_step={cfg.rewind_step} is beyond the {run0.steps} "
+                               "steps of a training run")
+    ctx.units.run(f"{strategy}_round0_r{r}", lambda r=r, run0=run0, held=held, ids=ids:
+                  trainer.result_row(ctx, strategy, r, run0, held, sparsity=0.0, round=0,
+                                     **_data_kept(ctx, run0, ids)))
+    state = {"trained": run0.state.params, "rewind": rewind, "mask": masks.ones_mask(init)}
+    if _keeps_optimizer(ctx):
+      state["rewind_opt"] = run0.rewind_point.opt_state
+    states.append(state)
+  return states
 
 
 def _imp_like(ctx, ids, pruner, init) -> dict:
@@ -362,37 +368,53 @@ def imp(ctx: common.Context, data_strategy: str | None = None, strategy: str = "
   filter_fn, method = _filter_fn(ctx), masks.METHODS[cfg.get("method", "magnitude")]
   sparsities = schedules.geometric_levels(cfg.prune_per_round, cfg.target_sparsity)
   pruner = ONLINE_PRUNERS[data_strategy](ctx.config) if data_strategy else None
-  rows = []
-  for r, ids, held, seed in _replicates(ctx):
-    ckpt = _imp_checkpoints(ctx, strategy, r)
-    try:
+  reps = list(_replicates(ctx))
+  ckpts = {r: _imp_checkpoints(ctx, strategy, r) for r, *_ in reps}
+  try:
+    # Each replicate resumes after its own last finished round; the replicates that are at the same
+    # round train it together (one program where trainer.train_models can).
+    last, state = {}, {}
+    for r, ids, _, seed in reps:
       init = _init_params(ctx, seed)
-      like = _imp_like(ctx, ids, pruner, init)
-      last, state = _imp_resume(ckpt, ctx, strategy, r, like)
-      if last is None:
-        state, last = _imp_round0(ctx, strategy, r, ids, held, seed, pruner, init), 0
-        ckpt.save(0, state)
-      for rnd in range(last + 1, len(sparsities) + 1):
-        mask = method.mask(state["trained"], sparsities[rnd - 1],
-                           _mask_inputs(ctx, ids, seed + rnd, method.needs),
-                           scope=cfg.scope, filter_fn=filter_fn)
-        run = trainer.train_model(ctx, ids, seed=seed, mask=mask, pruner=pruner,
-                                  rewind_to=_imp_rewind_point(ctx, state, mask),
-                                  desc=f"{strategy} round {rnd} r{r}")
+      last[r], state[r] = _imp_resume(ckpts[r], ctx, strategy, r,
+                                      _imp_like(ctx, ids, pruner, init))
+    fresh = [rep for rep in reps if last[rep[0]] is None]
+    if fresh:
+      inits = [_init_params(ctx, seed) for *_, seed in fresh]
+      for rep, st in zip(fresh, _imp_round0(ctx, strategy, fresh, pruner, inits)):
+        last[rep[0]], state[rep[0]] = 0, st
+        ckpts[rep[0]].save(0, st)
+    for rnd in range(1, len(sparsities) + 1):
+      todo = [rep for rep in reps if last[rep[0]] < rnd]
+      if not todo:
+        continue
+      mask_of = {r: method.mask(state[r]["trained"], sparsities[rnd - 1],
+                                _mask_inputs(ctx, ids, seed + rnd, method.needs),
+                                scope=cfg.scope, filter_fn=filter_fn)
+                 for r, ids, _, seed in todo}
+      runs = trainer.train_models(
+          ctx, [ids for _, ids, _, _ in todo], [seed for *_, seed in todo],
+          masks=[mask_of[r] for r, *_ in todo], pruner=pruner,
+          rewind_to=[_imp_rewind_point(ctx, state[r], mask_of[r]) for r, *_ in todo],
+          desc=f"{strategy} round {rnd}")
+      for (r, ids, held, _), run in zip(todo, runs):
+        mask = mask_of[r]
         mask_path = os.path.join(ctx.workdir, "masks", f"{strategy}_round{rnd}_r{r}.npz")
 
-        def unit(mask=mask, run=run, rnd=rnd, mask_path=mask_path):
+        def unit(mask=mask, run=run, r=r, held=held, ids=ids, mask_path=mask_path):
           common.save_mask(mask_path, mask)  # recorded with the unit: redone if it is damaged
           return trainer.result_row(ctx, strategy, r, run, held, round=rnd,
                                     sparsity=float(masks.sparsity_of(mask, filter_fn)),
                                     **_data_kept(ctx, run, ids))
         ctx.units.run(f"{strategy}_round{rnd}_r{r}", unit)
-        state = {**state, "trained": run.state.params, "mask": mask}
-        ckpt.save(rnd, state)
-    finally:
-      ckpt.close()
-    rows += [ctx.units.get(f"{strategy}_round{rnd}_r{r}") for rnd in range(len(sparsities) + 1)]
-  return rows
+        state[r] = {**state[r], "trained": run.state.params, "mask": mask}
+        last[r] = rnd
+        ckpts[r].save(rnd, state[r])
+  finally:
+    for c in ckpts.values():
+      c.close()
+  return [ctx.units.get(f"{strategy}_round{rnd}_r{r}") for r, *_ in reps
+          for rnd in range(len(sparsities) + 1)]
 
 
 def _mask_inputs(ctx, ids: np.ndarray, seed: int, needs: tuple[str, ...]) -> masks.MaskInputs:

@@ -284,3 +284,22 @@ def test_auto_choices_on_cpu(tmp_path):
   assert slow == {"cnn": True, "mlp": False}
   ctx = _ctx(tmp_path)
   assert not trainer.groupable(ctx, [150, 150])
+
+
+def test_imp_seeds_in_one_program_equal_one_after_another(tmp_path):
+  """IMP's replicates train each round together (masks and rewind points per replica); every
+  round's row equals the sequential run's, to float32 rounding."""
+  from experiments import run
+  from experiments.configs import imp
+  got = {}
+  for v in ("off", "on"):
+    cfg = imp.get_config("quick")
+    cfg.replicates, cfg.train.vmap_replicas, cfg.strategies = 2, v, ("imp",)
+    cfg.dataset.num_train, cfg.train.epochs = 150, 1
+    got[v] = run.run(cfg, str(tmp_path / v))
+  assert len(got["on"]) == len(got["off"]) == 6
+  for a, b in zip(got["off"], got["on"]):
+    assert (a["replicate"], a["round"], a["sparsity"], a["steps"]) == (
+        b["replicate"], b["round"], b["sparsity"], b["steps"])
+    assert abs(a["history"][-1]["loss"] - b["history"][-1]["loss"]) < 1e-5
+    assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 1 / 359 + 1e-9  # at most one example
