@@ -209,23 +209,30 @@ def test_imp_rounds_keep_the_optimizer_state_of_the_rewind_step(tmp_path):
   assert _rows_of(run.run(cfg(False), str(w))) == kept
 
 
-def test_a_stop_request_saves_the_run_at_the_next_step_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_stop_request_saves_the_run_at_the_next_step_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                           fused):
+  """The host loop checks after every step; the fused path (here one step per dispatch) after
+  every dispatch."""
   import jax
+  from experiments import fused_loop
   from prunejax import checkpoint
   cfg = _imp_cfg()
   cfg.strategies = ("dense",)
   cfg.train.epochs = 2  # 8 steps
+  cfg.train.fused, cfg.train.steps_per_dispatch = fused, 1
   common.prepare_workdir(str(tmp_path), cfg, False).release()
   ctx = common.setup(cfg, str(tmp_path))
+  assert (ctx.device_data() is not None) == fused
   ids = ctx.ds.train.ids
   ref = trainer.train_model(ctx, ids, seed=0)
   calls = []
 
-  def stop_at_step():
-    calls.append(1)
-    return len(calls) == 5  # SIGTERM during step 5 (the second epoch's first)
+  def stop_at_step(steps=1):
+    calls.append(steps)
+    return sum(calls) == 5  # SIGTERM during step 5 (the second epoch's first)
 
-  monkeypatch.setattr(trainer, "stop_at_step", stop_at_step)
+  monkeypatch.setattr(fused_loop if fused else trainer, "stop_at_step", stop_at_step)
   with pytest.raises(checkpoint.Interrupted, match="saved the training run in progress at step 5"):
     trainer.train_model(ctx, ids, seed=0, checkpoint="dense_r0")
   monkeypatch.undo()
