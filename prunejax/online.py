@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax.errors import ConfigError, check_choice, check_range
+from prunejax.errors import ConfigError, check_choice, check_device_ids, check_range
 from prunejax.types import batch_mask
 
 SELECTION_SCORES = ("loss", "reducible_loss")
@@ -109,7 +109,17 @@ class InfoBatchState(NamedTuple):
 
 def infobatch_init(ids: Any, initial_score: float = 3.0) -> InfoBatchState:
   """All examples start with the same score (InfoBatch uses 3), so epoch 0 prunes nothing."""
-  ids_N = jnp.sort(jnp.asarray(ids, jnp.int32))
+  if isinstance(ids, jax.core.Tracer):  # under jit: no host checks.
+    return InfoBatchState(jnp.sort(ids.astype(jnp.int32)),
+                          jnp.full(ids.shape, initial_score, jnp.float32))
+  ids_np = np.asarray(check_device_ids("InfoBatch ids", ids))
+  if ids_np.ndim != 1 or not (np.issubdtype(ids_np.dtype, np.integer) or ids_np.size == 0):
+    raise ConfigError(f"InfoBatch ids must be a 1-D integer array; got dtype {ids_np.dtype}, "
+                      f"shape {ids_np.shape}")
+  if len(np.unique(ids_np)) != len(ids_np):
+    raise ConfigError(f"InfoBatch ids must be unique; {len(ids_np) - len(np.unique(ids_np))} are "
+                      f"repeated")
+  ids_N = jnp.sort(jnp.asarray(ids_np, jnp.int32))
   return InfoBatchState(ids_N, jnp.full(ids_N.shape, initial_score, jnp.float32))
 
 

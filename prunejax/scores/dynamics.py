@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from prunejax.errors import ConfigError
+from prunejax.errors import ConfigError, check_device_ids
 from prunejax.scores.output import as_float, batch_mask, margin_from_logits
 from prunejax.types import ApplyFn, Batch, Params, Scores
 
@@ -43,6 +43,7 @@ def _sorted_ids(ids: Any) -> jax.Array:
     return jnp.sort(ids)
   if ids_np.ndim != 1:
     raise ConfigError(f"ids must be one-dimensional, got shape {ids_np.shape}")
+  check_device_ids("tracker ids", ids_np)
   unique = np.unique(ids_np)
   if len(unique) != len(ids_np):
     raise ConfigError(f"ids must be unique; {len(ids_np) - len(unique)} are repeated")
