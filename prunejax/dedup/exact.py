@@ -199,7 +199,8 @@ def redundant_ids(groups: Sequence[np.ndarray]) -> np.ndarray:
   """The ids to drop from duplicate groups: every member but the lowest id of each, sorted."""
   if not groups:
     return np.zeros((0,), np.int64)
-  return np.sort(np.concatenate([np.sort(np.asarray(g, np.int64))[1:] for g in groups]))
+  checked = [_check_ids(g, field=f"redundant_ids groups[{i}]") for i, g in enumerate(groups)]
+  return np.sort(np.concatenate([np.sort(g)[1:] for g in checked]))
 
 
 def leakage(train_ids: Any, train_hashes: Any, test_ids: Any,

@@ -375,6 +375,13 @@ def _check_batch(b: int, batch: Batch) -> Batch:
   into NaN (Wanda then ranks NaN scores, SparseGPT reports a Hessian that is not positive
   definite), so it is refused here, naming the batch and the ids. Padding rows count for nothing,
   whatever they hold: non-finite ones are zeroed (a weight of 0 times NaN is still NaN)."""
+  rows = lt.batch_size(batch["x"]) if jax.tree.leaves(batch["x"]) else 0
+  if not rows:
+    raise DataError(f"calibration batch {b}: 'x' has no rows")
+  for key in ("mask", "id", "y"):
+    if key in batch and tuple(np.shape(batch[key])) != (rows,):
+      raise DataError(f"calibration batch {b}: {key!r} has shape {tuple(np.shape(batch[key]))}; "
+                      f"expected ({rows},), one value per row of 'x'")
   mask = batch.get("mask")
   if mask is not None:
     m = np.asarray(parallel.gather(mask) if isinstance(mask, jax.Array) else mask)
