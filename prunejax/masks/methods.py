@@ -86,13 +86,15 @@ class MaskMethod:
     fails inside JAX: finite params (float ones for the methods that differentiate or run the
     model), a batch whose real rows are finite (non-finite padding rows are zeroed: they count for
     nothing), labels in ``[0, C)``, and ``apply_fn`` that runs on the batch or input shape."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-      dtype = jnp.result_type(leaf)
-      if not jnp.issubdtype(dtype, jnp.inexact):
-        if self.name not in ("magnitude", "random"):
-          raise DataError(f"mask method {self.name!r}: params leaf {path_str(path)} has dtype "
-                          f"{dtype}; it needs float params")
-      elif not bool(jnp.all(jnp.isfinite(leaf))):
+    leaves = [(p, l) for p, l in jax.tree_util.tree_flatten_with_path(params)[0]
+              if hasattr(l, "dtype")]
+    floats = [(p, l) for p, l in leaves if jnp.issubdtype(l.dtype, jnp.inexact)]
+    if leaves and not floats and self.name not in ("magnitude", "random"):
+      raise DataError(f"mask method {self.name!r} differentiates or runs the model, but no params "
+                      f"leaf is float (e.g. {path_str(leaves[0][0])}: {leaves[0][1].dtype})")
+    for path, leaf in floats:
+      concrete = isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
+      if concrete and not bool(jnp.all(jnp.isfinite(leaf))):
         raise DataError(f"mask method {self.name!r}: params leaf {path_str(path)} has NaN or inf")
     x = None
     if "batch" in self.needs:

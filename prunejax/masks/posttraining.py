@@ -409,8 +409,8 @@ def _check_batch(b: int, batch: Batch) -> Batch:
 def _check_params(params: Params, what: str) -> None:
   """NaN or inf in a weight gives NaN scores and a mask ranked on them: refused, naming the leaf."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if (isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
-        and not bool(jnp.all(jnp.isfinite(leaf)))):
+    if (isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
+        and jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(leaf)))):
       raise DataError(f"{what}: params leaf {path_str(path)} has NaN or inf")
 
 
