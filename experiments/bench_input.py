@@ -224,6 +224,27 @@ def assembly_ms(sizes: tuple[int, ...], batches: int, repeats: int, *, sparse: b
   return out
 
 
+def assembly_compare(repeats: int = 7, batches: int = 300) -> dict[str, tuple[float, float]]:
+  """``{setting: (ms per batch, s to the first batch)}`` for dense and sparse ids at 50k and 1.28M,
+  the four settings alternating in one process (medians of ``repeats``): the sparse-id figures of
+  issue 25, less sensitive to a loaded machine than runs one after the other."""
+  from prunejax import data
+  srcs = {f"{kind} {n:,}": data.ArraySource(np.zeros((n, 1), np.uint8), np.zeros(n, np.int32),
+                                            sparse_ids(n) if kind == "sparse" else None)
+          for n in (50_000, 1_280_000) for kind in ("dense", "sparse")}
+  per, start = {k: [] for k in srcs}, {k: [] for k in srcs}
+  for r in range(repeats):
+    for name, src in srcs.items():
+      t = time.perf_counter()
+      it = data.batches(src, batch_size=BATCH, seed=r, epoch=0)
+      next(it)
+      start[name].append(time.perf_counter() - t)
+      t = time.perf_counter()
+      _drain(it, batches)
+      per[name].append((time.perf_counter() - t) / batches)
+  return {k: (1000.0 * float(np.median(per[k])), float(np.median(start[k]))) for k in srcs}
+
+
 def main(_):
   from prunejax import data
   quick, repeats = FLAGS.quick, 1 if FLAGS.quick else FLAGS.repeats
