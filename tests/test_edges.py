@@ -14,7 +14,8 @@ and the public functions of ``prunejax.dedup`` and ``prunejax.masks.posttraining
 joins automatically; a new dataset score, dedup or post-training function without inputs here
 fails :func:`test_every_public_function_is_in_the_harness` until it is given them.
 
-``python tests/test_edges.py`` prints the function x case table (BUILD_NOTES / NOTES_ISSUE_25).
+``PYTHONPATH=. python tests/test_edges.py`` (from the repository root) prints the function x case
+table (BUILD_NOTES / NOTES_ISSUE_25).
 """
 
 from __future__ import annotations
