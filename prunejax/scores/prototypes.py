@@ -105,7 +105,8 @@ def prototypes(embeddings_NxD: jax.Array, labels_N: jax.Array | np.ndarray | Non
       of an id is the same whatever order the rows come in.
 
   Returns:
-    f32[N] distances, aligned with the rows. High means atypical (hard); keep the hardest with ``keep="hard"``.
+    f32[N] distances, aligned with the rows. High means atypical (hard); keep the hardest with
+    ``keep="hard"``.
 
   References:
     Sorscher, Geirhos, Shekhar, Ganguli, Morcos. "Beyond neural scaling laws: beating power law
