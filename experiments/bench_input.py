@@ -194,22 +194,59 @@ def stream_rss(tmpdir: str, gb: float) -> dict[str, float]:
           "rss_growth_mb": max(peak[0], _rss_mb()) - base}
 
 
-def assembly_ms(sizes: tuple[int, ...], batches: int, repeats: int) -> dict[int, float]:
+def sparse_ids(n: int, seed: int = 0) -> np.ndarray:
+  """``n`` distinct ids spread over [0, 2**31) (hashed ids): far beyond the dense table's
+  ``4 N + 1024``, so the source's index is a sorted search."""
+  rng = np.random.default_rng(seed)
+  ids = np.unique(rng.integers(0, 2**31 - 1, int(n * 1.01) + 16))
+  return rng.permutation(ids)[:n]
+
+
+def assembly_ms(sizes: tuple[int, ...], batches: int, repeats: int, *, sparse: bool = False,
+                epoch_start: dict | None = None) -> dict[int, float]:
   """Median milliseconds per assembled batch of 1-byte rows at each number of ids (the epoch's
-  one permutation of the ids is drawn before the clock starts: it is per epoch, not per batch)."""
+  one permutation of the ids is drawn before the clock starts: it is per epoch, not per batch).
+  ``sparse`` spreads the ids over [0, 2**31); ``epoch_start`` (a dict) receives the median seconds
+  from ``data.batches(...)`` to the first batch, per size."""
   from prunejax import data
   out = {}
   for n in sizes:
-    src = data.ArraySource(np.zeros((n, 1), np.uint8), np.zeros(n, np.int32))
-    times = []
+    ids = sparse_ids(n) if sparse else None
+    src = data.ArraySource(np.zeros((n, 1), np.uint8), np.zeros(n, np.int32), ids)
+    times, starts = [], []
     for r in range(repeats):
+      t = time.perf_counter()
       it = data.batches(src, batch_size=BATCH, seed=r, epoch=0)
       next(it)
+      starts.append(time.perf_counter() - t)
       t = time.perf_counter()
       _drain(it, batches)
       times.append((time.perf_counter() - t) / batches)
     out[n] = 1000.0 * float(np.median(times))
+    if epoch_start is not None:
+      epoch_start[n] = float(np.median(starts))
   return out
+
+
+def assembly_compare(repeats: int = 7, batches: int = 300) -> dict[str, tuple[float, float]]:
+  """``{setting: (ms per batch, s to the first batch)}`` for dense and sparse ids at 50k and 1.28M,
+  the four settings alternating in one process (medians of ``repeats``): the sparse-id figures of
+  issue 25, less sensitive to a loaded machine than runs one after the other."""
+  from prunejax import data
+  srcs = {f"{kind} {n:,}": data.ArraySource(np.zeros((n, 1), np.uint8), np.zeros(n, np.int32),
+                                            sparse_ids(n) if kind == "sparse" else None)
+          for n in (50_000, 1_280_000) for kind in ("dense", "sparse")}
+  per, start = {k: [] for k in srcs}, {k: [] for k in srcs}
+  for r in range(repeats):
+    for name, src in srcs.items():
+      t = time.perf_counter()
+      it = data.batches(src, batch_size=BATCH, seed=r, epoch=0)
+      next(it)
+      start[name].append(time.perf_counter() - t)
+      t = time.perf_counter()
+      _drain(it, batches)
+      per[name].append((time.perf_counter() - t) / batches)
+  return {k: (1000.0 * float(np.median(per[k])), float(np.median(start[k]))) for k in srcs}
 
 
 def main(_):
@@ -245,6 +282,11 @@ def main(_):
   (n1, t1), (n2, t2) = ms.items()
   print(f"batch assembly: {t1:.3f} ms at {n1:,} ids, {t2:.3f} ms at {n2:,} ids "
         f"(ratio {t2 / t1:.2f})")
+  starts = {}
+  sp = assembly_ms((n1, n2), 200 if not quick else 20, repeats, sparse=True, epoch_start=starts)
+  print(f"batch assembly, sparse ids over [0, 2**31): {sp[n1]:.3f} ms at {n1:,} ids, "
+        f"{sp[n2]:.3f} ms at {n2:,} ids (ratio {sp[n2] / sp[n1]:.2f}; {sp[n2] / t1:.2f} against "
+        f"{n1:,} dense ids); epoch start {starts[n1]:.3f} s / {starts[n2]:.3f} s")
   if not FLAGS.tmpdir:
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)

@@ -95,7 +95,7 @@ def prototype_scores(ctx, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float
   briefly trained supervised one is the cheap stand-in). High = atypical = hard."""
   emb, compute = embeddings(ctx, ids, seed, "score prototypes")
   s = scores_lib.prototypes(emb, num_clusters=ctx.config.data_pruning.prototypes_k,
-                            key=jax.random.key(seed))
+                            key=jax.random.key(seed), ids_N=ids)
   return np.asarray(s, np.float32), compute
 
 
@@ -103,7 +103,8 @@ def knn_outlier_scores(ctx, ids: np.ndarray, seed: int) -> tuple[np.ndarray, flo
   """Outlier score by the distance to the ``knn_k`` nearest neighbours in the same embedding space
   (cleanlab Datalab's definition; high = outlier = hard)."""
   emb, compute = embeddings(ctx, ids, seed, "score knn outliers")
-  s = scores_lib.knn_outlier_score(emb, k=min(ctx.config.data_pruning.knn_k, len(ids) - 1))
+  s = scores_lib.knn_outlier_score(emb, k=min(ctx.config.data_pruning.knn_k, len(ids) - 1),
+                                   ids_N=ids)
   return np.asarray(s, np.float32), compute
 
 

@@ -55,3 +55,25 @@ class FileError(PrunejaxError):
 
 class WorkdirBusyError(PrunejaxError):
   """Another live process holds the workdir's lock."""
+
+
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+
+
+def check_device_ids(field: str, ids: Any) -> Any:
+  """Returns ``ids`` if every id fits in int32, else raises a one-line :class:`DataError`.
+
+  Ids that travel to the device (batches, trackers, augmentation keys) are int32 under JAX's
+  default 32-bit mode: an int64 id of 2**31 or more would wrap silently (ids 5 and 5 + 2**32 would
+  be one example). Host-side functions (deduplication, score files) keep int64 ids.
+  """
+  import numpy as np  # errors.py is imported everywhere; keep its import light.
+  a = np.asarray(ids)
+  if a.size and np.issubdtype(a.dtype, np.integer):
+    out = (a < INT32_MIN) | (a > INT32_MAX)
+    if out.any():
+      raise DataError(f"{field} has {int(out.sum())} ids outside int32 (e.g. "
+                      f"{a[out][:3].tolist()}), which JAX's 32-bit mode wraps on the device; remap "
+                      f"them to 0..N-1 on the host (np.unique(ids, return_inverse=True)) and keep "
+                      f"the map")
+  return ids

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
-from prunejax.errors import ConfigError
+from prunejax.errors import ConfigError, DataError
 from prunejax.layer_rows import dense_dims, layer_rows
 from prunejax.types import ApplyFn, Params
 
@@ -520,7 +520,13 @@ def find_layers(apply_fn: ApplyFn, params: Params, x: Any) -> LayerPlan:
     batch size), no example axis is known and the plan has no layers or sites.
   """
   b = batch_size(x)
-  closed = jax.make_jaxpr(apply_fn)(params, x)
+  try:
+    closed = jax.make_jaxpr(apply_fn)(params, x)
+  except (TypeError, ValueError) as e:  # e.g. a dot_general of mismatched shapes
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(f"apply_fn(params, x) fails on a batch x of shape "
+                    f"{jax.tree.map(jnp.shape, x)} ({first[:300]}); does the batch match the "
+                    f"model's input?") from e
   axes = _example_axes(apply_fn, params, x, closed, b) or {}
   path_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
   paths = [jax.tree_util.keystr(p) for p, _ in path_leaves]

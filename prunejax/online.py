@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax.errors import ConfigError, check_choice, check_range
+from prunejax.errors import ConfigError, check_choice, check_device_ids, check_range
 from prunejax.types import batch_mask
 
 SELECTION_SCORES = ("loss", "reducible_loss")
@@ -109,7 +109,10 @@ class InfoBatchState(NamedTuple):
 
 def infobatch_init(ids: Any, initial_score: float = 3.0) -> InfoBatchState:
   """All examples start with the same score (InfoBatch uses 3), so epoch 0 prunes nothing."""
-  ids_N = jnp.sort(jnp.asarray(ids, jnp.int32))
+  if isinstance(ids, jax.core.Tracer):  # under jit: no host checks.
+    return InfoBatchState(jnp.sort(ids.astype(jnp.int32)),
+                          jnp.full(ids.shape, initial_score, jnp.float32))
+  ids_N = jnp.sort(jnp.asarray(check_ids(ids, "InfoBatch ids"), jnp.int32))
   return InfoBatchState(ids_N, jnp.full(ids_N.shape, initial_score, jnp.float32))
 
 
@@ -160,11 +163,28 @@ def infobatch_train_step(state, ib_state: InfoBatchState, batch: dict):
 # ----------------------------------------------------------------------------------------------
 
 
+def check_ids(ids: Any, field: str = "ids") -> np.ndarray:
+  """``ids`` as int64 after the checks every pruner's ``plan`` needs: a 1-D integer array (a float
+  id would be truncated into another example's), unique, and within int32 (they go to the device).
+  """
+  a = np.asarray(ids)
+  if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+    raise ConfigError(f"{field} must be a 1-D integer array; got dtype {a.dtype}, shape {a.shape}")
+  check_device_ids(field, a)
+  a = a.astype(np.int64)
+  if len(np.unique(a)) != len(a):
+    raise ConfigError(f"{field} must be unique; {len(a) - len(np.unique(a))} are repeated")
+  return a
+
+
 def random_epoch_subset(ids: np.ndarray, keep_fraction: float, *, seed: int, epoch: int) -> np.ndarray:
-  """A fresh uniform subset of ``count_of(keep_fraction, len(ids))`` ids (at least 1) for this
-  epoch, sorted."""
+  """A fresh uniform subset of ``count_of(keep_fraction, len(ids))`` ids (at least 1, none of
+  none) for this epoch, sorted; drawn over the ids in sorted order, so it does not depend on the
+  order they come in."""
   check_range("random.keep_fraction", keep_fraction, 0.0, 1.0, lo_open=True)
-  ids = np.asarray(ids, np.int64)
+  ids = np.sort(check_ids(ids, "random.ids"))
+  if not len(ids):
+    return ids
   k = max(1, count_of(keep_fraction, len(ids)))
   rng = np.random.default_rng([seed, epoch, 0xD1CE])
   return np.sort(ids[rng.choice(len(ids), k, replace=False)])
@@ -182,6 +202,13 @@ class EpochPlan(NamedTuple):
   columns: dict
 
 
+def _checked_plan(plan):
+  @functools.wraps(plan)
+  def checked(self, state, ids, **kwargs):
+    return plan(self, state, check_ids(ids, f"{self.name}.plan ids"), **kwargs)
+  return checked
+
+
 @functools.lru_cache(maxsize=64)
 def _jit_step(pruner: "OnlinePruner"):
   return jax.jit(pruner.train_step, donate_argnums=(0, 1))
@@ -194,12 +221,17 @@ class OnlinePruner:
   name = "full_data"
   fixed_epoch_length = True  # every epoch has steps_per_epoch steps (replicas can share a program)
 
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if "plan" in vars(cls):  # every pruner's plan sees checked ids, whoever writes it
+      cls.plan = _checked_plan(vars(cls)["plan"])
+
   def init(self, ids: np.ndarray) -> Any:
     return ()
 
   def plan(self, state: Any, ids: np.ndarray, *, seed: int, epoch: int,
            num_epochs: int) -> EpochPlan:
-    return EpochPlan(np.asarray(ids, np.int64), {})
+    return EpochPlan(check_ids(ids, f"{self.name}.plan ids"), {})
 
   def steps_per_epoch(self, num_ids: int, batch_size: int) -> int:
     return -(-num_ids // batch_size)

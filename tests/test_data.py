@@ -375,3 +375,69 @@ def test_tfds_catalog_datasets_with_mock_data(name, tmp_path):
       assert ds.train.spec["x"] == ((16,), np.int32)
     else:
       assert len(ds.train.spec["x"][0]) == 3 and ds.train.spec["x"][1] == np.uint8
+
+
+# ----------------------------------------------------------------------------------------------
+# Ids at the edges (issue 25).
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ids_beyond_int32_are_refused_at_the_source(tmp_path):
+  # JAX's 32-bit mode would make ids 5 and 5 + 2**32 one example on the device.
+  x, y = np.zeros((3, 2), np.uint8), np.zeros(3, np.int32)
+  for ids in ([5, 5 + 2**32, 7], [0, 2**31, 1], [-2**31 - 1, 0, 1]):
+    with pytest.raises(DataError, match=r"ids outside int32 .*remap them to 0\.\.N-1") as info:
+      data.ArraySource(x, y, np.asarray(ids, np.int64))
+    assert "\n" not in str(info.value)
+  edge = np.asarray([2**31 - 1, -2**31, 0], np.int64)  # the int32 extremes are fine
+  src = data.ArraySource(x, y, edge)
+  batch = next(iter(data.batches(src, batch_size=4, shuffle=False)))
+  np.testing.assert_array_equal(jnp.asarray(batch["id"][:3]), edge)  # no wrap on the device
+  from prunejax import online, scores
+  with pytest.raises(DataError, match="outside int32"):
+    online.InfoBatch().init(np.asarray([1, 2**33]))
+  with pytest.raises(DataError, match="outside int32"):
+    scores.forgetting().init(np.asarray([1, 2**33]))
+
+
+def test_batches_look_ids_up_once_per_epoch_not_per_batch():
+  # Sparse ids (beyond 4 N + 1024) make the index a sorted search; the loader looks the epoch's ids
+  # up once, so a batch is slices and one gather of rows.
+  rng = np.random.default_rng(0)
+  n = 3000
+  ids = rng.choice(2**31 - 1, n, replace=False).astype(np.int64)
+  x = rng.integers(0, 255, (n, 2)).astype(np.uint8)
+  src = data.ArraySource(x, np.arange(n, dtype=np.int32) % 7, ids)
+  assert src.index._table is None  # the sparse path
+  subset = np.sort(ids[rng.permutation(n)[:1000]])
+  calls = []
+  original = data.IdIndex.rows
+
+  def counting(self, query):
+    calls.append(len(query))
+    return original(self, query)
+
+  data.IdIndex.rows = counting
+  try:
+    got = list(data.batches(src, subset, batch_size=64, seed=3))
+  finally:
+    data.IdIndex.rows = original
+  assert calls == [1000]  # one lookup at the start of the epoch, none per batch
+  seen = np.concatenate([b["id"][b["mask"]] for b in got])
+  assert sorted(seen.tolist()) == subset.tolist()
+  row_of = {int(i): r for r, i in enumerate(ids)}
+  for b in got:  # every row holds its id's example
+    rows = [row_of[int(i)] for i in b["id"][b["mask"]]]
+    np.testing.assert_array_equal(b["x"][b["mask"]], x[rows])
+    np.testing.assert_array_equal(b["y"][b["mask"]], np.asarray(rows) % 7)
+  with pytest.raises(DataError, match="ids must be a 1-D integer array"):
+    data.batches(src, subset.astype(np.float64), batch_size=64)
+
+
+def test_tune_malloc_sets_a_fixed_mmap_threshold():
+  import sys
+  from prunejax.data import loader
+  if not sys.platform.startswith("linux"):
+    pytest.skip("glibc only")
+  assert loader.tune_malloc(512 * 1024) is True  # a glibc mallopt call that succeeds
+  assert loader.tune_malloc(0) is False           # 0 leaves malloc alone

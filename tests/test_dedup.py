@@ -139,6 +139,23 @@ def test_hash_batches_streams_and_skips_padding():
   assert [g.tolist() for g in dedup.exact_duplicates(t_ids, t_h)] == [[1, 3]]
 
 
+def test_hash_batches_refuses_float_ids():
+  x = np.arange(12, dtype=np.uint8).reshape(3, 4)
+  # Float ids are kept only when exact: 1.5, NaN and 2**53 + 1 (rounded) would be truncated.
+  for ids in (np.array([0.0, 1.5, 2.0]), np.array([0, 2**53 + 1, 3], np.float64),
+              np.array([0, np.nan, 3])):
+    with pytest.raises(DataError, match="batch 0 'id' holds 1 float values that are not whole"):
+      dedup.hash_batches([{"id": ids, "x": x}], kind="image")
+  with pytest.raises(DataError, match="batch 0 'id' must be a 1-D array of integer ids"):
+    dedup.hash_batches([{"id": np.array(["a", "b", "c"]), "x": x}], kind="image")
+  got_ids, _ = dedup.hash_batches([{"id": np.array([4.0, 2.0, -1.0]), "x": x}], kind="image")
+  np.testing.assert_array_equal(got_ids, [4, 2, -1])
+  with pytest.raises(DataError, match="batch 0 'mask' must be bool"):
+    dedup.hash_batches([{"id": np.arange(3), "x": x, "mask": np.array([1, 0, 2])}], kind="image")
+  got_ids, _ = dedup.hash_batches([{"id": np.array([5, 2**40, -1]), "x": x}], kind="image")
+  np.testing.assert_array_equal(got_ids, [5, 2**40, -1])
+
+
 def test_exact_bad_input_is_one_line():
   h = dedup.content_hashes(["a", "b"], kind="text")
   cases = [
@@ -265,7 +282,8 @@ def test_semdedup_matches_reference_for_every_threshold(keep):
   assert not kept[3 if ids[3] > ids[5] else 5]
   if keep == "lowest_id":
     assert ids[group][kept[group]][0] == ids[group].min()
-  assert result.duplicate_of[~kept].min() >= 0 and (result.duplicate_of[kept] >= -1).all()
+  assert set(result.duplicate_of[~kept]) <= set(ids) and result.has_duplicate[~kept].all()
+  np.testing.assert_array_equal(result.has_duplicate, result.max_similarity > -np.inf)
   np.testing.assert_array_equal(result.removed_ids(0.3), np.sort(ids[~result.keep(0.3)]))
 
 
@@ -277,7 +295,8 @@ def test_semdedup_hand_computed_angles():
   np.testing.assert_allclose(r.max_similarity, [-np.inf, np.cos(np.radians(10)),
                                                 np.cos(np.radians(40)), -np.cos(np.radians(50))],
                              atol=1e-6)
-  np.testing.assert_array_equal(r.duplicate_of, [-1, 0, 1, 2])
+  np.testing.assert_array_equal(r.duplicate_of, [0, 0, 1, 2])  # none: the example's own id
+  np.testing.assert_array_equal(r.has_duplicate, [False, True, True, True])
   assert r.keep(0.0).all()                                     # eps = 0 removes nothing.
   np.testing.assert_array_equal(r.removed_ids(1 - np.cos(np.radians(20))), [1])
   np.testing.assert_array_equal(r.removed_ids(1 - np.cos(np.radians(45))), [1, 2])
@@ -290,7 +309,8 @@ def test_semdedup_hand_computed_angles():
   angle = np.arctan2(np.sin(deg).sum(), np.cos(deg).sum())
   assert abs(np.degrees(angle) - 40.3) < 0.05
   np.testing.assert_allclose(far.centroids[0], [np.cos(angle), np.sin(angle)], atol=1e-6)
-  np.testing.assert_array_equal(far.duplicate_of, [3, 0, 1, -1])
+  np.testing.assert_array_equal(far.duplicate_of, [3, 0, 1, 3])
+  np.testing.assert_array_equal(far.has_duplicate, [True, True, True, False])
   np.testing.assert_allclose(far.max_similarity, [np.cos(np.radians(120.0)),
                                                   np.cos(np.radians(10.0)),
                                                   np.cos(np.radians(40.0)), -np.inf], atol=1e-6)
@@ -312,6 +332,35 @@ def test_semdedup_is_deterministic_and_independent_of_input_order():
   d = dedup.semdedup(x, num_clusters=4, key=jax.random.key(1), ids_N=ids)
   np.testing.assert_array_equal(c.max_similarity, d.max_similarity)
   np.testing.assert_array_equal(c.cluster, d.cluster)
+
+
+def test_semdedup_with_kmeans_removes_the_same_ids_under_any_row_order():
+  # k-means subsamples and seeds by row position; the rows are put in id order first, so the
+  # same key gives the same clusters, the same M_j and the same removed ids for any row order.
+  rng = np.random.default_rng(16)
+  base = rng.normal(size=(60, 8))
+  x = base[rng.integers(0, 60, 400)] + 0.01 * rng.normal(size=(400, 8))
+  ids = rng.permutation(10**6)[:400] - 5  # sparse, and -1 is one of the valid ids here
+  ids[17] = -1
+  a = dedup.semdedup(x, ids_N=ids, num_clusters=6, key=jax.random.key(3),
+                     max_points_per_centroid=10)
+  assert 50 < len(a.removed_ids(0.01)) < 390
+  for seed in range(3):
+    perm = np.random.default_rng(seed).permutation(400)
+    b = dedup.semdedup(x[perm], ids_N=ids[perm], num_clusters=6, key=jax.random.key(3),
+                       max_points_per_centroid=10)
+    for eps in (0.001, 0.01, 0.1):
+      np.testing.assert_array_equal(a.removed_ids(eps), b.removed_ids(eps))
+    np.testing.assert_array_equal(a.cluster[perm], b.cluster)
+    np.testing.assert_array_equal(a.max_similarity[perm], b.max_similarity)
+    np.testing.assert_array_equal(a.duplicate_of[perm], b.duplicate_of)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+  # duplicate_of names an id of the same cluster; -1 is a real id, not "none".
+  has = a.has_duplicate
+  pos = {i: p for p, i in enumerate(ids)}
+  dup_pos = np.array([pos[i] for i in a.duplicate_of])
+  np.testing.assert_array_equal(a.cluster[dup_pos[has]], a.cluster[has])
+  np.testing.assert_array_equal(a.duplicate_of[~has], ids[~has])
 
 
 def test_semdedup_subsampled_kmeans_assigns_every_point():

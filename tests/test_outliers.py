@@ -46,7 +46,7 @@ def test_knn_outlier_score_matches_cleanlab_datalab(d, metric):
       cl_outlier.transform_distances_to_scores(avg, t=1, scaling_factor=scale), avg, name)
   ours = np.asarray(scores.knn_outlier_score(x, 10))
   assert ours.dtype == np.float32 and ours.shape == (len(x),)
-  np.testing.assert_allclose(ours, 1.0 - quality, atol=1e-6)
+  np.testing.assert_allclose(np.exp(-ours.astype(np.float64)), quality, atol=1e-6)
   assert np.argmax(ours) == 0  # high = outlier.
   np.testing.assert_allclose(np.asarray(scores.knn_outlier_score(x, 10, metric=metric)), ours)
 
@@ -95,3 +95,46 @@ def test_knn_outlier_bad_input_is_one_line():
     assert "\n" not in str(info.value)
   # A zero row is fine under the euclidean metric.
   assert np.isfinite(np.asarray(scores.knn_outlier_score(zero, 3, metric="euclidean"))).all()
+
+
+def test_knn_outlier_score_does_not_saturate_and_ranks_as_the_distance():
+  # Ten planted outliers at distances 22-40 from a unit blob: 1 - exp(-avg / median) was exactly
+  # 1.0 in float32 for all of them, so "keep the worst m" broke ties by position.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 2)) * 0.5
+  far = np.linspace(22, 40, 10)
+  angles = rng.uniform(0, 2 * np.pi, 10)
+  x[:10] = np.stack([far * np.cos(angles), far * np.sin(angles)], 1)
+  s = np.asarray(scores.knn_outlier_score(x, 5, metric="euclidean"))
+  assert len(np.unique(s[:10])) == 10  # no ties among the outliers
+  dist, _ = _brute_force(x, 5, "euclidean"), None
+  avg = dist.mean(axis=1)
+  np.testing.assert_array_equal(np.argsort(-s, kind="stable"), np.argsort(-avg, kind="stable"))
+  np.testing.assert_allclose(s, avg / np.median(avg), rtol=1e-6)
+
+
+def test_knn_by_id_is_independent_of_row_order():
+  x = _embeddings(6, n=60, seed=2)
+  x[7] = x[3]  # an exact tie, broken by id.
+  x[11] = x[3]
+  ids = np.random.default_rng(1).permutation(10**6)[:60] + 2**40  # sparse, beyond int32: host side
+  perm = np.random.default_rng(2).permutation(60)
+  d1, n1 = scores.knn_distances(x, 4, ids_N=ids)
+  d2, n2 = scores.knn_distances(x[perm], 4, ids_N=ids[perm])
+  inv = np.argsort(perm)
+  np.testing.assert_array_equal(n1, n2[inv])
+  np.testing.assert_allclose(d1, d2[inv], atol=1e-12)
+  assert set(np.unique(n1)) <= set(ids.tolist())
+  s1 = np.asarray(scores.knn_outlier_score(x, 4, ids_N=ids))
+  s2 = np.asarray(scores.knn_outlier_score(x[perm], 4, ids_N=ids[perm]))
+  np.testing.assert_allclose(s1, s2[inv], rtol=1e-6)
+  nan = x.copy()
+  nan[5, 0] = np.inf
+  with pytest.raises(DataError, match=rf"NaN or inf in 1 rows \(ids \[{ids[5]}\]\)"):
+    scores.knn_outlier_score(nan, 4, ids_N=ids)
+  with pytest.raises(DataError, match="ids_N repeats ids"):
+    scores.knn_outlier_score(x, 4, ids_N=np.zeros(60, int))
+  with pytest.raises(DataError, match="ids_N has 59 ids for 60 examples"):
+    scores.knn_outlier_score(x, 4, ids_N=ids[:59])
+  with pytest.raises(DataError, match="ids_N must be a 1-D array of integer ids"):
+    scores.knn_outlier_score(x, 4, ids_N=ids.astype(float))

@@ -466,6 +466,48 @@ def test_bad_input_gives_one_line_errors():
     pt.wanda(lambda p, x: (x @ p["w"]) @ p["w"], tied, batches, 0.5)
 
 
+def test_nan_in_calibration_or_params_is_refused_naming_the_ids():
+  # Wanda used to return a 50% mask ranked on NaN scores, SparseGPT to advise "raise damp".
+  params, batches = _mlp_params(), _mlp_batches(num=2)
+  f = jax.jit(_mlp)
+  bad = [dict(b) for b in batches]
+  bad[1]["x"] = bad[1]["x"].copy()
+  bad[1]["x"][4, 2] = np.nan
+  bad[1]["x"][6, 0] = np.inf
+  for call in (lambda: pt.wanda(f, params, bad, 0.5), lambda: pt.sparsegpt(f, params, bad, 0.5),
+               lambda: pt.wanda_scores(f, params, bad), lambda: pt.sparsegpt_scores(f, params, bad),
+               lambda: pt.calibrate(f, params, bad),
+               lambda: masks.METHODS["wanda"].mask(params, 0.5, masks.MaskInputs(f, bad[1]))):
+    with pytest.raises(DataError, match=r"'x' has NaN or inf in 2 real rows \(ids \[20, 22\]\)"):
+      call()
+  # NaN on a padding row (mask False) counts for nothing: the same mask as without it.
+  pad = [dict(b) for b in batches]
+  pad[0]["x"] = pad[0]["x"].copy()
+  pad[0]["x"][~pad[0]["mask"]] = np.nan
+  ref = pt.wanda(f, params, batches, 0.5)
+  got = pt.wanda(f, params, pad, 0.5)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  nan_params = jax.tree.map(lambda p: p, params)
+  nan_params["l2"]["weight"] = nan_params["l2"]["weight"].at[0, 0].set(jnp.nan)
+  with pytest.raises(DataError, match=r"params leaf l2/weight has NaN or inf"):
+    pt.sparsegpt(f, nan_params, batches, 0.5)
+  with pytest.raises(DataError, match=r"'mask' must be bool\[B\]"):
+    pt.wanda(f, params, [dict(batches[0], mask=batches[0]["mask"].astype(np.int32))], 0.5)
+
+
+def test_calibration_batch_of_the_wrong_shape_is_one_data_error():
+  params, batches = _mlp_params(), _mlp_batches(num=1)
+  f = jax.jit(_mlp)
+  wrong = [dict(batches[0], x=batches[0]["x"][:, :D - 3])]
+  for call in (lambda: pt.wanda(f, params, wrong, 0.5), lambda: pt.sparsegpt(f, params, wrong, 0.5),
+               lambda: pt.calibrate(f, params, wrong)):
+    with pytest.raises(DataError, match=r"apply_fn\(params, x\) fails on a batch x of shape "
+                       r"\(16, 21\).*does the batch match") as info:
+      call()
+    assert "\n" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory of a GPT-2-small-shaped model, from shapes alone.
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from prunejax.data.datasets import (EMBEDDED, TFDS_DATASETS, Dataset, TFDSLayout
                                     load_mnist5k, load_rotten_tomatoes, load_tfds,
                                     read_rotten_tomatoes, register_dataset)
 from prunejax.data.ids import IdIndex
-from prunejax.data.loader import PAD_ID, batches, epoch_order, num_batches, prefetch
+from prunejax.data.loader import (PAD_ID, batches, epoch_order, num_batches, prefetch,
+                                  tune_malloc)
 from prunejax.data.noise import flip_labels
 from prunejax.data.sources import (ArrayRecordSource, ArraySource, RecordSource, RelabeledSource,
                                    Source, SubsetSource, write_array_record)

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from prunejax.data.ids import IdIndex
-from prunejax.errors import DataError, FileError
+from prunejax.errors import DataError, FileError, check_device_ids
 
 
 class Source:
@@ -46,6 +46,7 @@ class Source:
   def __init__(self, ids: np.ndarray, spec: dict[str, tuple[tuple[int, ...], Any]], name: str):
     self.name = name
     self.index = IdIndex(ids, name)
+    check_device_ids(f"the ids of {name}", self.index.ids)  # they travel to the device in batches
     self.spec = spec
     self._labels: np.ndarray | None = None
 
@@ -63,6 +64,11 @@ class Source:
       DataError: an id that is not in the source.
     """
     return self._read_rows(self.index.rows(ids))
+
+  def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The examples at row positions ``rows`` (from ``index.rows``): :meth:`read` without the id
+    lookup, for a loader that looked the ids up once per epoch."""
+    return self._read_rows(np.asarray(rows, np.int64))
 
   def labels(self, ids: np.ndarray | None = None) -> np.ndarray:
     """Labels i32 of ``ids`` (all, in source order, by default); read once, then cached."""

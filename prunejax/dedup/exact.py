@@ -115,6 +115,24 @@ def content_hashes(x: Any, *, kind: str, pad_id: int | None = None) -> np.ndarra
   return np.array(out, HASH_DTYPE).reshape(len(out))
 
 
+def _batch_ids(ids: Any, b: int) -> np.ndarray:
+  """A batch's ids as int64: integer ids as they are, float ids only when every one is a whole
+  number below 2**53 (a float 1.5 or 2**53 + 1 would silently become another example's id)."""
+  ids = np.asarray(ids)
+  if ids.ndim == 1 and np.issubdtype(ids.dtype, np.floating):
+    whole = np.isfinite(ids) & (np.abs(ids) < 2.0**53)
+    whole[whole] = ids[whole] == np.round(ids[whole])
+    if whole.all():
+      return ids.astype(np.int64)
+    raise DataError(f"hash_batches: batch {b} 'id' holds {int((~whole).sum())} float values that "
+                    f"are not whole numbers below 2**53 (e.g. {ids[~whole][:3].tolist()}); pass "
+                    f"integer ids")
+  if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+    raise DataError(f"hash_batches: batch {b} 'id' must be a 1-D array of integer ids; got dtype "
+                    f"{ids.dtype}, shape {ids.shape}")
+  return ids.astype(np.int64)
+
+
 def hash_batches(batches: Iterable[Mapping[str, Any]], *, kind: str, pad_id: int | None = None,
                  key: str = "x") -> tuple[np.ndarray, np.ndarray]:
   """:func:`content_hashes` over a stream of batches, keeping only ids and digests.
@@ -133,8 +151,10 @@ def hash_batches(batches: Iterable[Mapping[str, Any]], *, kind: str, pad_id: int
   for b, batch in enumerate(batches):
     if "id" not in batch or key not in batch:
       raise DataError(f"hash_batches: batch {b} lacks 'id' or {key!r} (keys: {sorted(batch)})")
-    ids = np.asarray(batch["id"]).astype(np.int64).reshape(-1)
-    mask = np.ones(len(ids), bool) if "mask" not in batch else np.asarray(batch["mask"], bool)
+    ids = _batch_ids(batch["id"], b)
+    mask = np.ones(len(ids), bool) if "mask" not in batch else np.asarray(batch["mask"])
+    if mask.dtype != bool:
+      raise DataError(f"hash_batches: batch {b} 'mask' must be bool; got dtype {mask.dtype}")
     content = batch[key]
     if kind == "text":
       content = np.asarray(list(content), dtype=object)
@@ -179,7 +199,8 @@ def redundant_ids(groups: Sequence[np.ndarray]) -> np.ndarray:
   """The ids to drop from duplicate groups: every member but the lowest id of each, sorted."""
   if not groups:
     return np.zeros((0,), np.int64)
-  return np.sort(np.concatenate([np.sort(np.asarray(g, np.int64))[1:] for g in groups]))
+  checked = [_check_ids(g, field=f"redundant_ids groups[{i}]") for i, g in enumerate(groups)]
+  return np.sort(np.concatenate([np.sort(g)[1:] for g in checked]))
 
 
 def leakage(train_ids: Any, train_hashes: Any, test_ids: Any,

@@ -62,7 +62,12 @@ class SemDedup(NamedTuple):
     max_similarity: f32[N] ``M_j``: the largest cosine similarity to an example of the same cluster
       with higher keep priority; ``-inf`` for the first example of a cluster.
     duplicate_of: i64[N] id of that example (the earliest in processing order among equal
-      maxima); -1 where there is none.
+      maxima); the example's own id where there is none (no example is its own duplicate, and
+      every int64 can be a valid id, so no other sentinel is safe). See :attr:`has_duplicate`.
+
+  The result depends only on the key and on the examples by id: rows in another order give the
+  same clusters, the same ``M_j`` and the same removed ids (k-means samples and seeds over the
+  rows sorted by id).
   """
 
   ids: np.ndarray
@@ -70,6 +75,12 @@ class SemDedup(NamedTuple):
   centroids: np.ndarray
   max_similarity: np.ndarray
   duplicate_of: np.ndarray
+
+  @property
+  def has_duplicate(self) -> np.ndarray:
+    """bool[N]: whether the example has an earlier example in its cluster (``M_j > -inf``), i.e.
+    whether ``duplicate_of`` names another example."""
+    return self.duplicate_of != self.ids
 
   def keep(self, eps: float) -> np.ndarray:
     """bool[N]: True for the examples SemDeDup keeps at threshold ``eps`` (``M_j <= 1 - eps``)."""
@@ -363,7 +374,8 @@ def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.A
       :func:`prunejax.scores.penultimate`); host or device, possibly sharded. Normalized here.
     num_clusters: spherical k-means clusters (at most N); not used when ``clusters_N`` is given.
     key: PRNG key of the k-means seeding; the result is a deterministic function of it.
-    ids_N: unique int ids (default ``0..N-1``); ties in priority go to the lower id.
+    ids_N: unique int ids (default ``0..N-1``); ties in priority go to the lower id. The result
+      by id does not depend on the order of the rows.
     keep: ``"farthest"`` (the paper's default: of a duplicate group, keep the example farthest
       from its cluster centroid) or ``"lowest_id"``.
     clusters_N: precomputed non-negative int clusters (e.g. classes); skips k-means.
@@ -390,12 +402,31 @@ def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.A
   n = shape[0] if len(shape) else 0
   ids = _check_ids(np.arange(n) if ids_N is None else ids_N, n, "semdedup.ids_N")
   _check_embeddings(embeddings_NxD, ids, "semdedup.embeddings_NxD", unit=True)
+  if clusters_N is not None:
+    clusters_N = np.asarray(clusters_N)
+    if clusters_N.shape != (n,):
+      raise DataError(f"semdedup.clusters_N must be {n} non-negative ints; got dtype "
+                      f"{clusters_N.dtype}, shape {clusters_N.shape}")
+  # Everything below runs on the rows sorted by id, so the k-means subsample and seeding (which
+  # draw row positions) and every tie see the same rows whatever order the caller passed.
+  by_id = np.argsort(ids, kind="stable")
+  permuted = not np.array_equal(by_id, np.arange(n))
+  if permuted:
+    embeddings_NxD = embeddings_NxD[jnp.asarray(by_id) if isinstance(embeddings_NxD, jax.Array)
+                                    else by_id]
+    clusters_N = None if clusters_N is None else clusters_N[by_id]
+  sorted_ids = ids[by_id]
   unit = normalize_rows(embeddings_NxD)
   centroids, clusters = _clusters(unit, n, num_clusters, key, clusters_N, num_iters,
                                   max_points_per_centroid)
-  id_rank = jnp.asarray(np.argsort(np.argsort(ids, kind="stable"), kind="stable"), jnp.int32)
+  id_rank = jnp.arange(n, dtype=jnp.int32)  # rows are in id order.
   order = semdedup_order(unit, centroids, clusters, id_rank, keep)
   best, dup_pos = cluster_max_similarity(unit, clusters, order, tile=tile, mesh=mesh)
-  return SemDedup(ids=ids, cluster=parallel.gather(clusters).astype(np.int32),
-                  centroids=parallel.gather(normalize_rows(centroids)), max_similarity=best,
-                  duplicate_of=np.where(dup_pos >= 0, ids[np.maximum(dup_pos, 0)], -1))
+  duplicate_of = np.where(dup_pos >= 0, sorted_ids[np.maximum(dup_pos, 0)], sorted_ids)
+  clusters = parallel.gather(clusters).astype(np.int32)
+  if permuted:  # back to the caller's rows.
+    back = np.empty(n, np.int64)
+    back[by_id] = np.arange(n)
+    best, duplicate_of, clusters = best[back], duplicate_of[back], clusters[back]
+  return SemDedup(ids=ids, cluster=clusters, centroids=parallel.gather(normalize_rows(centroids)),
+                  max_similarity=best, duplicate_of=duplicate_of)

@@ -16,7 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from prunejax.errors import ConfigError
+import numpy as np
+
+from prunejax.errors import ConfigError, DataError
+from prunejax.masks.core import path_str
 from prunejax.masks import fisher
 from prunejax.masks import posttraining as pt
 from prunejax.masks import unstructured as un
@@ -71,10 +74,55 @@ class MaskMethod:
     missing = [n for n in self.needs if getattr(inputs, n) is None]
     if missing:
       raise ConfigError(f"mask method {self.name!r} needs {', '.join(missing)} in its MaskInputs")
+    inputs = self._checked(params, inputs)
     kw = dict(scope=scope, filter_fn=filter_fn, distribution=distribution)
     if self.mask_fn is not None:
       return self.mask_fn(params, sparsity, inputs, **kw)
     return un.mask_from_scores(self.scores(params, inputs), sparsity, **kw)
+
+
+  def _checked(self, params: Params, inputs: MaskInputs) -> MaskInputs:
+    """The inputs after the checks every method needs, so that no method ranks NaN scores or
+    fails inside JAX: finite params (float ones for the methods that differentiate or run the
+    model), a batch whose real rows are finite (non-finite padding rows are zeroed: they count for
+    nothing), labels in ``[0, C)``, and ``apply_fn`` that runs on the batch or input shape."""
+    leaves = [(p, l) for p, l in jax.tree_util.tree_flatten_with_path(params)[0]
+              if hasattr(l, "dtype")]
+    floats = [(p, l) for p, l in leaves if jnp.issubdtype(l.dtype, jnp.inexact)]
+    if leaves and not floats and self.name not in ("magnitude", "random"):
+      raise DataError(f"mask method {self.name!r} differentiates or runs the model, but no params "
+                      f"leaf is float (e.g. {path_str(leaves[0][0])}: {leaves[0][1].dtype})")
+    for path, leaf in floats:
+      concrete = isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
+      if concrete and not bool(jnp.all(jnp.isfinite(leaf))):
+        raise DataError(f"mask method {self.name!r}: params leaf {path_str(path)} has NaN or inf")
+    x = None
+    if "batch" in self.needs:
+      batch = pt._check_batch(0, inputs.batch)  # pylint: disable=protected-access
+      inputs = dataclasses.replace(inputs, batch=batch)
+      x = batch["x"]
+    elif "input_shape" in self.needs:
+      x = jax.ShapeDtypeStruct(tuple(inputs.input_shape), jnp.float32)
+    if x is not None and inputs.apply_fn is not None:
+      try:
+        out = jax.eval_shape(inputs.apply_fn, params, x)
+      except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"mask method {self.name!r}: apply_fn(params, x) fails on x of shape "
+                        f"{jax.tree.map(jnp.shape, x)} ({type(e).__name__}: {first}); does the "
+                        f"input match the model?") from e
+      if "batch" in self.needs and "y" in inputs.batch:
+        y = np.asarray(inputs.batch["y"])
+        num_classes = jax.tree.leaves(out)[0].shape[-1]
+        m = np.asarray(inputs.batch.get("mask", np.ones(y.shape, bool)), bool)
+        if not np.issubdtype(y.dtype, np.integer):
+          raise DataError(f"mask method {self.name!r}: batch['y'] has dtype {y.dtype}; labels must "
+                          f"be integers in [0, {num_classes})")
+        bad = m & ((y < 0) | (y >= num_classes))
+        if bad.any():
+          raise DataError(f"mask method {self.name!r}: batch['y'] has {int(bad.sum())} labels "
+                          f"outside [0, {num_classes}) (e.g. {y[bad][:3].tolist()})")
+    return inputs
 
 
 def _random_scores(params, inputs):

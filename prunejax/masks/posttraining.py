@@ -217,6 +217,7 @@ def _input_groups(plan: lt.LayerPlan, params: Params, x: Any, ks: Sequence[int])
 def _analyse(apply_fn: ApplyFn, params: Params, x: Any, filter_fn: FilterFn | None,
              what: str) -> _Analysis:
   """The prunable layers of ``apply_fn`` (host side, from shapes alone)."""
+  _check_params(params, what)
   params_a, x_a = _abstract(params), _abstract(x)
   plan = lt.find_layers(apply_fn, params_a, x_a)
   if not plan.layers:
@@ -359,6 +360,60 @@ def _at_least_two_rows(b: dict) -> dict:
   return out
 
 
+@jax.jit
+def _finite_rows(x: Any) -> jax.Array:
+  """bool[B]: rows whose float inputs are all finite."""
+  ok_B = jnp.ones((lt.batch_size(x),), bool)
+  for leaf in jax.tree.leaves(x):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      ok_B &= jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
+  return ok_B
+
+
+def _check_batch(b: int, batch: Batch) -> Batch:
+  """Calibration input checks: a NaN or inf in a real row would turn every statistic it touches
+  into NaN (Wanda then ranks NaN scores, SparseGPT reports a Hessian that is not positive
+  definite), so it is refused here, naming the batch and the ids. Padding rows count for nothing,
+  whatever they hold: non-finite ones are zeroed (a weight of 0 times NaN is still NaN)."""
+  rows = lt.batch_size(batch["x"]) if jax.tree.leaves(batch["x"]) else 0
+  if not rows:
+    raise DataError(f"calibration batch {b}: 'x' has no rows")
+  for key in ("mask", "id", "y"):
+    if key in batch and tuple(np.shape(batch[key])) != (rows,):
+      raise DataError(f"calibration batch {b}: {key!r} has shape {tuple(np.shape(batch[key]))}; "
+                      f"expected ({rows},), one value per row of 'x'")
+  mask = batch.get("mask")
+  if mask is not None:
+    m = np.asarray(parallel.gather(mask) if isinstance(mask, jax.Array) else mask)
+    if m.dtype != bool or m.ndim != 1:
+      raise DataError(f"calibration batch {b}: 'mask' must be bool[B]; got dtype {m.dtype}, shape "
+                      f"{m.shape}")
+  ok = parallel.gather(_finite_rows(batch["x"]))
+  bad = ~ok if mask is None else ~ok & m
+  if bad.any():
+    ids = batch.get("id")
+    if ids is not None:
+      ids = np.asarray(parallel.gather(ids) if isinstance(ids, jax.Array) else ids)
+    where = (f"ids {ids[bad][:5].tolist()}" if ids is not None and ids.shape == bad.shape
+             else f"rows {np.flatnonzero(bad)[:5].tolist()}")
+    raise DataError(f"calibration batch {b}: 'x' has NaN or inf in {int(bad.sum())} real rows "
+                    f"({where}); clean or drop them before calibrating")
+  if not ok.all():  # only padding rows: zero them.
+    keep_B = jnp.asarray(ok)
+    zero = lambda v: (jnp.where(keep_B.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0)
+                      if jnp.issubdtype(v.dtype, jnp.inexact) else v)
+    batch = dict(batch, x=jax.tree.map(zero, batch["x"]))
+  return batch
+
+
+def _check_params(params: Params, what: str) -> None:
+  """NaN or inf in a weight gives NaN scores and a mask ranked on them: refused, naming the leaf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if (isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
+        and jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(leaf)))):
+      raise DataError(f"{what}: params leaf {path_str(path)} has NaN or inf")
+
+
 def _device_batches(batches: Iterable[Batch], mesh: Any) -> tuple[list[dict], np.ndarray]:
   """The calibration batches on device (sharded over ``mesh`` when given as host arrays) and
   the ids of their real rows. The calibration set is small by design, so it is kept."""
@@ -366,6 +421,7 @@ def _device_batches(batches: Iterable[Batch], mesh: Any) -> tuple[list[dict], np
   for batch in batches:
     if "x" not in batch:
       raise DataError(f"a calibration batch needs 'x'; got keys {sorted(batch)}")
+    batch = _check_batch(len(out), batch)
     b = _at_least_two_rows({k: batch[k] for k in ("x", "mask", "id") if k in batch})
     if any(isinstance(v, np.ndarray) for v in jax.tree.leaves(b)):
       b = parallel.shard_batch(b, mesh or parallel.data_mesh())

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from prunejax.errors import ConfigError
-from prunejax.scores.output import as_float, batch_mask, margin_from_logits
+from prunejax.errors import ConfigError, DataError, check_device_ids
+from prunejax.scores.output import (as_float, batch_mask, check_batch, checked_labels,
+                                    margin_from_logits)
 from prunejax.types import ApplyFn, Batch, Params, Scores
 
 
@@ -41,8 +42,10 @@ def _sorted_ids(ids: Any) -> jax.Array:
     ids_np = np.asarray(ids)
   except jax.errors.TracerArrayConversionError:  # under jit: no host checks.
     return jnp.sort(ids)
-  if ids_np.ndim != 1:
-    raise ConfigError(f"ids must be one-dimensional, got shape {ids_np.shape}")
+  if ids_np.ndim != 1 or not (np.issubdtype(ids_np.dtype, np.integer) or ids_np.size == 0):
+    raise ConfigError(f"tracker ids must be a 1-D integer array; got dtype {ids_np.dtype}, shape "
+                      f"{ids_np.shape}")
+  check_device_ids("tracker ids", ids_np)
   unique = np.unique(ids_np)
   if len(unique) != len(ids_np):
     raise ConfigError(f"ids must be unique; {len(ids_np) - len(unique)} are repeated")
@@ -60,7 +63,21 @@ def positions(ids_N: jax.Array, batch: Batch) -> jax.Array:
 
 
 def _correct(batch: Batch, logits_BxC: jax.Array) -> jax.Array:
-  return jnp.argmax(logits_BxC, axis=-1) == batch["y"]
+  """Whether ``argmax(logits) == y``; False where the logits are not finite (argmax would pick the
+  first NaN) or the label is outside the classes."""
+  finite_B = jnp.all(jnp.isfinite(logits_BxC), axis=-1)
+  return (jnp.argmax(logits_BxC, axis=-1) == batch["y"]) & finite_B
+
+
+def _valid(batch: Batch, logits_BxC: jax.Array) -> jax.Array:
+  """bool[B]: rows whose label lies in ``[0, C)`` (checked once, at trace time, for shapes and an
+  integer dtype); a tracker records NaN for the others, never a plausible number."""
+  b = check_batch(batch) if "x" in batch else jnp.shape(batch["y"])[0]
+  if jnp.shape(logits_BxC)[:1] != (b,) or jnp.shape(batch["y"]) != (b,):
+    raise DataError(f"logits of shape {tuple(jnp.shape(logits_BxC))} and batch['y'] of shape "
+                    f"{tuple(jnp.shape(batch['y']))} do not match a batch of {b} rows")
+  _, valid_B = checked_labels(batch["y"], jnp.shape(logits_BxC)[-1])
+  return valid_B & jnp.all(jnp.isfinite(as_float(logits_BxC)), axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,7 +90,8 @@ class ForgettingState(NamedTuple):
   presented: jax.Array      # i32[N] updates that included the example
   prev_correct: jax.Array   # bool[N] correct at its last presentation
   learned: jax.Array        # bool[N] correct at least once
-  forgets: jax.Array        # i32[N] correct -> incorrect transitions
+  forgets: jax.Array        # i32[N] correct -> incorrect transitions; < 0 once the example had
+                            # a label outside the classes or non-finite logits (read as NaN)
 
   def scores(self) -> Scores:
     """Forgetting counts, f32[N]; never-learned examples get ``max(presented) + 1``.
@@ -83,7 +101,8 @@ class ForgettingState(NamedTuple):
     most forgettable, following Toneva et al. High means hard.
     """
     unlearned = jnp.max(self.presented, initial=0) + 1
-    return jnp.where(self.learned, self.forgets, unlearned).astype(jnp.float32)
+    counts = jnp.where(self.learned, self.forgets, unlearned).astype(jnp.float32)
+    return jnp.where(self.forgets < 0, jnp.nan, counts)
 
 
 def forgetting() -> Tracker:
@@ -107,16 +126,19 @@ def forgetting() -> Tracker:
 
   def update(state: ForgettingState, batch: Batch, logits_BxC: jax.Array) -> ForgettingState:
     pos_B = positions(state.ids, batch)
+    valid_B = _valid(batch, logits_BxC)
     correct_B = _correct(batch, logits_BxC)
     prev_B = state.prev_correct.at[pos_B].get(mode="fill", fill_value=False)
     learned_B = state.learned.at[pos_B].get(mode="fill", fill_value=False) | correct_B
-    forgot_B = (prev_B & ~correct_B).astype(jnp.int32)
+    old_B = state.forgets.at[pos_B].get(mode="fill", fill_value=0)
+    forgets_B = jnp.where((old_B < 0) | ~valid_B, -1,  # sticky: once invalid, read as NaN
+                          old_B + (prev_B & ~correct_B).astype(jnp.int32))
     return ForgettingState(
         state.ids,
         state.presented.at[pos_B].add(1, mode="drop"),
         state.prev_correct.at[pos_B].set(correct_B, mode="drop"),
         state.learned.at[pos_B].set(learned_B, mode="drop"),
-        state.forgets.at[pos_B].add(forgot_B, mode="drop"))
+        state.forgets.at[pos_B].set(forgets_B, mode="drop"))
 
   return Tracker(init, update, ForgettingState.scores)
 
@@ -168,9 +190,11 @@ def cartography() -> Tracker:
 
   def update(state: CartographyState, batch: Batch, logits_BxC: jax.Array) -> CartographyState:
     pos_B = positions(state.ids, batch)
+    valid_B = _valid(batch, logits_BxC)
     probs_BxC = jax.nn.softmax(as_float(logits_BxC), axis=-1)
-    p_B = jnp.take_along_axis(probs_BxC, batch["y"][:, None].astype(jnp.int32), axis=-1)[:, 0]
-    p_B = p_B.astype(state.mean.dtype)
+    y_B = jnp.where(valid_B, batch["y"], 0)[:, None].astype(jnp.int32)
+    p_B = jnp.take_along_axis(probs_BxC, y_B, axis=-1)[:, 0]
+    p_B = jnp.where(valid_B, p_B, jnp.nan).astype(state.mean.dtype)
     count_B = state.count.at[pos_B].get(mode="fill", fill_value=0) + 1
     mean_B = state.mean.at[pos_B].get(mode="fill", fill_value=0.0)
     m2_B = state.m2.at[pos_B].get(mode="fill", fill_value=0.0)
@@ -228,7 +252,10 @@ def aum() -> Tracker:
   """
 
   def update(state: MeanState, batch: Batch, logits_BxC: jax.Array) -> MeanState:
-    return _mean_add(state, batch, margin_from_logits(logits_BxC, batch["y"]))
+    valid_B = _valid(batch, logits_BxC)
+    y_B = jnp.where(valid_B, batch["y"], 0)
+    return _mean_add(state, batch, jnp.where(valid_B, margin_from_logits(logits_BxC, y_B),
+                                             jnp.nan))
 
   return Tracker(_mean_init, update, MeanState.mean)
 

@@ -48,8 +48,8 @@ from prunejax import layer_taps as lt
 from prunejax.errors import ConfigError, check_choice, check_positive_int
 from prunejax.layer_taps import penultimate
 from prunejax.scores import ghost_norms
-from prunejax.scores.output import (as_float, checked_labels, cross_entropy, el2n_from_logits,
-                                    finish_scores)
+from prunejax.scores.output import (as_float, check_batch, checked_labels, cross_entropy,
+                                    el2n_from_logits, finish_scores)
 from prunejax.types import ApplyFn, Batch, Params, Scores
 
 __all__ = ["GhostPlan", "METHODS", "ghost_plan", "grand", "grand_jacrev", "grand_last_layer",
@@ -366,6 +366,7 @@ def _auto_axes(fn: Callable[[Params, Batch], jax.Array], params: Params,
 def _labels(apply_fn: ApplyFn, params: Params, batch: Batch,
             num_classes: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(y_B, valid_B, w_B)``: safe labels, which are in ``[0, C)``, and which rows count."""
+  check_batch(batch)
   if num_classes is None:
     num_classes = jax.eval_shape(apply_fn, params, batch["x"]).shape[-1]
   y_B, valid_B = checked_labels(batch["y"], num_classes)

@@ -38,6 +38,15 @@ def _check(probs_NxC: np.ndarray, labels_N: np.ndarray) -> tuple[np.ndarray, np.
   if probs_NxC.ndim != 2 or labels_N.shape != (probs_NxC.shape[0],):
     raise DataError(f"probs must be [N, C] and labels [N]; got {probs_NxC.shape} and "
                     f"{labels_N.shape}")
+  if probs_NxC.shape[0] == 0 or probs_NxC.shape[1] == 0:
+    raise DataError(f"probs must hold at least one example and one class; got shape "
+                    f"{probs_NxC.shape}")
+  if not (np.issubdtype(labels_N.dtype, np.integer) or labels_N.dtype == bool):
+    raise DataError(f"labels must be integers; got dtype {labels_N.dtype}")
+  finite_N = np.isfinite(probs_NxC).all(axis=1)
+  if not finite_N.all():
+    raise DataError(f"probs have NaN or inf in {int((~finite_N).sum())} rows (positions "
+                    f"{np.flatnonzero(~finite_N)[:5].tolist()})")
   if labels_N.size and (labels_N.min() < 0 or labels_N.max() >= probs_NxC.shape[1]):
     raise DataError(f"labels must lie in [0, {probs_NxC.shape[1] - 1}]")
   return probs_NxC, labels_N.astype(np.int64)

@@ -7,8 +7,10 @@ nearest *other* examples (exact duplicates included, at distance exactly 0), wit
 otherwise; Datalab's quality score is ``exp(-t * avg / scale)`` with ``scale = median(avg)`` (at
 least ``100 * float64 eps``), set to 1 where ``avg`` is below a rounding tolerance (``100 * epsneg``
 for cosine, ``sqrt(100 * eps)`` for euclidean). It is low for outliers; :func:`knn_outlier_score`
-returns ``1 -`` that score, so **high = outlier**, and ranks examples exactly as the average
-distance does.
+returns its negative log, ``t * avg / scale`` (0 below the tolerance), so **high = outlier**, and
+ranks examples exactly as the average distance does: Datalab's score is ``exp(-ours)``. (``1 -``
+Datalab's score would be the obvious "high = outlier" form, but in float32 it is exactly 1.0 once
+``avg / scale`` passes about 17, so far outliers would tie.)
 
 Differences from Datalab: the neighbours are found by exact brute force in JAX (f32, tiled, so
 memory is ``tile x chunk`` similarities, never ``N x N``) and the distances to the neighbours found
@@ -115,7 +117,8 @@ def _metric_for(d: int, metric: str) -> str:
   return metric
 
 
-def _check(x_NxD: Any, k: int, metric: str) -> tuple[np.ndarray, str]:
+def _check(x_NxD: Any, k: int, metric: str, ids: np.ndarray | None = None
+           ) -> tuple[np.ndarray, str]:
   x = np.asarray(parallel.gather(x_NxD) if isinstance(x_NxD, jax.Array) else x_NxD)
   if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
     raise DataError(f"embeddings_NxD must be a non-empty 2-D array [N, D]; got shape {x.shape}")
@@ -127,20 +130,23 @@ def _check(x_NxD: Any, k: int, metric: str) -> tuple[np.ndarray, str]:
   finite = np.isfinite(x).all(axis=1)
   if not finite.all():
     bad = np.flatnonzero(~finite)
-    raise DataError(f"embeddings_NxD has NaN or inf in {len(bad)} rows (positions "
-                    f"{bad[:5].tolist()})")
+    raise DataError(f"embeddings_NxD has NaN or inf in {len(bad)} rows ({_where(bad, ids)})")
   metric = _metric_for(x.shape[1], metric)
   if metric == "cosine":
     zero = np.flatnonzero(~(np.linalg.norm(x, axis=1) > 0))
     if len(zero):
-      raise DataError(f"embeddings_NxD has {len(zero)} rows of zero norm (positions "
-                      f"{zero[:5].tolist()}), whose cosine distance is undefined; use "
-                      f"metric='euclidean'")
+      raise DataError(f"embeddings_NxD has {len(zero)} rows of zero norm ({_where(zero, ids)}), "
+                      f"whose cosine distance is undefined; use metric='euclidean'")
   return x, metric
 
 
+def _where(rows: np.ndarray, ids: np.ndarray | None) -> str:
+  return (f"positions {rows[:5].tolist()}" if ids is None else f"ids {ids[rows[:5]].tolist()}")
+
+
 def knn_distances(embeddings_NxD: Any, k: int = 10, *, metric: str = "auto", tile: int = 256,
-                  chunk: int = 1024, mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  chunk: int = 1024, mesh: Mesh | None = None,
+                  ids_N: Any = None) -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest neighbours of every example among the others, with float64 distances.
 
   Args:
@@ -151,17 +157,28 @@ def knn_distances(embeddings_NxD: Any, k: int = 10, *, metric: str = "auto", til
     tile, chunk: rows and columns per block of the brute-force search (memory ``tile x chunk``).
     mesh: a 1-D device mesh: rows are split over it and column blocks passed round the ring, so each
       device holds ``N / devices`` embeddings.
+    ids_N: unique int ids of the rows; when given, neighbours are reported by id (ties in distance
+      go to the lower id, so the answer by id does not depend on the order of the rows).
 
   Returns:
-    ``(distances_NxK, neighbours_NxK)``: float64 distances, ascending, and int64 positions of the
-    neighbours (ties go to the lower position).
+    ``(distances_NxK, neighbours_NxK)``: float64 distances, ascending, and the neighbours: int64
+    ids when ``ids_N`` is given, else positions (ties go to the lower position).
   """
-  dist_NxK, idx_NxK, _ = _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh)
-  return dist_NxK, idx_NxK
+  ids = _ids(ids_N, embeddings_NxD)
+  dist_NxK, idx_NxK, _ = _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh, ids)
+  return dist_NxK, idx_NxK if ids is None else ids[idx_NxK]
 
 
-def _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh):
-  x, metric = _check(embeddings_NxD, k, metric)
+def _ids(ids_N: Any, embeddings_NxD: Any) -> np.ndarray | None:
+  if ids_N is None:
+    return None
+  from prunejax.dedup.exact import _check_ids  # dedup sits above scores; a lazy import.
+  shape = getattr(embeddings_NxD, "shape", None) or np.shape(embeddings_NxD)
+  return _check_ids(ids_N, shape[0] if len(shape) else 0, "ids_N")
+
+
+def _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh, ids=None):
+  x, metric = _check(embeddings_NxD, k, metric, ids)
   check_positive_int("tile", tile)
   check_positive_int("chunk", chunk)
   n = x.shape[0]
@@ -173,8 +190,17 @@ def _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh):
   per_device = -(-n // (1 if mesh is None else mesh.devices.size))
   tile = max(8, min(tile, -(-per_device // 8) * 8))
   chunk = max(8, min(chunk, -(-per_device // 8) * 8))
-  _, idx = _knn(jnp.asarray(x, jnp.float32), k=k, metric=metric, tile=tile, chunk=chunk, mesh=mesh)
+  # With ids, the search runs on the rows sorted by id, so its position tie-break is an id
+  # tie-break and the neighbours by id do not depend on the order of the rows.
+  by_id = None if ids is None else np.argsort(ids, kind="stable")
+  xs = x if by_id is None else x[by_id]
+  _, idx = _knn(jnp.asarray(xs, jnp.float32), k=k, metric=metric, tile=tile, chunk=chunk,
+                mesh=mesh)
   idx = parallel.gather(idx).astype(np.int64)
+  if by_id is not None:  # back to the caller's rows and positions.
+    back = np.empty(n, np.int64)
+    back[by_id] = np.arange(n)
+    idx = by_id[idx[back]]
   # Exact float64 distances to the neighbours found, sorted (ties by position).
   if metric == "cosine":
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -183,14 +209,18 @@ def _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh):
     dist = np.sqrt(np.sum(np.square(x[:, None, :] - x[idx]), axis=-1))
   # Exact duplicates at exactly 0, as Datalab's duplicate correction of its kNN graph.
   dist = np.where(np.all(x[:, None, :] == x[idx], axis=-1), 0.0, np.maximum(dist, 0.0))
-  order = np.lexsort((idx, dist), axis=1)
+  order = np.lexsort((idx if ids is None else ids[idx], dist), axis=1)
   return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1), metric
 
 
 def knn_outlier_score(embeddings_NxD: Any, k: int = 10, *, metric: str = "auto", t: float = 1.0,
                       scaling_factor: float | None = None, tile: int = 256, chunk: int = 1024,
-                      mesh: Mesh | None = None) -> Scores:
-  """Datalab's kNN outlier score turned round: ``1 - exp(-t * avg_knn_distance / scale)``.
+                      mesh: Mesh | None = None, ids_N: Any = None) -> Scores:
+  """Datalab's kNN outlier score as a negative log: ``t * avg_knn_distance / scale``.
+
+  Datalab's ``outlier_score`` is ``exp(-ours)``; ours does not saturate, so it ranks examples
+  exactly as the average distance does, far outliers included (``1 - exp(-x)`` is exactly 1.0 in
+  float32 once ``x`` passes about 17).
 
   Args:
     embeddings_NxD: one embedding per example, e.g. the penultimate features
@@ -201,27 +231,31 @@ def knn_outlier_score(embeddings_NxD: Any, k: int = 10, *, metric: str = "auto",
     t: Datalab's sensitivity ``t``.
     scaling_factor: Datalab's scale; default the median average distance.
     tile, chunk, mesh: as in :func:`knn_distances`.
+    ids_N: unique int ids of the rows (checked; errors name ids instead of positions). The score of
+      an id does not depend on the order of the rows.
 
   Returns:
-    f32[N] in [0, 1): **high = outlier** (``1 -`` Datalab's ``outlier_score``).
+    f32[N] >= 0, aligned with the rows: **high = outlier**; 0 where the average distance is below
+    Datalab's rounding tolerance (exact duplicates).
 
   References:
     cleanlab Datalab, outlier issue type (Kuan & Mueller, "Back to the Basics: Revisiting
     Out-of-Distribution Detection Baselines", ICML Workshop 2022).
   """
-  if not (isinstance(t, (int, float)) and t > 0):
+  if not (isinstance(t, (int, float)) and t > 0 and np.isfinite(t)):
     raise ConfigError(f"t={t!r} is not allowed; expected a positive number")
-  dist_NxK, _, metric = _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh)
+  ids = _ids(ids_N, embeddings_NxD)
+  dist_NxK, _, metric = _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh, ids)
   avg_N = dist_NxK.mean(axis=1)
   if scaling_factor is None:
     scale = max(float(np.median(avg_N)), 100 * np.finfo(np.float64).eps)
-  elif not (isinstance(scaling_factor, (int, float)) and scaling_factor > 0):  # NaN included.
+  elif not (isinstance(scaling_factor, (int, float)) and 0 < scaling_factor < np.inf):
     raise ConfigError(f"scaling_factor={scaling_factor!r} is not allowed; expected a positive "
-                      f"number")
+                      f"number")  # NaN included.
   else:
     scale = float(scaling_factor)
-  quality_N = np.exp(-t * avg_N / scale)
+  neg_log_quality_N = t * avg_N / scale
   tol = (100 * np.finfo(np.float64).epsneg if metric == "cosine"
          else np.sqrt(100 * np.finfo(np.float64).eps))
-  quality_N[avg_N < tol] = 1.0
-  return jnp.asarray(1.0 - quality_N, jnp.float32)
+  neg_log_quality_N[avg_N < tol] = 0.0
+  return jnp.asarray(neg_log_quality_N, jnp.float32)

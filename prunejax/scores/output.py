@@ -30,6 +30,28 @@ def checked_labels(y_B: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Arr
   return jnp.where(valid_B, y_B, 0), valid_B
 
 
+def check_batch(batch: Batch) -> int:
+  """The batch size ``B``, after checking that ``y``, ``mask`` and ``id`` (where present) are one
+  value per row of ``x`` and ``mask`` is bool or integer (shapes are static: this runs at trace
+  time, so a mismatch is one :class:`DataError` instead of a broadcasting error from inside JAX).
+  """
+  if "x" not in batch:
+    raise DataError(f"a batch needs 'x'; got keys {sorted(batch)}")
+  leaves = jax.tree.leaves(batch["x"])
+  if not leaves or not jnp.ndim(leaves[0]):
+    raise DataError("batch['x'] must have a leading example axis")
+  b = jnp.shape(leaves[0])[0]
+  for key in ("y", "mask", "id"):
+    if key in batch and jnp.shape(batch[key]) != (b,):
+      raise DataError(f"batch[{key!r}] has shape {tuple(jnp.shape(batch[key]))}; expected ({b},), "
+                      f"one value per row of batch['x']")
+  if "mask" in batch:
+    dtype = jnp.result_type(batch["mask"])
+    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+      raise DataError(f"batch['mask'] has dtype {dtype}; expected bool (False on padding rows)")
+  return b
+
+
 def finish_scores(scores_B: jax.Array, batch: Batch, valid_B: jax.Array) -> Scores:
   """0 on padding rows, NaN on real rows with a label outside the classes, else ``scores_B``."""
   real_B = batch["mask"].astype(bool) if "mask" in batch else jnp.ones_like(scores_B, bool)
@@ -37,6 +59,14 @@ def finish_scores(scores_B: jax.Array, batch: Batch, valid_B: jax.Array) -> Scor
 
 
 def _logits(apply_fn: ApplyFn, params: Params, batch: Batch) -> jax.Array:
+  check_batch(batch)
+  try:
+    jax.eval_shape(apply_fn, params, batch["x"])  # shapes only: nothing runs twice
+  except (TypeError, ValueError, KeyError, IndexError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise DataError(f"apply_fn(params, x) fails on batch['x'] of shape "
+                    f"{jax.tree.map(jnp.shape, batch['x'])} ({type(e).__name__}: {first}); does "
+                    f"the batch match the model?") from e
   return as_float(apply_fn(params, batch["x"]))
 
 

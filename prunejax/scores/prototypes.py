@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from prunejax.errors import ConfigError, check_positive_int
+from prunejax.errors import ConfigError, DataError, check_positive_int
 from prunejax.types import Scores
 
 
@@ -88,7 +88,7 @@ def kmeans(key: jax.Array, x_NxD: jax.Array, num_clusters: int, *, num_iters: in
 
 def prototypes(embeddings_NxD: jax.Array, labels_N: jax.Array | np.ndarray | None = None, *,
                num_clusters: int, key: jax.Array, per_class: bool = False, num_iters: int = 50,
-               normalize: bool = False) -> Scores:
+               normalize: bool = False, ids_N: jax.Array | np.ndarray | None = None) -> Scores:
   """Self-supervised prototype score: Euclidean distance to the nearest k-means centroid.
 
   Args:
@@ -100,16 +100,44 @@ def prototypes(embeddings_NxD: jax.Array, labels_N: jax.Array | np.ndarray | Non
       centroids (a supervised variant); otherwise one global clustering, as in Sorscher et al.
     num_iters: Lloyd iterations.
     normalize: L2-normalize the embeddings first (cosine geometry).
+    ids_N: unique int ids of the rows. k-means seeds by row position, so without ids the result
+      depends on the order of the rows; with ids the rows are clustered in id order and the score
+      of an id is the same whatever order the rows come in.
 
   Returns:
-    f32[N] distances. High means atypical (hard); keep the hardest with ``keep="hard"``.
+    f32[N] distances, aligned with the rows. High means atypical (hard); keep the hardest with
+    ``keep="hard"``.
 
   References:
     Sorscher, Geirhos, Shekhar, Ganguli, Morcos. "Beyond neural scaling laws: beating power law
     scaling via data pruning." NeurIPS 2022.
   """
   check_positive_int("prototypes.num_clusters", num_clusters)
+  if ids_N is not None:
+    from prunejax.dedup.exact import _check_ids  # dedup sits above scores; a lazy import.
+    n = int(np.shape(embeddings_NxD)[0]) if np.ndim(embeddings_NxD) else 0
+    ids = _check_ids(ids_N, n, "prototypes.ids_N")
+    by_id = np.argsort(ids, kind="stable")
+    back = np.empty(n, np.int64)
+    back[by_id] = np.arange(n)
+    labels = None if labels_N is None else np.asarray(labels_N)[by_id]
+    out = prototypes(np.asarray(embeddings_NxD)[by_id], labels, num_clusters=num_clusters, key=key,
+                     per_class=per_class, num_iters=num_iters, normalize=normalize)
+    return out[jnp.asarray(back)]
   x_NxD = jnp.asarray(embeddings_NxD, jnp.float32)
+  if x_NxD.ndim != 2 or 0 in x_NxD.shape:
+    raise DataError(f"prototypes.embeddings_NxD must be a non-empty 2-D array [N, D]; got shape "
+                    f"{tuple(x_NxD.shape)}")
+  if num_clusters > x_NxD.shape[0]:
+    raise ConfigError(f"prototypes.num_clusters={num_clusters} exceeds the number of examples "
+                      f"N={x_NxD.shape[0]}")
+  finite_N = np.asarray(jnp.all(jnp.isfinite(x_NxD), axis=1))
+  if not finite_N.all():
+    raise DataError(f"prototypes.embeddings_NxD has NaN or inf in {int((~finite_N).sum())} rows "
+                    f"(positions {np.flatnonzero(~finite_N)[:5].tolist()})")
+  if labels_N is not None and np.shape(labels_N) != (x_NxD.shape[0],):
+    raise DataError(f"prototypes.labels_N has shape {np.shape(labels_N)}; expected "
+                    f"({x_NxD.shape[0]},)")
   if normalize:
     x_NxD = x_NxD / jnp.maximum(jnp.linalg.norm(x_NxD, axis=-1, keepdims=True), 1e-12)
   if not per_class:

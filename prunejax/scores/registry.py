@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from prunejax.scores.dynamics import Tracker, aum, cartography, forgetting
 from prunejax.scores.grand import grand, grand_last_layer
-from prunejax.scores.output import el2n, entropy, loss, margin
+from prunejax.scores.output import check_batch, el2n, entropy, loss, margin
 from prunejax.scores.uncertainty import least_confidence
 
 
@@ -54,6 +55,8 @@ class ScoreSpec:
   def __call__(self, apply_fn, params, batch, **kwargs):
     if self.fn is None:
       raise TypeError(f"score {self.name!r} is not a per-batch score (kind {self.kind!r})")
+    if check_batch(batch) == 0:  # nothing to score (and nothing to trace layers on)
+      return jnp.zeros((0,), jnp.float32)
     return self.fn(apply_fn, params, batch, **kwargs)
 
   def hardness(self, scores: Any) -> np.ndarray:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from prunejax.losses import as_float
+from prunejax.scores.output import _logits
 from prunejax.types import ApplyFn, Batch, Params, Scores, batch_mask
 
 
@@ -24,6 +25,6 @@ def least_confidence(apply_fn: ApplyFn, params: Params, batch: Batch) -> Scores:
     Coleman et al. "Selection via Proxy: Efficient Data Selection for Deep Learning." ICLR 2020
     (least-confidence uncertainty sampling).
   """
-  probs_BxC = jax.nn.softmax(as_float(apply_fn(params, batch["x"])), axis=-1)
+  probs_BxC = jax.nn.softmax(as_float(_logits(apply_fn, params, batch)), axis=-1)
   scores_B = 1.0 - jnp.max(probs_BxC, axis=-1)
   return jnp.where(batch_mask(batch, scores_B.shape[0]), scores_B, 0.0)
