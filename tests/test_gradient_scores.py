@@ -388,3 +388,41 @@ def test_less_input_errors_name_the_field():
     scores.less(f, t, reduce="sum")
   with pytest.raises(DataError, match="checkpoints"):
     scores.less([f, f], [t])
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPT-style classifier: projection keeps the ranking of the exact inner products.
+# ----------------------------------------------------------------------------------------------
+
+
+def _spearman(a, b):
+  ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+  return np.corrcoef(ra, rb)[0, 1]
+
+
+def gpt_case(b=32, tokens=16, width=32, vocab=512, seed=0):
+  from prunejax.models import build_model, make_apply_fn
+  model = build_model("gpt", 2, vocab_size=vocab, context=tokens, depth=2, width=width,
+                      num_heads=2)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.integers(1, vocab, size=(2 * b, tokens)).astype(np.int32))
+  y = jnp.asarray(rng.integers(0, 2, size=2 * b).astype(np.int32))
+  variables = model.init(jax.random.key(seed), x[:1])
+  train = {"x": x[:b], "y": y[:b], "mask": jnp.ones(b, bool)}
+  val = {"x": x[b:], "y": y[b:], "mask": jnp.ones(b, bool)}
+  return make_apply_fn(model), variables, train, val
+
+
+def test_gpt_projected_inner_products_keep_the_exact_ranking_at_dim_8192():
+  apply_fn, variables, train, val = gpt_case()
+  target = scores.mean_gradient(apply_fn, variables, val)
+  exact = np.asarray(scores.gradient_dot(apply_fn, variables, train, target))
+  feats = jax.jit(lambda v, b, k: scores.gradient_features(apply_fn, v, b, k, dim=8192))
+  plan = scores.feature_plan(apply_fn, variables, train["x"], 8192)
+  assert plan.dim <= 8192 and any(not b.exact for b in plan.blocks.values())
+  key = jax.random.key(0)
+  # Features are linear in the gradient: the mean of the validation features is the feature of
+  # the validation mean gradient.
+  proj = np.asarray(feats(variables, train, key)) @ np.asarray(feats(variables, val, key)).mean(0)
+  assert _spearman(proj, exact) >= 0.9, _spearman(proj, exact)
+  np.testing.assert_allclose(proj, exact, atol=0.5 * np.abs(exact).max())
