@@ -426,3 +426,38 @@ def test_gpt_projected_inner_products_keep_the_exact_ranking_at_dim_8192():
   proj = np.asarray(feats(variables, train, key)) @ np.asarray(feats(variables, val, key)).mean(0)
   assert _spearman(proj, exact) >= 0.9, _spearman(proj, exact)
   np.testing.assert_allclose(proj, exact, atol=0.5 * np.abs(exact).max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Edges shared by both: a non-finite input row, an empty batch, features saved by id.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["dot", "features"])
+def test_a_non_finite_row_stays_in_its_row_and_an_empty_batch_is_empty(which):
+  apply_fn, params, batch, target = _case("mlp_layernorm")
+  fn = {"dot": lambda b: scores.gradient_dot(apply_fn, params, b, target),
+        "features": lambda b: scores.gradient_features(apply_fn, params, b, jax.random.key(0),
+                                                       dim=20)}[which]
+  base = np.asarray(fn(batch))
+  for bad_value in (np.nan, np.inf):
+    out = np.asarray(fn(dict(batch, x=batch["x"].at[1, 0].set(bad_value))))
+    assert np.all(np.isnan(out[1]))
+    np.testing.assert_allclose(np.delete(out, 1, 0), np.delete(base, 1, 0), rtol=1e-5, atol=1e-7)
+  empty = np.asarray(fn(jax.tree.map(lambda a: a[:0], batch)))
+  assert empty.shape == (0,) + base.shape[1:]
+
+
+def test_features_saved_by_id_come_back_in_any_order(tmp_path):
+  apply_fn, params, batch, _ = _case("conv", b=6, n_pad=2)
+  ids = np.array([40, 10, 30, 20, -1, -1])
+  fn = jax.jit(lambda p, b: scores.gradient_features(apply_fn, p, b, jax.random.key(0), dim=30))
+  got_ids, feats = scores.map_batches(lambda b: fn(params, b),
+                                      [dict(jax.tree.map(np.asarray, batch), id=ids)])
+  np.testing.assert_array_equal(got_ids, ids[:4])
+  path = str(tmp_path / "features.npz")
+  scores.save_scores(path, got_ids, meta={"key": 0, "dim": 30}, features=feats)
+  loaded_ids, loaded = scores.load_scores(path, meta={"key": 0, "dim": 30})
+  order = np.array([20, 40, 10, 30])
+  np.testing.assert_array_equal(scores.align(order, loaded_ids, loaded["features"]),
+                                feats[[3, 0, 1, 2]])

@@ -112,7 +112,9 @@ def gradient_dot(apply_fn: ApplyFn, params: Params, batch: Batch, target: Params
       logits_BxC = apply_fn(jax.tree.unflatten(treedef, vals), batch["x"])
       return grand_lib._example_losses(logits_BxC, y_B, w_B)
 
-    _, dot_B = jax.jvp(losses_B, ([leaves[i] for i in float_idx],), (tangents,))
+    # Inside shard_map the tangents vary over the batch's manual axes like the params.
+    _, dot_B = jax.jvp(losses_B, ([leaves[i] for i in float_idx],),
+                       (grand_lib._vary_like(tangents, batch["x"]),))
     return finish_scores(dot_B.astype(jnp.promote_types(dot_B.dtype, jnp.float32)), batch,
                          valid_B)
 

@@ -56,7 +56,7 @@ from prunejax import layer_rows as lr
 from prunejax import layer_taps as lt
 from prunejax.errors import ConfigError, check_positive_int, check_range
 from prunejax.scores import ghost_norms
-from prunejax.scores.output import finish_scores
+from prunejax.scores.gradient_dot import check_target
 from prunejax.types import ApplyFn, Batch, Params
 
 # The module (the package re-exports its function ``grand`` under the same name).
@@ -429,7 +429,8 @@ def gradient_features(apply_fn: ApplyFn, params: Params, batch: Batch, key: jax.
 
   Returns:
     ``f[B, D]`` (float32, or the params' dtype when wider): 0 on padding rows, NaN on real rows
-    whose label is outside ``[0, C)``.
+    whose label is outside ``[0, C)`` (and on a row whose input is not finite; the other rows are
+    unchanged); ``[0, D]`` for an empty batch.
 
   Raises:
     ConfigError: ``dim`` or ``chunk_size`` is not a positive integer, ``betas`` are outside
@@ -446,11 +447,15 @@ def gradient_features(apply_fn: ApplyFn, params: Params, batch: Batch, key: jax.
   check_range("gradient_features.eps", eps, 0.0, float("inf"), lo_open=True)
   moments = None
   if adam_state is not None:
-    from prunejax.scores.gradient_dot import check_target
     mu, nu = adam_moments(adam_state)
     check_target(params, mu, "gradient_features.adam_state.mu")
     check_target(params, nu, "gradient_features.adam_state.nu")
     moments = (mu, nu)
+
+  if lt.batch_size(batch["x"]) == 0:  # no rows: no features, of the width a row would get.
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + tuple(jnp.shape(a))[1:],
+                                                      jnp.result_type(a)), batch["x"])
+    return jnp.zeros((0, feature_plan(apply_fn, params, one, dim).dim), jnp.float32)
 
   def features(params, batch):
     params = grand_lib._vary_like(params, batch["x"])
@@ -521,7 +526,6 @@ def _features(apply_fn, plan: FeaturePlan, params, batch, key, moments, betas, e
     rest = _site_grads(ghost, params, grads["sites"]) if ghost.sites else {}
     if ghost.materialized:
       rest.update(_vmap_grads(apply_fn, params, x, y_B, w_B, ghost.materialized, chunk_size))
-    leaves = jax.tree.leaves(params)
     flat = []
     for i in plan.rest_leaves:
       g = rest[i].reshape(rest[i].shape[0], -1).astype(dtype)
@@ -530,7 +534,6 @@ def _features(apply_fn, plan: FeaturePlan, params, batch, key, moments, betas, e
         v = jax.tree.leaves(moments[1])[i].reshape(-1).astype(dtype)
         g = ((1.0 - b1) * g + b1 * m) / jnp.sqrt(b2 * v + eps)
       flat.append(g)
-    del leaves
     g_BxP = jnp.concatenate(flat, axis=1)
     parts.append(g_BxP if plan.rest_dim == plan.rest_size
                  else _count_sketch(key_rest, g_BxP, plan.rest_dim))
