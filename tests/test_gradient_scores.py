@@ -461,3 +461,35 @@ def test_features_saved_by_id_come_back_in_any_order(tmp_path):
   order = np.array([20, 40, 10, 30])
   np.testing.assert_array_equal(scores.align(order, loaded_ids, loaded["features"]),
                                 feats[[3, 0, 1, 2]])
+
+
+def _odd_conv_apply(p, x):
+  y = jax.lax.conv_general_dilated(x, p["k1"], (2, 1), ((1, 2), (0, 1)), lhs_dilation=(1, 2),
+                                   rhs_dilation=(2, 1), dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  y = jnp.tanh(y)
+  y = jax.lax.conv_general_dilated(y, p["k2"], (1, 1), "SAME", feature_group_count=2,
+                                   dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  return jnp.mean(y, (2, 3)) @ p["head"]
+
+
+def test_conv_filter_path_equals_the_patch_path(monkeypatch):
+  """Projected convs (channels first, strides, padding, both dilations, feature groups): the
+  backward-filter path and the im2col path give the same features for one key."""
+  rng = np.random.default_rng(0)
+  params = {"k1": jnp.asarray(rng.normal(size=(4, 2, 3, 2)) / 3, jnp.float32),
+            "k2": jnp.asarray(rng.normal(size=(6, 2, 3, 3)) / 3, jnp.float32),
+            "head": jnp.asarray(rng.normal(size=(6, C)), jnp.float32)}
+  batch = {"x": jnp.asarray(rng.normal(size=(5, 2, 7, 6)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, C, 5), jnp.int32), "mask": jnp.arange(5) < 4}
+  plan = scores.feature_plan(_odd_conv_apply, params, batch["x"], 16)
+  assert not any(b.exact for b in plan.blocks.values())
+  out = {}
+  for flag in (True, False):
+    monkeypatch.setattr(gf_lib, "CONV_FILTER", flag)
+    out[flag] = np.asarray(scores.gradient_features(_odd_conv_apply, params, batch,
+                                                    jax.random.key(2), dim=16))
+  np.testing.assert_allclose(out[True], out[False], rtol=1e-4, atol=1e-6 * np.abs(out[False]).max())
+  g = np.stack([_flat(t) for t in _per_example_grads(_odd_conv_apply, params, batch)])[:4]
+  exact = np.asarray(scores.gradient_features(_odd_conv_apply, params, batch, jax.random.key(0),
+                                              dim=10_000))[:4]
+  np.testing.assert_allclose(exact @ exact.T, g @ g.T, rtol=1e-4)

@@ -16,7 +16,10 @@ examples. One forward and ONE backward pass of the summed loss run with taps:
   ``R_out`` have i.i.d. ``N(0, 1/k)`` and ``N(0, 1/e)`` entries, so ``E[(R_in (x) R_out)^T
   (R_in (x) R_out)] = I`` and inner products are unbiased. A layer whose gradient fits its share
   of ``dim`` is kept exactly (no projection). Embedding rows project by a gather of ``R_in``'s
-  columns; conv rows are im2col patches, built a few kernel offsets at a time.
+  columns. A projected conv with one feature group projects its output cotangent onto ``e``
+  channels and takes each example's gradient of a conv with ``e`` output channels (a vmapped
+  backward-filter convolution, no im2col patches); exact and grouped convs use im2col patches,
+  built a few kernel offsets at a time.
 * the other leaves (biases, norm scales, position tables, weights used twice): their per-example
   gradients (broadcast sites' cotangents pulled back, or ``vmap(grad)``) are small; they are kept
   exactly when they fit their share, else count-sketched (each coordinate added with a random sign
@@ -64,6 +67,9 @@ grand_lib = importlib.import_module("prunejax.scores.grand")
 
 __all__ = ["FeaturePlan", "feature_plan", "gradient_features", "adam_moments"]
 
+# Projected conv layers with one feature group: per-example backward-filter convolutions onto the
+# projected output channels (True) instead of im2col patches (False). Tests set it.
+CONV_FILTER = True
 # Adam's defaults as LESS uses them (its collect_grad_reps.py).
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -298,6 +304,33 @@ def _conv_features(layer, act, ct, r_in_GxkxK, r_out_GxexE):
   return _einsum(f"{u_spec.replace('k', 'j')},{d_spec}->bgjf", acc, d)
 
 
+def _conv_features_filter(layer, act, ct, r_in_GxkxK, r_out_GxexE):
+  """A projected conv block with one feature group, without im2col patches: the output cotangent
+  is projected onto ``e`` channels, and each example's gradient of a conv with ``e`` output
+  channels (a backward-filter convolution, ``K x e``) is projected by ``R_in``."""
+  p = layer.eqn.params
+  lhs, rhs, out = p["dimension_numbers"]
+  dtype = ghost_norms.norm_dtype(act.dtype, ct.dtype)
+  ct_e = jnp.moveaxis(_einsum("...E,eE->...e", jnp.moveaxis(ct.astype(dtype), out[1], -1),
+                              r_out_GxexE[0]), -1, out[1])
+  w_shape = list(layer.eqn.invars[1].aval.shape)
+  w_shape[rhs[0]] = ct_e.shape[out[1]]
+
+  def example(x1, d1):
+    x1, d1 = jnp.expand_dims(x1, lhs[0]), jnp.expand_dims(d1, out[0])
+    conv = lambda w: lax.conv_general_dilated(
+        x1, w, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
+        p["dimension_numbers"], precision=ghost_norms.PRECISION)
+    _, pullback = jax.vjp(conv, jnp.zeros(w_shape, dtype))
+    return pullback(d1)[0]
+
+  g_B = jax.vmap(example, in_axes=(lhs[0], out[0]))(act.astype(dtype), ct_e)
+  # (B, *rhs layout) -> (B, spatial..., I, e) -> (B, K, e), K in layer_rows' (offset, channel) order.
+  perm = (0,) + tuple(1 + d for d in rhs[2:]) + (1 + rhs[1], 1 + rhs[0])
+  g_BxKxe = lr.reshape_rows(jnp.transpose(g_B, perm), (g_B.shape[0], -1, ct_e.shape[out[1]]))
+  return _einsum("bKe,kK->bke", g_BxKxe, r_in_GxkxK[0])[:, None]
+
+
 def _embed_features(layer, idx, ct, r_in_GxkxK, r_out_GxexE):
   rows, *row_shape = layer.eqn.invars[0].aval.shape
   idx_BxM = jnp.moveaxis(idx[..., 0], layer.batch_axis, 0)
@@ -338,7 +371,11 @@ def _layer_tap(layer: lt.Layer, dummy_BxF: jax.Array, exact: bool) -> Callable:
   def bwd(res, ct):
     act, r_in, r_out = res
     act = grand_lib._after(act, layer.batch_axis, ct, layer.out_batch_axis)
-    f = _FEATURES[layer.kind](layer, act, ct, *((None, None) if exact else (r_in, r_out)))
+    features = _FEATURES[layer.kind]
+    if (layer.kind == "conv" and not exact and CONV_FILTER
+        and layer.eqn.params["feature_group_count"] == 1):
+      features = _conv_features_filter
+    f = features(layer, act, ct, *((None, None) if exact else (r_in, r_out)))
     f_BxF = lr.reshape_rows(f, (f.shape[0], -1))
     return (grand_lib._after(ct, layer.out_batch_axis, f_BxF, 0), None,
             grand_lib._like(f_BxF, like), None, None)
