@@ -107,6 +107,7 @@ def _epoch_learning_rates(ctx, num_ids: int, epochs: int) -> list[float]:
 
 
 _POOL_CACHE: dict = {}
+_POOL_CACHE_SIZE = 4  # pools (replicates) whose features are kept: less and less_targeted share them
 
 
 def _copy(a):
@@ -149,7 +150,8 @@ def _pool_features(ctx, ids: np.ndarray, seed: int):
     fa = _features_fn(apply_fn, int(lc.dim), True)
     train_feats.append(trainer.map_ids(ctx, ids, lambda b, v=variables, s=adam: fa(v, b, key, s)))
   lrs = _epoch_learning_rates(ctx, len(warm), lc.warmup_epochs)
-  _POOL_CACHE.clear()  # one pool's features at a time (N x dim floats per checkpoint)
+  while len(_POOL_CACHE) >= _POOL_CACHE_SIZE:  # N x dim floats per checkpoint each
+    _POOL_CACHE.pop(next(iter(_POOL_CACHE)))
   _POOL_CACHE[cache_key] = (run.compute, len(checkpoints), train_feats, lrs, apply_fn,
                             checkpoints)
   return _POOL_CACHE[cache_key]
