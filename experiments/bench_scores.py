@@ -7,7 +7,10 @@
 For each model it times, in one process: a train step (SGD with momentum, forward + backward +
 update), EL2N, GraNd (:func:`prunejax.scores.grand`, one forward and one backward pass with
 per-layer taps), GraNd by ``vmap(grad)`` over the whole batch, and GraNd by ``jacrev`` of the
-per-example losses (the Data Diet way). Throughput is examples/s from the median of ``--repeats``
+per-example losses (the Data Diet way); then ``gradient_dot`` (the exact per-example inner product
+with a fixed gradient pytree, one forward-mode pass) and ``gradient_features`` (Kronecker-projected
+per-example gradients at ``--features_dim`` features, one forward and one backward pass with
+taps). Throughput is examples/s from the median of ``--repeats``
 calls, timed after a warm-up in interleaved rounds (one call of each function per round), so that
 load from other processes weighs on all of them alike. Peak memory is XLA's own account of the
 compiled function (arguments + outputs + temporaries - aliased buffers, from
@@ -58,6 +61,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("gpt_tokens", 64, "Tokens per example for the GPT classifier.")
   flags.DEFINE_integer("gpt_width", 128, "Width of the GPT classifier (depth 2, 4 heads).")
   flags.DEFINE_bool("skip_baselines", False, "Leave out the vmap(grad) and jacrev baselines.")
+  flags.DEFINE_integer("features_dim", 8192, "Features of the gradient_features row.")
   flags.DEFINE_float("max_gb", 4.0, "Functions whose compiled peak memory exceeds this are "
                      "compiled and reported but not run.")
 
@@ -213,20 +217,34 @@ def _score_fns(case: dict, baselines: bool, jacrev: bool = True) -> dict[str, Ca
   return fns
 
 
+def _similarity_fns(case: dict, features_dim: int) -> dict[str, tuple[Callable, tuple]]:
+  """The gradient-similarity rows: the target pytree and the key are arguments, not constants."""
+  apply_fn, params, batch = case["apply_fn"], case["params"], case["batch"]
+  target = jax.tree.map(lambda a: jnp.full(jnp.shape(a), 0.01, jnp.result_type(a)), params)
+  return {
+      "gradient_dot": (lambda v, b, t: scores.gradient_dot(apply_fn, v, b, t),
+                       (params, batch, target)),
+      f"gradient_features d={features_dim}": (
+          lambda v, b, k: scores.gradient_features(apply_fn, v, b, k, dim=features_dim),
+          (params, batch, jax.random.key(0)))}
+
+
 def bench_model(name: str, batch_size: int = 128, repeats: int = 5, *, quick: bool = False,
                 baselines: bool = True, jacrev: bool = True, max_gb: float = 4.0,
-                **sizes: Any) -> list[dict]:
+                features_dim: int = 8192, **sizes: Any) -> list[dict]:
   """Rows ``{model, fn, seconds, examples_per_s, peak_mb, speed_vs_train, memory_vs_train}`` for
   one model; the GraNd row also has ``max_rel_diff_vs_vmap`` when the baseline ran."""
   case = make_case(name, batch_size, quick, **sizes)
   fns = {"train step": (case["train_step"], case["train_args"])}
   fns.update({k: (f, (case["params"], case["batch"])) for k, f in _score_fns(case, baselines,
                                                                                jacrev).items()})
+  fns.update(_similarity_fns(case, features_dim))
   rows, calls = [], {}
   for fn_name, (fn, args) in fns.items():
     logging.info("%s: compiling %s", name, fn_name)
     compiled, peak = compile_fn(fn, args, max_gb)
-    n = repeats if fn_name in ("train step", "el2n", "grand") else max(1, min(3, repeats))
+    baseline = fn_name.startswith("grand ")
+    n = max(1, min(3, repeats)) if baseline else repeats
     if compiled is not None:
       calls[fn_name] = (compiled, args, n)
     rows.append({"model": name, "fn": fn_name, "peak_mb": peak / 2**20})
@@ -245,14 +263,15 @@ def bench_model(name: str, batch_size: int = 128, repeats: int = 5, *, quick: bo
 
 def measure(models: Sequence[str] = MODELS, batch_size: int = 128, repeats: int = 5, *,
             quick: bool = False, baselines: bool = True, jacrev: bool = True, max_gb: float = 4.0,
-            resnet_width: float = 0.25, gpt_tokens: int = 64, gpt_width: int = 128) -> list[dict]:
+            resnet_width: float = 0.25, gpt_tokens: int = 64, gpt_width: int = 128,
+            features_dim: int = 8192) -> list[dict]:
   """Benchmark rows of every model in ``models`` (see :func:`bench_model`), measured in this
   process on the default device."""
   rows = []
   for name in models:
     rows += bench_model(name, batch_size, repeats, quick=quick, baselines=baselines, jacrev=jacrev,
-                        max_gb=max_gb, resnet_width=resnet_width, gpt_tokens=gpt_tokens,
-                        gpt_width=gpt_width)
+                        max_gb=max_gb, features_dim=features_dim, resnet_width=resnet_width,
+                        gpt_tokens=gpt_tokens, gpt_width=gpt_width)
   return rows
 
 
@@ -284,7 +303,7 @@ def main(argv: list[str]) -> None:
   rows = measure(FLAGS.models, FLAGS.batch_size, FLAGS.repeats, quick=FLAGS.quick,
                  baselines=not FLAGS.skip_baselines, max_gb=FLAGS.max_gb,
                  resnet_width=FLAGS.resnet_width, gpt_tokens=FLAGS.gpt_tokens,
-                 gpt_width=FLAGS.gpt_width)
+                 gpt_width=FLAGS.gpt_width, features_dim=FLAGS.features_dim)
   device = jax.devices()[0]
   sizes = ("quick sizes" if FLAGS.quick else
            f"ResNet-18 width x{FLAGS.resnet_width} on 32x32x3, GPT {FLAGS.gpt_tokens} tokens "

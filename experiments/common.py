@@ -151,6 +151,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   parallel.check_batch_size(config.train.batch_size, parallel.data_mesh(), "train.batch_size")
   _check_data_pruning(config)
   _check_model_pruning(config)
+  from experiments import similarity
+  similarity.check_config(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,11 +457,20 @@ class Context:
     return _apply_fn(model, self.preprocess)
 
   def replicate_split(self, r: int) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """(train ids, held-out ids or None, seed) of replicate ``r``: a seed, or a stratified CV fold."""
+    """(train ids, held-out ids or None, seed) of replicate ``r``: a seed, or a stratified CV fold;
+    with ``validation_fraction`` (no CV), a stratified validation split held out of the pool."""
     from prunejax.scores import stratified_folds
     seed = int(self.config.seed) + r
     folds = self.config.get("cv_folds", 0)
     ids = np.sort(self.ds.train.ids)
+    if not folds and self.config.get("validation_fraction", 0.0):
+      # A validation split held out of every strategy's pool, the same for every replicate.
+      from prunejax import select
+      held = np.sort(select.select(ids, np.zeros(len(ids), np.float32),
+                                   fraction=self.config.validation_fraction, keep="random",
+                                   labels=self.labels(ids), class_balanced=True,
+                                   seed=int(self.config.seed)))
+      return np.setdiff1d(ids, held), held, seed
     if not folds:
       return ids, None, seed
     fold_of = stratified_folds(self.ds.train.labels(ids), folds, int(self.config.seed))

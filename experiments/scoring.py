@@ -7,6 +7,8 @@
 * dataset-level recipes (:data:`DATASET_SCORES`): prototypes (k-means on embeddings), kNN outliers
   (Datalab's score on the same embeddings) and label quality (Confident Learning on out-of-fold
   probabilities);
+* LESS (``less``, ``less_targeted``): similarity of gradients to a validation split or a slice of
+  it (:mod:`experiments.similarity`);
 * RHO-LOSS's irreducible losses (:func:`irreducible_losses`), an input of the ``rho_loss`` strategy.
 
 Every function returns ``(hardness f32[N] in the order of ids, compute in example passes)``; high
@@ -23,7 +25,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from experiments import trainer
+from experiments import similarity, trainer
 from prunejax import scores as scores_lib
 from prunejax.errors import DataError, PrunejaxError
 
@@ -184,6 +186,8 @@ DATASET_SCORES: dict[str, Callable] = {
     "prototypes": prototype_scores,
     "knn_outlier": knn_outlier_scores,
     "label_quality": label_quality_scores,
+    "less": functools.partial(similarity.less_scores, targeted=False),
+    "less_targeted": functools.partial(similarity.less_scores, targeted=True),
 }
 """Scores computed from the whole dataset at once, by the recipes above."""
 

@@ -185,7 +185,9 @@ def score_based(ctx: common.Context, name: str) -> Rows:
   get = functools.lru_cache(maxsize=None)(
       lambda r: scoring.static_scores(ctx, name, r, *_split_and_seed(ctx, r)))
   # Label quality removes the probably-mislabeled: it always keeps the most self-confident.
-  keep = "easy" if name == "label_quality" else dp.keep
+  # LESS keeps the examples most similar to its target.
+  keep = ("easy" if name == "label_quality" else "hard" if name in scoring.similarity.SCORES
+          else dp.keep)
 
   def kept(r, ids, seed, frac):
     return select.select(ids, get(r)[0], fraction=frac, keep=keep, labels=ctx.labels(ids),

@@ -416,6 +416,10 @@ def result_row(ctx, strategy: str, r: int, run: Run, held_out: np.ndarray | None
          "history": [{k: round(v, 6) for k, v in h.items()} for h in run.history]}
   if held_out is not None:
     row["val_accuracy"] = evaluate(ctx, run.state, held_out, split="train")
+  from experiments import similarity
+  slice_acc = similarity.slice_accuracy(ctx, run.state)
+  if slice_acc is not None:  # the test slice the targeted selection aims at
+    row["slice_test_accuracy"] = slice_acc
   if ctx.corrupted_ids is not None:  # label noise: the share of corrupted back-propagated examples
     row["corrupted_backprop_fraction"] = run.corrupted / max(run.backward, 1.0)
   row.setdefault("fraction_kept", 1.0)

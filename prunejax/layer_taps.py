@@ -384,6 +384,7 @@ class _Walker:
     self.k = 0
     self.records: dict = {}
     self.site_values: dict = {}
+    self.weights: dict = {}
     self.layers: dict = {}
     self.sites: dict = {}
     self.uses: dict = collections.defaultdict(list)
@@ -454,6 +455,9 @@ class _Walker:
       site = self.plan.sites.get((k, i))
       if site is not None and self.mode == "params":
         self.site_values[site.key] = in_vals[i]
+      elif self.mode == "params" and k in self.plan.layers and (
+          i == 1 - self.plan.layers[k].act_index):
+        self.weights[k] = in_vals[i]
       elif site is not None and site.key in self.site_taps:
         vals[i] = self.site_taps[site.key](site, in_vals[i])
         if site.insert:
@@ -574,6 +578,16 @@ def site_values(plan: LayerPlan, params: Params) -> dict:
   metas = plan.leaf_metas + [_X] * plan.num_x
   walker.run(plan.jaxpr, plan.consts, metas, jax.tree.leaves(params) + [None] * plan.num_x)
   return walker.site_values
+
+
+def layer_weights(plan: LayerPlan, params: Params) -> dict:
+  """Layer index -> the weight operand of that layer's equation (the leaf seen through its
+  reshapes, transposes, slices or casts), computed from ``params`` alone; ``params`` may be any
+  pytree of ``params``' structure whose leaves these ops apply to (an optimizer's moments)."""
+  walker = _Walker(plan.axes, "params", plan)
+  metas = plan.leaf_metas + [_X] * plan.num_x
+  walker.run(plan.jaxpr, plan.consts, metas, jax.tree.leaves(params) + [None] * plan.num_x)
+  return walker.weights
 
 
 def penultimate(apply_fn: ApplyFn, params: Params, x: Any) -> tuple[jax.Array, jax.Array, bool]:

@@ -9,8 +9,10 @@ from experiments import bench_scores
 
 
 def test_measure_rows():
-  rows = bench_scores.measure(("mlp", "plain_resnet"), batch_size=4, repeats=1, quick=True)
-  fns = ["train step", "el2n", "grand", "grand vmap(grad)", "grand jacrev"]
+  rows = bench_scores.measure(("mlp", "plain_resnet"), batch_size=4, repeats=1, quick=True,
+                             features_dim=64)
+  fns = ["train step", "el2n", "grand", "grand vmap(grad)", "grand jacrev", "gradient_dot",
+         "gradient_features d=64"]
   assert [(r["model"], r["fn"]) for r in rows] == [(m, f) for m in ("mlp", "plain_resnet")
                                                      for f in fns]
   for r in rows:

@@ -6,6 +6,11 @@ Per-batch scores share one contract, ``fn(apply_fn, params, batch) -> f32[B]`` (
 * :mod:`~prunejax.scores.output`: ``el2n``, ``loss``, ``margin``, ``entropy``.
 * :mod:`~prunejax.scores.grand`: ``grand`` (exact, per-layer ghost norms), ``grand_last_layer``, and
   the ``vmap(grad)`` / ``jacrev`` references.
+* :mod:`~prunejax.scores.gradient_dot`: ``gradient_dot`` (exact per-example ``<g_i, target>`` by one
+  forward-mode pass) and ``mean_gradient`` (a target set's gradient);
+  :mod:`~prunejax.scores.gradient_features`: ``gradient_features`` (Kronecker-projected per-example
+  gradients, LoGra; Adam-preconditioned for LESS); :mod:`~prunejax.scores.influence`: the
+  selections ``tracin`` and ``less`` (registered with kind ``"selection"``).
 
 Scores over training are ``(init, update)`` trackers in :mod:`~prunejax.scores.dynamics`
 (``forgetting``, ``cartography``, ``aum``, ``running_mean``); dataset-level scores are
@@ -31,6 +36,10 @@ from prunejax.scores.dynamics import (CartographyState, ForgettingState, MeanSta
                                       running_mean)
 from prunejax.scores.grand import (GhostPlan, ghost_plan, grand, grand_jacrev, grand_last_layer,
                                    grand_vmap)
+from prunejax.scores.gradient_dot import check_target, gradient_dot, mean_gradient
+from prunejax.scores.gradient_features import (FeaturePlan, adam_moments, feature_plan,
+                                               gradient_features)
+from prunejax.scores.influence import less, tracin
 from prunejax.scores.io import align, load_scores, save_scores
 from prunejax.scores.label_quality import (confident_joint, find_label_issues, normalized_margin,
                                            out_of_fold_probs, self_confidence, stratified_folds)
@@ -38,8 +47,8 @@ from prunejax.scores.dataset import map_batches, score_dataset
 from prunejax.scores.outliers import knn_distances, knn_outlier_score
 from prunejax.scores.output import el2n, entropy, loss, margin
 from prunejax.scores.prototypes import kmeans, prototypes
-from prunejax.scores.registry import (BATCH_SCORES, HIGHER_IS_HARDER, SCORES, TRACKER_SCORES,
-                                      ScoreSpec)
+from prunejax.scores.registry import (BATCH_SCORES, HIGHER_IS_HARDER, SCORES, SELECTION_SCORES,
+                                      TRACKER_SCORES, ScoreSpec)
 from prunejax.types import ApplyFn, Params, Batch, Scores
 
 

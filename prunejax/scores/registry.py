@@ -18,6 +18,7 @@ import numpy as np
 
 from prunejax.scores.dynamics import Tracker, aum, cartography, forgetting
 from prunejax.scores.grand import grand, grand_last_layer
+from prunejax.scores.influence import less, tracin
 from prunejax.scores.output import check_batch, el2n, entropy, loss, margin
 from prunejax.scores.uncertainty import least_confidence
 
@@ -36,6 +37,9 @@ class ScoreSpec:
       them (``update(state, batch, logits)`` once per presentation), or None.
     read: the tracker's read-out for this score when it is not ``Tracker.read``.
     description: one line for listings.
+    selection: for selections by similarity to a target (TracIn, LESS), the function that scores
+      the examples from gradients or gradient features and the target's (see
+      :mod:`prunejax.scores.influence`); high means most influential, i.e. keep ``"hard"``.
   """
 
   name: str
@@ -45,12 +49,18 @@ class ScoreSpec:
   tracker: Callable[[], Tracker] | None = None
   read: Callable[[Any], Any] | None = None
   description: str = ""
+  selection: Callable[..., Any] | None = None
 
   @property
   def kind(self) -> str:
-    """``"batch"`` (a function of one batch), ``"tracker"`` (over training) or ``"dataset"``
-    (needs the whole dataset: embeddings, cross-validated probabilities)."""
-    return "batch" if self.fn is not None else "tracker" if self.tracker is not None else "dataset"
+    """``"batch"`` (a function of one batch), ``"tracker"`` (over training), ``"selection"``
+    (similarity to a target set's gradients) or ``"dataset"`` (needs the whole dataset:
+    embeddings, cross-validated probabilities)."""
+    if self.fn is not None:
+      return "batch"
+    if self.tracker is not None:
+      return "tracker"
+    return "selection" if self.selection is not None else "dataset"
 
   def __call__(self, apply_fn, params, batch, **kwargs):
     if self.fn is None:
@@ -83,6 +93,12 @@ SCORES: dict[str, ScoreSpec] = _specs(
     ScoreSpec("grand", True, 3.0, fn=grand, description="exact per-example gradient norm"),
     ScoreSpec("grand_last_layer", True, 1.0, fn=grand_last_layer,
               description="gradient norm of a linear head, closed form"),
+    ScoreSpec("tracin", True, 3.0, selection=tracin,
+              description="lr-weighted <grad, target grad> (or self-influence) over checkpoints "
+                          "(Pruthi et al. 2020)"),
+    ScoreSpec("less", True, 3.0, selection=less,
+              description="max or mean cosine of projected Adam gradients to target gradients "
+                          "(Xia et al. 2024)"),
     ScoreSpec("forgetting", True, 1.0, tracker=forgetting,
               description="forgetting events over training (Toneva et al. 2019)"),
     ScoreSpec("aum", False, 1.0, tracker=aum, description="area under the margin (Pleiss 2020)"),
@@ -104,6 +120,7 @@ SCORES: dict[str, ScoreSpec] = _specs(
 
 BATCH_SCORES = tuple(name for name, s in SCORES.items() if s.kind == "batch")
 TRACKER_SCORES = tuple(name for name, s in SCORES.items() if s.kind == "tracker")
+SELECTION_SCORES = tuple(name for name, s in SCORES.items() if s.kind == "selection")
 
 HIGHER_IS_HARDER: dict[str, bool] = {name: s.higher_is_harder for name, s in SCORES.items()}
 """Each score's direction, derived from :data:`SCORES`."""
