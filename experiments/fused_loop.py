@@ -19,8 +19,9 @@ checkpointed and resumed as one unit of work. Each replica's wall time is the gr
 from __future__ import annotations
 
 import functools
+import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,11 +88,18 @@ def _unstack_plans(ids, cols, lens) -> list[online.EpochPlan]:
           for r, n in enumerate(lens)]
 
 
-class FusedCheckpoint:
-  """Mid-run checkpoints of a fused run or replica group (the same cadence as the host loop's)."""
+class Cadence:
+  """When a training run saves itself mid-way: every ``train.checkpoint_every_steps`` steps and
+  every ``train.checkpoint_minutes`` minutes (0 turns either off), into the run's
+  :class:`RunCheckpoint` under ``workdir/checkpoints/runs/<key>`` (none without a key)."""
 
-  def __init__(self, ckpt: RunCheckpoint | None, every: int, minutes: float):
-    self.ckpt, self.every, self.minutes = ckpt, every, minutes
+  def __init__(self, ctx, key: str | None):
+    tc = ctx.config.train
+    self.every = int(tc.get("checkpoint_every_steps", 0) or 0)
+    self.minutes = float(tc.get("checkpoint_minutes", 0) or 0)
+    self.ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", key),
+                               fingerprint=ctx.units.fingerprint)
+                 if key and (self.every or self.minutes) else None)
     self.last = time.monotonic()
 
   def due(self, global_step: int) -> bool:
@@ -99,6 +107,14 @@ class FusedCheckpoint:
       return False
     return bool((self.every and global_step % self.every == 0)
                 or (self.minutes and time.monotonic() - self.last >= 60 * self.minutes))
+
+  def finish(self) -> None:
+    if self.ckpt is not None:
+      self.ckpt.delete()
+
+
+class FusedCheckpoint(Cadence):
+  """Mid-run checkpoints of a fused run or replica group."""
 
   def save(self, runs, state, pstate, plans, metrics, epoch, next_batch, global_step, rewind):
     ids, cols, lens = _stack_plans(plans)
@@ -137,10 +153,6 @@ class FusedCheckpoint:
     plans = _unstack_plans(tree["plan_ids"], tree["plan"], meta["plan_lens"])
     return (tree["state"], tree["pruner"], meta["epoch"], meta["next_batch"], plans,
             jax.tree.map(jnp.asarray, tree["metrics"]), rewind)
-
-  def finish(self) -> None:
-    if self.ckpt is not None:
-      self.ckpt.delete()
 
 
 def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seeds: list[int],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -22,8 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments import fused_loop
 from prunejax import online, parallel, train
-from prunejax.checkpoint import RunCheckpoint, interrupted_at_step, stop_at_step
+from prunejax.checkpoint import interrupted_at_step, stop_at_step
 from prunejax.errors import ConfigError
 from prunejax.masks import RewindPoint, apply_mask, rewind, save_rewind_point
 from prunejax.scores import jit_score, map_batches, score_dataset
@@ -120,9 +120,8 @@ def _ones(params):
   return ones_mask(params)
 
 
-class _Checkpointing:
-  """Mid-run checkpoints of one training run: every ``train.checkpoint_every_steps`` steps and
-  every ``train.checkpoint_minutes`` minutes (0 turns either off).
+class _Checkpointing(fused_loop.Cadence):
+  """Mid-run checkpoints of one training run on the host loop (cadence: :class:`Cadence`).
 
   The saved tree holds the train and pruner states, the epoch's plan, the epoch's partial metric
   sums and the rewind point once recorded; ``meta`` the position (epoch, next batch) and the
@@ -130,20 +129,8 @@ class _Checkpointing:
   """
 
   def __init__(self, ctx, key: str | None):
-    tc = ctx.config.train
-    self.every = int(tc.get("checkpoint_every_steps", 0) or 0)
-    self.minutes = float(tc.get("checkpoint_minutes", 0) or 0)
-    self.ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", key),
-                               fingerprint=ctx.units.fingerprint)
-                 if key and (self.every or self.minutes) else None)
-    self.last = time.monotonic()
+    super().__init__(ctx, key)
     self.mesh = ctx.mesh
-
-  def due(self, global_step: int) -> bool:
-    if self.ckpt is None:
-      return False
-    return bool((self.every and global_step % self.every == 0)
-                or (self.minutes and time.monotonic() - self.last >= 60 * self.minutes))
 
   def save(self, run: Run, state, pstate, plan: online.EpochPlan, metrics, epoch: int,
            next_batch: int, global_step: int) -> None:
@@ -182,10 +169,6 @@ class _Checkpointing:
     plan = online.EpochPlan(np.asarray(tree["plan_ids"]), dict(tree["plan"]))
     return state, parallel.replicate(tree["pruner"], self.mesh), meta["epoch"], \
         meta["next_batch"], plan, jax.tree.map(jnp.asarray, tree["metrics"])
-
-  def finish(self) -> None:
-    if self.ckpt is not None:
-      self.ckpt.delete()
 
 
 def _with_corrupted(ctx, plan: online.EpochPlan) -> online.EpochPlan:
@@ -292,7 +275,6 @@ def train_models(ctx, ids_list: list[np.ndarray], seeds: list[int], *, epochs: i
   ``vmap``-ed program on the device-resident split when :func:`groupable`, else one after another.
   ``masks`` and ``rewind_to`` give each run its own (default: none); ``checkpoint`` keys the
   group's mid-run checkpoint; ``on_epoch`` is for single runs."""
-  from experiments import fused_loop
   cfg = ctx.config
   epochs = epochs or cfg.train.epochs
   pruner = pruner or online.FullData()
@@ -312,12 +294,7 @@ def train_models(ctx, ids_list: list[np.ndarray], seeds: list[int], *, epochs: i
                           model_overrides=model_overrides)
             for i, s, m, w in zip(ids_list, seeds, masks, rewind_to)]
   tc = cfg.train
-  every = int(tc.get("checkpoint_every_steps", 0) or 0)
-  minutes = float(tc.get("checkpoint_minutes", 0) or 0)
-  ckpt = (RunCheckpoint(os.path.join(ctx.workdir, "checkpoints", "runs", checkpoint),
-                        fingerprint=ctx.units.fingerprint)
-          if checkpoint and (every or minutes) else None)
-  ck = fused_loop.FusedCheckpoint(ckpt, every, minutes)
+  ck = fused_loop.FusedCheckpoint(ctx, checkpoint)
   runs = [Run(s) for s in states]
   finals, points = fused_loop.run_fused(
       data=data, index=ctx.ds.train.index, ids_list=ids_list, seeds=list(seeds), epochs=epochs,
