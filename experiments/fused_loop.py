@@ -196,6 +196,7 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
     rewind = resumed[6]
   start_epoch = resumed[2] if resumed else 0
   t_start = None  # the clock starts at the first dispatch, as the host loop's after its first step
+  zeros = None
   for epoch in range(start_epoch, epochs):
     if resumed is not None and epoch == start_epoch:
       start, plans, metrics = resumed[3], resumed[4], resumed[5]
@@ -228,8 +229,10 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
       if not group:
         rows_k, cols_k = rows_k[0], {c: v[0] for c, v in cols_k.items()}
       if metrics is None:  # the epoch's sums start at zero (one program for every chunk)
-        shapes = jax.eval_shape(runner, state, pstate, data, rows_k, cols_k, 0, 0, None)
-        metrics = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes.metrics)
+        if zeros is None:
+          shapes = jax.eval_shape(runner, state, pstate, data, rows_k, cols_k, 0, 0, None)
+          zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes.metrics)
+        metrics = zeros  # never donated: one zero tree serves every epoch
       args = (state, pstate, data, rows_k, cols_k, np.int32(epoch), np.int32(n), metrics)
       fn = _compiled(runner, args)
       if t_start is None:
@@ -245,6 +248,7 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
         checkpoint.save(runs, state, pstate, plans, metrics, epoch, s + n, global_step, rewind)
       if stop:
         raise interrupted_at_step(global_step, saved=checkpoint.ckpt is not None)
+    flags, metrics = jax.device_get((flags, metrics))  # the epoch's one host sync
     _check_flags(flags, ers, desc, epoch, group)
     done = steps - start
     for r, run in enumerate(runs):
@@ -273,7 +277,7 @@ def _check_flags(flags, ers, desc, epoch, group) -> None:
   """Raises :class:`prunejax.train.NumericalError` for the first step with a non-finite loss or
   gradient in this epoch (one host sync per epoch)."""
   for s, f in flags:
-    f = np.asarray(jax.device_get(f))
+    f = np.asarray(f)
     f = f if group else f[None]
     bad = np.argwhere(f > 0)
     if len(bad):
