@@ -280,3 +280,45 @@ def test_tokenizer_encode_decode_round_trip_on_unicode(tmp_path):
     with pytest.raises(DataError, match="needs a str"):
       tok.encode(["a"])
   assert tok.decode([]) == ""
+
+
+def test_features_feed_semdedup_prototypes_knn_and_layer_taps_from_a_loaded_gpt2(ckpt):
+  """Embeddings of texts padded differently (left, right, longer rows) are the same, so SemDeDup
+  finds the copies, kNN puts them at distance 0, prototypes give them one score; the layer taps'
+  penultimate features and SNIP's scores see the attention mask too."""
+  from prunejax import dedup, masks
+  model, params = models.load_gpt2_classifier(ckpt[0], 2, key=jax.random.key(0), pad_id=EOS,
+                                              pooling="mean")
+  features = jax.jit(models.make_features_fn(model))
+  seqs = _seqs(seed=7)
+  right, rmask = _pad(seqs, "right", EOS)
+  left, lmask = _pad(seqs, "left", EOS)
+  with jax.default_matmul_precision("highest"):
+    e_r = np.asarray(features(params, {"input_ids": right, "attention_mask": rmask})["pooled"])
+    e_l = np.asarray(features(params, left, lmask)["pooled"])
+  assert _rel(e_l, e_r) <= 1e-5
+  emb = np.concatenate([e_r, e_l])  # every text twice: examples i and i + 6
+  n = len(seqs)
+  result = dedup.semdedup(emb, num_clusters=2, key=jax.random.key(0))
+  kept = np.asarray(result.keep(1e-4))
+  assert kept.sum() == n and all(kept[i] != kept[i + n] for i in range(n))
+  dist = np.asarray(scores.knn_distances(emb, k=1)[0])[:, 0]
+  assert np.all(dist <= 1e-5)
+  proto = np.asarray(scores.prototypes(emb, num_clusters=2, key=jax.random.key(0)))
+  np.testing.assert_allclose(proto[:n], proto[n:], atol=1e-4)
+  # The layer taps (GraNd's ghost path, penultimate features) take the same inputs.
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  pen_r = np.asarray(scores.penultimate(apply_fn, params, {"input_ids": right,
+                                                           "attention_mask": rmask})[0])
+  pen_l = np.asarray(scores.penultimate(apply_fn, params, {"input_ids": left,
+                                                           "attention_mask": lmask})[0])
+  assert _rel(pen_r, e_r) <= 1e-5 and _rel(pen_l, e_r) <= 1e-5
+  # SNIP's connection sensitivity of one batch: the same, padded left or right.
+  y = np.array([0, 1, 1, 0, 1, 0], np.int32)
+  snip = [masks.snip_scores(apply_fn, params, {"x": {"input_ids": ids, "attention_mask": m},
+                                               "y": y})
+          for ids, m in ((right, rmask), (left, lmask))]
+  # (The attention key bias has a zero gradient in exact arithmetic: a scale over all leaves.)
+  scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(snip[0]))
+  for a, b in zip(jax.tree.leaves(snip[0]), jax.tree.leaves(snip[1])):
+    np.testing.assert_allclose(a, b, atol=1e-5 * scale)
