@@ -155,7 +155,12 @@ def check_token_ids(tokens: Any, vocab_size: int, *, field: str = "input_ids") -
       raise DataError(f"{field} has dtype {tokens.dtype}; expected integer token ids")
     if tokens.size == 0:
       return
-    bad, first, value = (int(v) for v in jax.device_get(_first_bad(tokens, vocab_size)))
+    # A concrete array closed over by a traced function: evaluate now, or give up if it is traced.
+    with jax.ensure_compile_time_eval():
+      found = _first_bad(tokens, vocab_size)
+    if _is_traced(found):
+      return
+    bad, first, value = (int(v) for v in jax.device_get(found))
     where = np.unravel_index(first, tokens.shape)
   else:
     arr = np.asarray(tokens)
@@ -343,7 +348,8 @@ class GPTClassifier(nn.Module):
     tokens_BxT = jnp.asarray(tokens_BxT).astype(jnp.int32)
     keep_BxT = (jnp.asarray(attn_BxT).astype(bool) if explicit else tokens_BxT != self.pad_id)
     in_range_BxT = (tokens_BxT >= 0) & (tokens_BxT < self.vocab_size)
-    self.sow("flags", "bad_token_ids", ~in_range_BxT.all(axis=1))
+    if not self.is_initializing():  # init makes every collection mutable: keep flags out of it
+      self.sow("flags", "bad_token_ids", ~in_range_BxT.all(axis=1))
     wte = nn.Embed(self.vocab_size, self.width, name="wte", dtype=cd, param_dtype=pd,
                    embedding_init=nn.initializers.normal(0.02))
     wpe = self.param("wpe", nn.initializers.normal(0.01), (self.context, self.width), pd)
