@@ -187,14 +187,18 @@ def _first_bad(tokens: jax.Array, vocab_size: int) -> jax.Array:
   return jnp.stack([out.sum(), first, flat[first]])
 
 
-def split_inputs(x: Any, mask: Any, pad_id: int) -> tuple[Any, Any, bool]:
+def split_inputs(x: Any, mask: Any = None) -> tuple[Any, Any, bool]:
   """``(tokens_BxT, attention_mask_BxT or None, explicit)`` from a model input.
 
   ``x`` is token ids ``[B, T]`` or a mapping with ``input_ids`` and optionally ``attention_mask``
   (what a Hugging Face tokenizer returns). ``mask`` is an attention mask ``[B, T]`` (Hugging Face
   semantics: True/1 at real tokens), or a padding-row mask ``[B]`` (the trainer's; rows never
-  interact in this model, so it is ignored). Without an attention mask, ``tokens != pad_id`` is the
-  mask (``explicit`` False).
+  interact in this model, so it is ignored). Without an attention mask the model uses
+  ``tokens != pad_id`` (``explicit`` False).
+
+  Raises:
+    DataError: ids not ``[B, T]``, a mask of another shape, a non-bool/int mask or one with values
+      other than 0/1, a mask given twice, or a mapping with other keys.
   """
   attn = None
   if isinstance(x, Mapping):
@@ -337,7 +341,7 @@ class GPTClassifier(nn.Module):
     self._check_fields()
     cd, pd = module_dtypes(self)
     head_dim, mlp_dim = self.setup_dims()
-    tokens_BxT, attn_BxT, explicit = split_inputs(tokens_BxT, mask, self.pad_id)
+    tokens_BxT, attn_BxT, explicit = split_inputs(tokens_BxT, mask)
     b, t = jnp.shape(tokens_BxT)
     if t > self.context:
       raise DataError(f"input_ids has {t} positions, more than the model's context={self.context}; "
