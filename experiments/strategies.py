@@ -520,6 +520,7 @@ def _check_post_training(cfg) -> None:
     pt._rule(sp)  # a fraction in [0, 1] or "N:M"
   check_choice("post_training.wanda_scope", cfg.wanda_scope, pt.SCOPES)
   check_choice("post_training.sparsegpt_scope", cfg.sparsegpt_scope, pt.SCOPES)
+  check_choice("post_training.sequential", cfg.sequential, (True, False) + pt.ORDERS)
   for field in ("calibration_size", "error_size", "batch_size", "blocksize"):
     check_positive_int(f"post_training.{field}", cfg[field])
 
@@ -605,7 +606,7 @@ def _pt_prune(ctx, state, method: str, sparsity, calib_ids, filter_fn):
   kw = dict(sequential=cfg.sequential, filter_fn=filter_fn, mesh=ctx.mesh,
             token_mask_fn=None if pad is None else _pt_token_mask(int(pad)))
   layers = pt.linear_layers(apply_fn, params, batches[0]["x"], filter_fn=filter_fn)
-  passes = len({layer.group for layer in layers}) if cfg.sequential else 1
+  passes = pt.sequential_passes(layers, cfg.sequential)
   if method == "wanda":
     mask = pt.wanda(apply_fn, params, batches, sparsity, scope=cfg.wanda_scope, **kw)
     return mask, masks.apply_mask(params, mask), float(passes * len(calib_ids))

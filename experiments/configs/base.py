@@ -72,10 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
                                            keep="farthest"))
   # Post-training pruning (the "post_training" strategy): magnitude, Wanda and SparseGPT on the
   # trained model at each sparsity (a fraction or "N:M", keep N of M), no retraining; Wanda and
-  # SparseGPT calibrated on calibration_size training examples chosen randomly or by EL2N.
+  # SparseGPT calibrated on calibration_size training examples chosen randomly or by EL2N;
+  # sequential: "group" (input group by input group), "block" (block by block, as the papers' code)
+  # or False (every layer on the dense model), see prunejax.masks.posttraining.
   c.post_training = ml_collections.ConfigDict(dict(
       methods=("magnitude", "wanda", "sparsegpt"), sparsities=(0.5, 0.6, 0.7, "2:4"),
       calibration=("random", "el2n_hard", "el2n_easy"), calibration_size=128, error_size=256,
-      batch_size=64, wanda_scope="row", sparsegpt_scope="layerwise", sequential=True,
+      batch_size=64, wanda_scope="row", sparsegpt_scope="layerwise", sequential="group",
       blocksize=128, damp=0.01, prune_head=False))
   return c

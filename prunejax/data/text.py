@@ -38,11 +38,61 @@ TOKENIZERS = ("bpe", "gpt2", "tiktoken_gpt2")
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
+  """A tokenizer and the ids a model needs to agree with it.
+
+  Attributes:
+    name: one of :data:`TOKENIZERS`.
+    encode_batch: ``encode_batch(texts) -> list[list[int]]``, text tokens only (no eos, no pad).
+    vocab_size: every id the tokenizer may emit, pad included, lies in ``[0, vocab_size)``: the
+      number of embedding rows a model for it needs. It means the same as
+      :attr:`prunejax.models.GPTClassifier.vocab_size` and ``config.json``'s ``vocab_size`` (the
+      rows of a checkpoint's table): GPT-2's tokenizer has 50257 with ``pad_id=50256`` (the
+      end-of-text token) and 50258 with a new pad id 50257.
+    pad_id: the padding id :func:`encode` fills with.
+    eos_id: the end-of-text id :func:`encode` appends.
+    decode_fn: ``decode_fn(ids) -> str``; use :meth:`decode`.
+  """
+
   name: str
   encode_batch: Callable[[Sequence[str]], list[list[int]]]
   vocab_size: int
   pad_id: int
   eos_id: int
+  decode_fn: Callable[[list[int]], str] | None = dataclasses.field(default=None, compare=False)
+
+  def encode(self, text: str) -> list[int]:
+    """One text's token ids (no eos, no pad); ``decode(encode(text)) == text``."""
+    if not isinstance(text, str):
+      raise DataError(f"Tokenizer.encode needs a str; got {type(text).__name__} (use "
+                      "encode_batch for a list of texts)")
+    return list(self.encode_batch([text])[0])
+
+  def decode(self, ids: Sequence[int] | np.ndarray, *, skip_pad: bool = True) -> str:
+    """The text of token ids; pad ids are dropped (``skip_pad``). When the pad is a real token
+    (GPT-2's end-of-text), only the runs of it at either end are dropped, as padding.
+
+    Raises:
+      DataError: an id outside ``[0, vocab_size)`` (naming it and ``vocab_size``), ids that are
+        not integers or not one sequence, or a tokenizer without a decoder.
+    """
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+      raise DataError(f"Tokenizer.decode needs one sequence of integer ids; got shape {arr.shape} "
+                      f"dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < 0) | (arr >= self.vocab_size)
+    if bad.any():
+      raise DataError(f"Tokenizer.decode got token id {int(arr[bad][0])} outside [0, "
+                      f"{self.vocab_size}), the tokenizer's vocab_size={self.vocab_size}")
+    if self.decode_fn is None:
+      raise DataError(f"tokenizer {self.name!r} has no decoder")
+    if skip_pad:
+      if self.pad_id == self.eos_id:  # padding on either side only: an eos inside is text
+        real = np.flatnonzero(arr != self.pad_id)
+        arr = arr[real[0]:real[-1] + 1] if real.size else arr[:0]
+      else:
+        arr = arr[arr != self.pad_id]
+    return self.decode_fn([int(t) for t in arr])
 
 
 def default_cache_dir() -> str:
@@ -72,8 +122,11 @@ def train_bpe(texts: Sequence[str], vocab_size: int, *, name: str = "data",
       log.warning("tokenizer cache not written (%s); set PRUNEJAX_CACHE or dataset.cache_dir to a "
                   "writable directory to keep it", e)
   pad_id, eos_id = tok.token_to_id(PAD), tok.token_to_id(EOS)
+  from tokenizers import decoders
+  tok.decoder = decoders.ByteLevel()
   return Tokenizer("bpe", lambda b: [e.ids for e in tok.encode_batch(list(b))],
-                   tok.get_vocab_size(), pad_id, eos_id)
+                   tok.get_vocab_size(), pad_id, eos_id,
+                   lambda ids: tok.decode(ids, skip_special_tokens=False))
 
 
 def _cached_bpe(path: str, vocab_size: int):
@@ -117,10 +170,10 @@ def tiktoken_gpt2() -> Tokenizer:
                     "tiktoken and make its gpt2 file available, or use tokenizer='bpe'") from None
   eos = enc.eot_token
   return Tokenizer("tiktoken_gpt2", lambda b: enc.encode_ordinary_batch(list(b)), enc.n_vocab + 1,
-                   enc.n_vocab, eos)
+                   enc.n_vocab, eos, lambda ids: enc.decode([t for t in ids if t != enc.n_vocab]))
 
 
-def gpt2_tokenizer(tokenizer_dir: str) -> Tokenizer:
+def gpt2_tokenizer(tokenizer_dir: str, *, pad_id: int | None = None) -> Tokenizer:
   """GPT-2's byte-level BPE from ``tokenizer_dir/vocab.json`` and ``tokenizer_dir/merges.txt``.
 
   The HuggingFace ``tokenizers`` BPE model with GPT-2's byte-level pre-tokenizer (GPT-2's regex, no
@@ -128,16 +181,20 @@ def gpt2_tokenizer(tokenizer_dir: str) -> Tokenizer:
   literal ``<|endoftext|>`` inside a text is spelled out in pieces, never turned into the control
   token (tiktoken's ``encode_ordinary``).
 
-  The eos is ``<|endoftext|>`` (50256 for GPT-2). GPT-2 has no pad token, so ``pad_id`` is a new id
-  one past the largest id of ``vocab.json`` (50257) and ``vocab_size`` counts it (50258):
-  :func:`prunejax.models.load_gpt2_classifier` gives that id a zero embedding row by default. The
-  pad is never a real token, so the classifier, which masks ``tokens != pad_id`` and reads the last
-  real position, reads the eos that :func:`encode` appends, as GPT-1's fine-tuning reads its
-  extract token.
+  The eos is ``<|endoftext|>`` (50256 for GPT-2). GPT-2 has no pad token. By default ``pad_id`` is
+  a new id one past the largest id of ``vocab.json`` (50257) and ``vocab_size`` counts it (50258):
+  :func:`prunejax.models.load_gpt2_classifier` gives that id a zero embedding row. The pad is then
+  never a real token, so the classifier, which masks ``tokens != pad_id`` and reads the last real
+  position, reads the eos that :func:`encode` appends, as GPT-1's fine-tuning reads its extract
+  token. With ``pad_id=eos_id`` (Hugging Face's usual choice) ``vocab_size`` is 50257 and the last
+  real position is the last text token, as ``GPT2ForSequenceClassification`` reads it. Pass the
+  tokenizer to :func:`prunejax.models.load_gpt2_classifier` (``tokenizer=``) so that the model
+  takes the same pad and eos.
 
   Args:
     tokenizer_dir: a GPT-2 checkpoint directory (or any directory with GPT-2-format ``vocab.json``
       and ``merges.txt`` whose vocabulary holds ``<|endoftext|>``).
+    pad_id: None (a new id after the vocabulary) or the end-of-text id.
 
   Returns:
     The tokenizer; ``encode_batch(texts) -> list[list[int]]``.
@@ -168,9 +225,14 @@ def gpt2_tokenizer(tokenizer_dir: str) -> Tokenizer:
   tok = HFTokenizer(bpe)
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
-  pad_id = max(vocab.values()) + 1
+  new_pad = max(vocab.values()) + 1
+  if pad_id is not None and pad_id not in (new_pad, vocab[EOS]):
+    raise ConfigError(f"pad_id={pad_id!r} is not allowed for tokenizer='gpt2'; expected None or "
+                      f"{new_pad} (a new pad id) or {vocab[EOS]} (<|endoftext|>)")
+  pad_id = new_pad if pad_id is None else pad_id
   encode_batch = lambda b: [e.ids for e in tok.encode_batch(list(b), add_special_tokens=False)]
-  return Tokenizer("gpt2", encode_batch, pad_id + 1, pad_id, vocab[EOS])
+  return Tokenizer("gpt2", encode_batch, max(pad_id, new_pad - 1) + 1, pad_id, vocab[EOS],
+                   lambda ids: tok.decode(ids, skip_special_tokens=False))
 
 
 def get_tokenizer(kind: str, train_texts: Sequence[str], *, vocab_size: int, name: str,
@@ -204,16 +266,32 @@ def get_tokenizer(kind: str, train_texts: Sequence[str], *, vocab_size: int, nam
   return tiktoken_gpt2()
 
 
-def encode(tok: Tokenizer, texts: Sequence[str], max_len: int) -> np.ndarray:
-  """Token ids i32[N, max_len]: text tokens then eos, truncated keeping the eos, right-padded."""
+def encode(tok: Tokenizer, texts: Sequence[str], max_len: int, *, padding_side: str = "right",
+           return_mask: bool = False) -> np.ndarray | dict[str, np.ndarray]:
+  """Token ids ``i32[N, max_len]``: text tokens then eos, truncated keeping the eos, padded.
+
+  Args:
+    tok: the tokenizer.
+    texts: the texts.
+    max_len: the length of every row (at least 2).
+    padding_side: ``"right"`` (default) or ``"left"``.
+    return_mask: return ``{"input_ids": i32[N, max_len], "attention_mask": bool[N, max_len]}``
+      (what a Hugging Face tokenizer returns; the GPT takes it as its input) instead of the ids.
+      The mask is True at the text tokens and the eos, also when the pad id is the eos.
+  """
   if max_len < 2:
     raise ConfigError(f"max_len={max_len} is too small; expected at least 2")
+  check_choice("padding_side", padding_side, ("right", "left"))
   out = np.full((len(texts), max_len), tok.pad_id, np.int32)
+  mask = np.zeros((len(texts), max_len), bool)
   for i, ids in enumerate(tok.encode_batch(texts)):
     ids = [t for t in ids if t != tok.pad_id][: max_len - 1] + [tok.eos_id]
-    out[i, : len(ids)] = ids
-  return out
+    sl = slice(0, len(ids)) if padding_side == "right" else slice(max_len - len(ids), max_len)
+    out[i, sl], mask[i, sl] = ids, True
+  return {"input_ids": out, "attention_mask": mask} if return_mask else out
 
 
 def attention_mask(tokens: np.ndarray, pad_id: int) -> np.ndarray:
+  """``tokens != pad_id``: the attention mask of ids padded with a pad that is never a text token
+  (when the pad is the eos, the appended eos is masked too; use ``encode(return_mask=True)``)."""
   return tokens != pad_id

@@ -30,10 +30,20 @@ a batch sharded over devices and processes XLA sums them, so the result is the s
 device. Layers reading the same activation (attention's ``query``, ``key``, ``value``) share one
 input group and one statistic.
 
-**Sequential mode** (default, as both papers' code does): the input groups are visited in program
-order; each is calibrated on the outputs of the already pruned (for SparseGPT, updated) layers
-before it, and only one group's statistics exist at a time. ``sequential=False`` calibrates every
-layer on the dense model, holding statistics of at most ``max_stats_bytes`` at once.
+**Orders.** ``sequential="block"`` is what both papers' code does (SparseGPT's ``opt_sequential``,
+Wanda's ``prune_wanda``): transformer block by block, every layer of a block calibrated at once on
+the block's dense weights, its inputs the outputs of the already pruned (for SparseGPT, updated)
+blocks before it; then the whole block is pruned. Blocks come from the layer names
+(:func:`default_block_fn`: ``block_3/attn/query/kernel`` is in ``block_3``, ``h/3/...`` in
+``h/3``; a layer outside any numbered block, such as the head, is a block of its own) or from
+``block_fn``. ``sequential=True`` (or ``"group"``, the default) is finer: input group by input
+group in program order, each calibrated on the outputs of every pruned layer before it (inside a
+block too; GPTQ's ``true-sequential``), with only one group's statistics held at a time.
+``sequential=False`` calibrates every layer on the dense model, holding statistics of at most
+``max_stats_bytes`` at once.
+
+**Inputs.** ``x`` may be a pytree; a mapping with ``attention_mask`` (the GPT's Hugging Face-style
+input) is its own token mask when ``token_mask_fn`` is None.
 
 References:
   Sun, Liu, Bair, Kolter. "A Simple and Effective Pruning Approach for Large Language Models."
@@ -49,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -456,6 +467,79 @@ def _stages(an: _Analysis, sequential: bool, gram: bool, max_bytes: int) -> list
   return stages
 
 
+ORDERS = ("group", "block")
+"""The sequential orders: input group by input group, or block by block (the papers' code)."""
+_BLOCK = re.compile(r"^(.*?(?:^|/)(?:[^/#]*_)?\d+)(?:/|#|$)")
+
+
+def default_block_fn(name: str) -> str:
+  """The block of a layer named ``name`` (a :class:`LinearLayer` name): the path up to its first
+  numbered entry (``block_3/attn/query/kernel`` -> ``block_3``, ``transformer/h/3/mlp/c_fc`` ->
+  ``transformer/h/3``, ``layers_2/Dense_0/kernel`` -> ``layers_2``), else the name itself (a
+  block of one layer, such as ``head/kernel``)."""
+  m = _BLOCK.match(name)
+  return m.group(1) if m else name
+
+
+def _order(sequential: Any) -> str | None:
+  """``"group"``, ``"block"`` or None (dense) from the ``sequential`` argument."""
+  if sequential is True or sequential is False:
+    return "group" if sequential else None
+  if isinstance(sequential, (bool, np.bool_)):
+    return "group" if bool(sequential) else None
+  check_choice("sequential", sequential, (True, False) + ORDERS)
+  return sequential
+
+
+def _block_stages(an: _Analysis, block_fn: Callable[[str], Any] | None, what: str
+                  ) -> list[list[int]]:
+  """Lists of input groups, one list per block, in program order."""
+  block_fn = block_fn or default_block_fn
+  first = {layer.index: layer for layer in an.layers}
+  stages, keys = [], []
+  for g, ks in enumerate(an.groups):
+    names = [first[k].name for k in ks]
+    blocks = {block_fn(n) for n in names}
+    if len(blocks) != 1:
+      raise ConfigError(f"{what}: the layers {names} read one input but block_fn puts them in "
+                        f"blocks {sorted(map(str, blocks))}; a block must hold whole input groups")
+    (key,) = blocks
+    if keys and keys[-1] == key:
+      stages[-1].append(g)
+    elif key in keys:
+      raise ConfigError(f"{what}: block {key!r} of block_fn is not contiguous in program order "
+                        f"(layer {names[0]} comes after block {keys[-1]!r}); pass a block_fn "
+                        "whose blocks run one after another")
+    else:
+      stages.append([g])
+      keys.append(key)
+  return stages
+
+
+def sequential_passes(layers: Sequence[LinearLayer], sequential: bool | str = True, *,
+                      block_fn: Callable[[str], Any] | None = None) -> int:
+  """Passes over the calibration set that :func:`wanda` and :func:`sparsegpt` make with
+  ``sequential`` on ``layers`` (:func:`linear_layers`): one per input group, one per block, or 1
+  with ``sequential=False``."""
+  order = _order(sequential)
+  if order is None:
+    return 1
+  if order == "group":
+    return len({layer.group for layer in layers})
+  return len({(block_fn or default_block_fn)(layer.name) for layer in layers})
+
+
+def _token_mask_fn(token_mask_fn: Callable | None, x: Any) -> Callable | None:
+  """``token_mask_fn``, or for a mapping input with an ``attention_mask``, that mask."""
+  if token_mask_fn is None and isinstance(x, Mapping) and "attention_mask" in x:
+    return _attention_mask_of
+  return token_mask_fn
+
+
+def _attention_mask_of(x: Mapping) -> Any:
+  return x["attention_mask"]
+
+
 def calibrate(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], *, gram: bool = True,
               filter_fn: FilterFn | None = None, token_mask_fn: Callable | None = None,
               mesh: Any = None) -> Calibration:
@@ -486,7 +570,7 @@ def calibrate(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], *, gr
   an = _analyse(apply_fn, params, batches[0]["x"], filter_fn, "calibrate")
   reps = tuple(ks[0] for ks in an.groups)
   got = _gather(params, batches, an, apply_fn=apply_fn, reps=reps, gram=gram,
-                token_mask_fn=token_mask_fn)
+                token_mask_fn=_token_mask_fn(token_mask_fn, batches[0]["x"]))
   stats = {layer.name: got[an.groups[layer.group][0]] for layer in an.layers}
   return Calibration(an.layers, stats, ids)
 
@@ -838,7 +922,7 @@ def _setup(what: str, apply_fn: ApplyFn, params: Params, batches: Iterable[Batch
   batches, _ = _device_batches(batches, mesh)
   x = batches[0]["x"]
   an = _analyse(apply_fn, params, x, filter_fn, what)
-  static = dict(apply_fn=apply_fn, token_mask_fn=token_mask_fn)
+  static = dict(apply_fn=apply_fn, token_mask_fn=_token_mask_fn(token_mask_fn, x))
   if rule.n_m is not None:
     m = rule.n_m[1]
     for layer in an.layers:
@@ -860,17 +944,25 @@ def _setup(what: str, apply_fn: ApplyFn, params: Params, batches: Iterable[Batch
   return _Run(an, batches, x, rule, counts, static)
 
 
-def _layerwise(run: _Run, params: Params, layer_fn: Callable, *, gram: bool, sequential: bool,
-               max_stats_bytes: int) -> tuple[Mask, Params]:
-  """Visits the input groups in program order (in stages); ``layer_fn(layer, frame, stats, count)
-  -> (new frame or None, pruned)`` prunes each layer; returns the mask and the new params."""
+def _layerwise(run: _Run, params: Params, layer_fn: Callable, *, gram: bool, sequential: Any,
+               max_stats_bytes: int, block_fn: Callable | None = None,
+               what: str = "") -> tuple[Mask, Params]:
+  """Visits the input groups in program order (in stages: one group, one block, or as many as fit
+  in ``max_stats_bytes`` on the dense model); ``layer_fn(layer, frame, stats, count) -> (new frame
+  or None, pruned)`` prunes each layer; returns the mask and the new params."""
   an, static = run.an, run.static
+  order = _order(sequential)
+  if order == "block":
+    stages = _block_stages(an, block_fn, what)
+  else:
+    stages = _stages(an, order is not None, gram, max_stats_bytes)
+  sequential = order is not None
   cur, mask = params, jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
   layer_of = {layer.index: layer for layer in an.layers}
   # A layer's weight changes only when its own group is pruned, so every frame comes from params.
   frames = _stage_frames(params, run.x, apply_fn=static["apply_fn"],
                          ks=tuple(layer.index for layer in an.layers))
-  for stage in _stages(an, sequential, gram, max_stats_bytes):
+  for stage in stages:
     reps = tuple(an.groups[g][0] for g in stage)
     stats = _gather(cur if sequential else params, run.batches, an, reps=reps, gram=gram,
                     **static)
@@ -887,9 +979,10 @@ def _layerwise(run: _Run, params: Params, layer_fn: Callable, *, gram: bool, seq
 
 def wanda(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], sparsity: float | str, *,
           scope: str = "row", distribution: str | Mapping[str, float] | None = None,
-          sequential: bool = True, filter_fn: FilterFn | None = None,
+          sequential: bool | str = True, filter_fn: FilterFn | None = None,
           token_mask_fn: Callable | None = None, mesh: Any = None,
-          max_stats_bytes: int = MAX_STATS_BYTES) -> Mask:
+          max_stats_bytes: int = MAX_STATS_BYTES,
+          block_fn: Callable[[str], Any] | None = None) -> Mask:
   """Wanda: prunes the weights with the lowest ``|W_ij| * ||X_j||_2``, without updating the rest.
 
   ``||X_j||_2`` is the norm of the layer's input feature ``j`` over every calibration row (real
@@ -910,14 +1003,18 @@ def wanda(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], sparsity:
       per-layer counts are fixed on the dense model).
     distribution: per-layer sparsities for ``"row"``/``"layerwise"``: ``"uniform"`` (default),
       ``"erk"`` or a ``{path: sparsity}`` map (:mod:`prunejax.masks.distributions`).
-    sequential: calibrate each input group on the outputs of the already pruned layers before it
-      (the papers' code); False: every layer on the dense model.
+    sequential: ``True``/``"group"``: calibrate each input group on the outputs of the already
+      pruned layers before it; ``"block"``: block by block, each block's layers at once on the
+      outputs of the pruned blocks before it (the papers' code); False: every layer on the dense
+      model. See the module docstring.
     filter_fn: the prunable leaves (default :data:`linear_filter_fn`).
     token_mask_fn: ``token_mask_fn(x) -> bool[B, T]``, False at the padding positions of a
       sequence; rows of those positions are left out of every dense layer that sees ``T`` rows
       per example.
     mesh: the device mesh for host batches (default: all devices on a ``data`` axis).
     max_stats_bytes: with ``sequential=False``, the statistics gathered in one pass.
+    block_fn: with ``sequential="block"``, ``block_fn(layer name) -> block key`` (default
+      :func:`default_block_fn`); each block's layers must be contiguous in program order.
 
   Returns:
     The mask (bool pytree shaped like ``params``; leaves not chosen are all True).
@@ -939,30 +1036,32 @@ def wanda(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], sparsity:
                               n_m=run.rule.n_m)
 
   mask, _ = _layerwise(run, params, layer_fn, gram=False, sequential=sequential,
-                       max_stats_bytes=max_stats_bytes)
+                       max_stats_bytes=max_stats_bytes, block_fn=block_fn, what="wanda")
   return mask
 
 
 def sparsegpt(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], sparsity: float | str,
               *, scope: str = "layerwise", distribution: str | Mapping[str, float] | None = None,
-              sequential: bool = True, blocksize: int = 128, damp: float = 0.01,
+              sequential: bool | str = True, blocksize: int = 128, damp: float = 0.01,
               filter_fn: FilterFn | None = None, token_mask_fn: Callable | None = None,
-              mesh: Any = None, max_stats_bytes: int = MAX_STATS_BYTES) -> tuple[Mask, Params]:
+              mesh: Any = None, max_stats_bytes: int = MAX_STATS_BYTES,
+              block_fn: Callable[[str], Any] | None = None) -> tuple[Mask, Params]:
   """SparseGPT: prunes each layer and updates its remaining weights to reconstruct its output.
 
   Each layer's weight ``W (E outputs, K inputs)`` goes through :func:`obs_prune` with the Gram
   matrix ``H = X^T X`` of its inputs over every calibration row.
 
   Args:
-    apply_fn, params, batches, filter_fn, token_mask_fn, mesh, max_stats_bytes, distribution:
-      as :func:`wanda`.
+    apply_fn, params, batches, filter_fn, token_mask_fn, mesh, max_stats_bytes, distribution,
+      block_fn: as :func:`wanda`.
     sparsity: the fraction removed, or ``"N:M"`` (keep N of every M consecutive inputs).
     scope: ``"layerwise"`` (the paper: ``round(s * n)`` of each layer's weights, spread over its
       blocks in proportion), ``"row"`` (``round(s * K)`` per output row) or ``"global"``
       (per-layer counts from one ranking of ``|W_ij| * ||X_j||`` over all layers of the dense
       model, the OBS saliency with the Hessian's diagonal; then each layer by SparseGPT).
-    sequential: calibrate each input group on the outputs of the pruned and updated layers before
-      it, as the paper's code does; False: every layer on the dense model.
+    sequential: ``True``/``"group"``: calibrate each input group on the outputs of the pruned and
+      updated layers before it; ``"block"``: block by block, as the paper's code does
+      (``opt_sequential``); False: every layer on the dense model.
     blocksize: columns per lazy-update block and per mask choice (the paper's 128).
     damp: dampening, as a fraction of the mean diagonal of ``H`` (the paper's 0.01).
 
@@ -997,7 +1096,7 @@ def sparsegpt(apply_fn: ApplyFn, params: Params, batches: Iterable[Batch], spars
     return jnp.transpose(new, (0, 2, 1)), jnp.transpose(pruned, (0, 2, 1))
 
   return _layerwise(run, params, layer_fn, gram=True, sequential=sequential,
-                    max_stats_bytes=max_stats_bytes)
+                    max_stats_bytes=max_stats_bytes, block_fn=block_fn, what="sparsegpt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1015,7 +1114,7 @@ def _dense_stats(what: str, apply_fn: ApplyFn, params: Params, batches: Iterable
   for stage in _stages(an, False, gram, max_stats_bytes):
     reps = tuple(an.groups[g][0] for g in stage)
     got = _gather(params, batches, an, apply_fn=apply_fn, reps=reps, gram=gram,
-                  token_mask_fn=token_mask_fn)
+                  token_mask_fn=_token_mask_fn(token_mask_fn, x))
     ks = tuple(k for g in stage for k in an.groups[g])
     frames = _stage_frames(params, x, apply_fn=apply_fn, ks=ks)
     yield an, x, ks, frames, {k: got[an.groups[g][0]] for g in stage for k in an.groups[g]}

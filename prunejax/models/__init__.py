@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from prunejax.errors import ConfigError, check_choice
 from prunejax.models.cnn import CNN
-from prunejax.models.gpt import GPTClassifier
+from prunejax.models.gpt import (POOLINGS, GPTClassifier, check_token_ids, make_features_fn,
+                                 split_inputs)
 from prunejax.models.mlp import MLP
 from prunejax.models.precision import DTYPES, at_least_float32, dtype_of
 from prunejax.models.pretrained import (GPT2Config, gpt2_classifier, gpt2_config_from_dict,

@@ -17,8 +17,12 @@ of ``GPT2LMHeadModel`` saves or none (``GPT2Model``); the causal-mask buffers (`
 ``attn.masked_bias``), ``lm_head`` and other task heads are skipped.
 
 Padding: GPT-2 has no pad token. By default the pad id is a new id ``vocab_size`` whose embedding
-row is zeros; it is never attended to or read, so it gets no gradient. The classifier then reads the
-hidden state of the end-of-text token that :func:`prunejax.data.text.encode` appends to every text.
+row is zeros; it is never attended to or read, so it gets no gradient. Hugging Face users pad with
+``<|endoftext|>`` (``pad_id=50256``) and pass an attention mask: both work, on either side (see
+:class:`GPTClassifier`). The classifier reads the last real token (``pooling="last_token"``, Hugging
+Face's rule): the end-of-text token that :func:`prunejax.data.text.encode` appends when the pad is
+a new id, the last text token when the pad is the end-of-text token. Pass ``tokenizer=`` to take
+pad and eos from the tokenizer, so that they agree by construction.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prunejax.errors import ConfigError, DataError, check_positive_int, check_range
-from prunejax.models.gpt import GPTClassifier
+from prunejax.errors import (ConfigError, DataError, check_choice, check_positive_int,
+                             check_range)
+from prunejax.models.gpt import POOLINGS, GPTClassifier
 from prunejax.models.precision import dtype_of
 
 # Hugging Face architectures whose base model is GPT2Model (their extra heads are skipped).
@@ -173,7 +178,8 @@ def gpt2_tensor_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 
 def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None = None,
                     pad_id: int | None = None, dropout: float | None = None,
-                    **fields: Any) -> GPTClassifier:
+                    pooling: str = "last_token", eos_id: int | None = None,
+                    tokenizer: Any = None, **fields: Any) -> GPTClassifier:
   """The :class:`GPTClassifier` with the architecture of ``config`` and a ``num_classes`` head.
 
   Args:
@@ -185,13 +191,26 @@ def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None
       reuses that token's row and masks every occurrence of it.
     dropout: one rate for the embedding, attention and residual dropout; default (None) the
       checkpoint's ``embd_pdrop``, ``attn_pdrop`` and ``resid_pdrop``.
+    pooling: ``"last_token"`` (default, Hugging Face's ``GPT2ForSequenceClassification``: the last
+      real token), ``"eos"`` (the last real ``eos_id``) or ``"mean"``; see :class:`GPTClassifier`.
+    eos_id: the end-of-text id (default: the tokenizer's, else ``vocab_size - 1``, GPT-2's
+      ``<|endoftext|>``).
+    tokenizer: a :class:`prunejax.data.text.Tokenizer` (e.g. ``gpt2_tokenizer`` of the same
+      directory): ``pad_id`` and ``eos_id`` are taken from it, so the two agree by construction,
+      and its ``vocab_size`` must equal the model's.
     **fields: further :class:`GPTClassifier` fields that do not change the architecture:
       ``compute_dtype``, ``param_dtype``, ``remat``.
 
   Raises:
-    ConfigError: ``num_classes``, ``context``, ``pad_id`` or ``dropout`` out of range, or a field
-      other than those three.
+    ConfigError: ``num_classes``, ``context``, ``pad_id``, ``eos_id``, ``pooling`` or ``dropout``
+      out of range, a field other than those three, or a tokenizer that disagrees (its
+      ``vocab_size`` is not the model's, or ``pad_id`` given besides it).
   """
+  if tokenizer is not None:
+    if pad_id is not None and pad_id != tokenizer.pad_id:
+      raise ConfigError(f"pad_id={pad_id!r} disagrees with the tokenizer's pad_id="
+                        f"{tokenizer.pad_id}; pass one of them")
+    pad_id, eos_id = tokenizer.pad_id, tokenizer.eos_id if eos_id is None else eos_id
   extra = sorted(set(fields) - set(_FIELDS))
   if extra:
     raise ConfigError(f"gpt2_classifier got field {extra[0]!r}; a pretrained GPT-2's "
@@ -208,17 +227,28 @@ def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None
       or not 0 <= pad_id <= config.vocab_size):
     raise ConfigError(f"pad_id={pad_id!r} is out of range; expected an integer in "
                       f"[0, {config.vocab_size}] ({config.vocab_size} adds a new pad row)")
+  eos_id = config.vocab_size - 1 if eos_id is None else eos_id
+  if isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < config.vocab_size:
+    raise ConfigError(f"eos_id={eos_id!r} is out of range; expected an integer in "
+                      f"[0, {config.vocab_size})")
+  check_choice("pooling", pooling, POOLINGS)
   if dropout is None:
     rates = (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop)
   else:
     check_range("dropout", dropout, 0.0, 1.0, hi_open=True)
     rates = (float(dropout),) * 3
-  return GPTClassifier(
+  model = GPTClassifier(
       vocab_size=config.vocab_size + (pad_id == config.vocab_size), num_classes=num_classes,
       context=context, depth=config.n_layer, width=config.n_embd, num_heads=config.n_head,
       head_dim=config.n_embd // config.n_head, mlp_dim=config.mlp_dim, pad_id=pad_id,
-      ln_epsilon=config.layer_norm_epsilon, embd_dropout=rates[0], attn_dropout=rates[1],
-      resid_dropout=rates[2], **fields)
+      eos_id=eos_id, pooling=pooling, ln_epsilon=config.layer_norm_epsilon, embd_dropout=rates[0],
+      attn_dropout=rates[1], resid_dropout=rates[2], **fields)
+  if tokenizer is not None and tokenizer.vocab_size != model.vocab_size:
+    raise ConfigError(f"the tokenizer's vocab_size={tokenizer.vocab_size} (ids it may emit, pad "
+                      f"included) differs from the model's vocab_size={model.vocab_size} "
+                      f"(config.json's {config.vocab_size} plus a new pad row if pad_id="
+                      f"{config.vocab_size}); use the tokenizer of this checkpoint")
+  return model
 
 
 class _TensorFiles:
@@ -298,7 +328,9 @@ def _check_tensors(files: _TensorFiles, config: GPT2Config, checkpoint_dir: str)
 
 def load_gpt2_classifier(checkpoint_dir: str, num_classes: int, *, key: jax.Array,
                          context: int | None = None, dropout: float | None = None,
-                         pad_id: int | None = None, **fields: Any) -> tuple[GPTClassifier, dict]:
+                         pad_id: int | None = None, pooling: str = "last_token",
+                         eos_id: int | None = None, tokenizer: Any = None,
+                         **fields: Any) -> tuple[GPTClassifier, dict]:
   """A :class:`GPTClassifier` and its params from a Hugging Face GPT-2 checkpoint directory.
 
   Every tensor of the checkpoint is checked (present, shape from ``config.json``, floating dtype)
@@ -317,6 +349,9 @@ def load_gpt2_classifier(checkpoint_dir: str, num_classes: int, *, key: jax.Arra
     dropout: one dropout rate for all three sites; default (None) the checkpoint's ``embd_pdrop``,
       ``attn_pdrop`` and ``resid_pdrop``. Dropout acts only with ``train=True``.
     pad_id: see :func:`gpt2_classifier` (default: a new id ``vocab_size``, zero embedding row).
+    pooling, eos_id, tokenizer: see :func:`gpt2_classifier`. Pass the tokenizer that encodes the
+      inputs (``prunejax.data.text.gpt2_tokenizer(checkpoint_dir, pad_id=...)``) so that pad, eos
+      and the vocabulary agree by construction.
     **fields: ``compute_dtype``, ``param_dtype``, ``remat`` of the model (see
       :func:`gpt2_classifier`); the weights are converted to ``param_dtype`` (default float32).
 
@@ -337,7 +372,7 @@ def load_gpt2_classifier(checkpoint_dir: str, num_classes: int, *, key: jax.Arra
   """
   config = read_gpt2_config(checkpoint_dir)
   model = gpt2_classifier(config, num_classes, context=context, pad_id=pad_id, dropout=dropout,
-                          **fields)
+                          pooling=pooling, eos_id=eos_id, tokenizer=tokenizer, **fields)
   files = _TensorFiles(checkpoint_dir)
   keys = _check_tensors(files, config, checkpoint_dir)
   params = _classifier_params(model, config, lambda name: files.get(keys[name]))
