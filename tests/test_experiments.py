@@ -279,9 +279,21 @@ def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path):
   workdir = run_twice(cfg, tmp_path)
   _check_outputs(workdir, cfg.strategies)
   summary = json.load(open(os.path.join(workdir, "dedup", "summary.json")))
-  assert summary["step"] == "exact_and_leakage" and summary["train_before"] == 256
+  assert summary["step"] == "audit" and summary["train_before"] == 256
+  # The audit ran every issue type, and cleaning removed exactly the flagged types' ids.
+  assert all(summary["audit"][t]["ran"] for t in ("label", "exact_duplicate", "near_duplicate",
+                                                  "outlier", "leakage"))
+  with np.load(os.path.join(workdir, "dedup", "audit.npz")) as f:
+    flagged = np.zeros(len(f["id"]), bool)
+    for t in summary["audit_removed_by"]:
+      flagged |= f[f"is_{t}_issue"]
+    assert sorted(f["id"]) == f["id"].tolist() and len(f["id"]) == 256
+    assert summary["train_after"] == 256 - flagged.sum() == 256 - summary["audit_removed"]
   with np.load(os.path.join(workdir, "subsets", "semdedup_keep0.5_r0.npz")) as f:
-    assert len(f["ids"]) == 128
+    assert len(f["ids"]) == int(np.floor(0.5 * summary["train_after"] + 0.5))
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "## Data audit" in report and "| outlier | yes |" in report
+  assert os.path.exists(os.path.join(workdir, "audit", "outlier.png"))
 
 
 def test_gpt2_fine_tuning_config_on_a_tiny_checkpoint(tmp_path):
