@@ -29,6 +29,7 @@ import numpy as np
 from experiments import common
 from prunejax import audit as audit_lib
 from prunejax import data, dedup, scores
+from prunejax.errors import ConfigError
 from prunejax.fileio import atomic_write_json
 
 log = logging.getLogger("prunejax")
@@ -130,6 +131,16 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
     result.save(os.path.join(ctx.workdir, "dedup", "audit.npz"))
   remove_by = tuple(t for t in cfg.get("audit_remove", AUDIT_REMOVE) if t in result.is_issue)
   removed = result.remove_ids(remove_by)
+  max_share = float(cfg.get("audit_max_removed", 0.5))
+  if len(removed) > max_share * len(ids):
+    # Collapsed embeddings (a briefly trained model's ReLU features can all be within 1e-3 cosine
+    # distance) make "near duplicates" of nearly everything: refuse rather than train on scraps.
+    counts = ", ".join(f"{t} {result.summary[t]['count']:,}" for t in remove_by)
+    raise ConfigError(
+        f"dedup.first='audit' would remove {len(removed):,} of {len(ids):,} training examples "
+        f"(more than dedup.audit_max_removed={max_share}): {counts}. Lower dedup.eps, train the "
+        f"embedding model longer (data_pruning.score_epochs), or leave a type out of "
+        f"dedup.audit_remove; the audit's table is in dedup/audit.npz")
   texts = ctx.ds.texts or {}
   section = reporting.audit_section(
       ctx.workdir, result, kind=ctx.ds.kind,

@@ -65,6 +65,7 @@ def _check_data_pruning(config: ml_collections.ConfigDict) -> None:
     from prunejax.audit import ISSUE_TYPES
     for t in dd.get("audit_remove", ()):
       check_choice("dedup.audit_remove", t, ISSUE_TYPES)
+    check_range("dedup.audit_max_removed", dd.get("audit_max_removed", 0.5), 0.0, 1.0)
 
 
 def _check_model_pruning(config: ml_collections.ConfigDict) -> None:

@@ -215,34 +215,47 @@ def _components(ids: np.ndarray, u: np.ndarray, v: np.ndarray) -> list[np.ndarra
   return sorted((np.sort(ids[g]) for g in groups.values()), key=lambda g: int(g[0]))
 
 
-def _cluster_knn(x: np.ndarray, clusters: np.ndarray, k: int, block: int = 2048
+def _cluster_knn(x: np.ndarray, clusters: np.ndarray, k: int, block: int = 4096
                  ) -> np.ndarray:
   """Mean cosine distance to the ``k`` nearest other examples of the same cluster, f64[N]
-  (the whole dataset for examples of clusters with at most ``k`` members)."""
-  u = x / np.linalg.norm(x, axis=1, keepdims=True)
-  u32 = u.astype(np.float32)
-  n = len(u)
+  (the whole dataset for examples of clusters with at most ``k`` members).
+
+  Everything is float32 (the approximate search's own precision, ~1e-7 in the distances); rows
+  equal in float32 count as exact copies, at distance exactly 0 as in Datalab.
+  """
+  x = np.asarray(x, np.float32)
+  u32 = x / np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]
+  n = len(u32)
   avg = np.zeros(n)
   counts = np.bincount(clusters)
-  small = counts[clusters] <= k
 
-  def knn_rows(rows: np.ndarray, cols: np.ndarray) -> None:
-    for s in range(0, len(rows), block):
-      r = rows[s:s + block]
-      sim = u32[r] @ u32[cols].T
-      sim[cols[None, :] == r[:, None]] = -np.inf
-      nb = cols[np.argpartition(-sim, k - 1, axis=1)[:, :k]]
-      dist = 1.0 - np.einsum("rd,rkd->rk", u[r], u[nb])
-      dist = np.where(np.all(x[r][:, None, :] == x[nb], axis=-1), 0.0, np.maximum(dist, 0.0))
-      avg[r] = dist.mean(axis=1)
+  def rows_avg(sim: np.ndarray, r: np.ndarray, cols: np.ndarray) -> None:
+    # Exact copies (similarity within f32 rounding of 1, then compared) rank first and sit at
+    # distance 0 (clipped below).
+    ri, ci = np.nonzero(sim >= 1.0 - 1e-5)
+    same = np.all(x[r[ri]] == x[cols[ci]], axis=1)
+    sim[ri[same], ci[same]] = 2.0
+    # Only the k largest values are needed (not their positions): partition, no argsort.
+    top = np.partition(sim, sim.shape[1] - k, axis=1)[:, -k:].astype(np.float64)
+    avg[r] = np.maximum(1.0 - top, 0.0).mean(axis=1)
 
   order = np.argsort(clusters, kind="stable")
   starts = np.concatenate([[0], np.cumsum(counts)])
   for c in np.flatnonzero(counts > k):
     members = order[starts[c]:starts[c + 1]]
-    knn_rows(members, members)
-  if small.any():
-    knn_rows(np.flatnonzero(small), np.arange(n))
+    u_m = u32[members]
+    for s in range(0, len(members), block):
+      # One block is u_m @ u_m.T, which NumPy computes as a symmetric rank-k update (half the work).
+      sim = u_m @ u_m.T if len(members) <= block else u_m[s:s + block] @ u_m.T
+      rows = np.arange(s, min(s + block, len(members)))
+      sim[rows - s, rows] = -np.inf
+      rows_avg(sim, members[rows], members)
+  small = np.flatnonzero(counts[clusters] <= k)
+  for s in range(0, len(small), block):
+    r = small[s:s + block]
+    sim = u32[r] @ u32.T
+    sim[np.arange(len(r)), r] = -np.inf
+    rows_avg(sim, r, np.arange(n))
   return avg
 
 
@@ -253,14 +266,14 @@ def _outliers(x: np.ndarray, *, k: int, threshold: float, search: str, exact_max
     raise ConfigError(f"audit.outlier_k={k} needs more than k examples; got N={n}")
   use_exact = search == "exact" or (search == "auto" and (n <= exact_max or x.shape[1] <= 3))
   if use_exact:
-    dist, _, metric = _knn_host(x, k, "auto", 256, 1024, None)
+    dist, _, metric = _knn_host(np.asarray(x, np.float64), k, "auto", 256, 1024, None)
     avg = dist.mean(axis=1)
   else:
     if clusters is None:
       raise ConfigError("audit: outlier_search='cluster' needs the SemDeDup clusters (run with "
                         "near-duplicate detection on, i.e. embeddings given)")
     metric = "cosine"
-    avg = _cluster_knn(x.astype(np.float64), clusters, k)
+    avg = _cluster_knn(x, clusters, k)
   # Datalab: exp(-avg / scale), scale = median(avg) (at least 100 eps), 1 below a tolerance.
   scale = max(float(np.median(avg)), 100 * np.finfo(np.float64).eps)
   score = np.exp(-avg / scale)
@@ -423,7 +436,7 @@ def audit(ids_N: Any, *, labels_N: Any = None, probs_NxC: Any = None,
     info.update(near_duplicate_eps=near_duplicate_eps, num_clusters=k_clusters, keep=keep)
     if n > outlier_k:
       is_issue["outlier"], score["outlier"], out_info = _outliers(
-          emb.astype(np.float64), k=outlier_k, threshold=outlier_threshold,
+          emb, k=outlier_k, threshold=outlier_threshold,
           search=outlier_search, exact_max=outlier_exact_max, clusters=res.cluster)
       info.update(out_info)
     else:

@@ -149,7 +149,8 @@ def test_cluster_search_with_one_cluster_is_exact(data):
   clustered = audit_lib.audit(data["ids"], embeddings_NxD=data["emb"], num_clusters=1,
                               outlier_search="cluster")
   assert clustered.info["outlier_search"] == "cluster"
-  np.testing.assert_allclose(clustered.score["outlier"], exact.score["outlier"], atol=1e-9)
+  # float32 similarities in the cluster search: scores within f32 rounding of the exact ones.
+  np.testing.assert_allclose(clustered.score["outlier"], exact.score["outlier"], atol=2e-6)
   np.testing.assert_array_equal(clustered.is_issue["outlier"], exact.is_issue["outlier"])
   # Only what was given runs; the rest is reported as not checked.
   assert set(exact.is_issue) == {"near_duplicate", "outlier"}

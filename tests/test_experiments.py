@@ -294,6 +294,11 @@ def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path):
   report = open(os.path.join(workdir, "report.md")).read()
   assert "## Data audit" in report and "| outlier | yes |" in report
   assert os.path.exists(os.path.join(workdir, "audit", "outlier.png"))
+  # An audit that would remove most of the data (collapsed 1-epoch features: nearly everything is a
+  # near duplicate) is refused with the counts and the fix, not run on what is left.
+  with pytest.raises(ConfigError, match="would remove .* near_duplicate .*dedup.audit_remove"):
+    run.run(_config("dedup", **{"dedup.audit_remove": ("near_duplicate",),
+                                "strategies": ("dense",)}), str(tmp_path / "refused"))
 
 
 def test_gpt2_fine_tuning_config_on_a_tiny_checkpoint(tmp_path):

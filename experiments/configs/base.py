@@ -61,7 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   # data_pruning.keep_fractions by SemDeDup (eps set per fraction).
   c.dedup = ml_collections.ConfigDict(dict(
       first="off", eps=0.05, num_clusters=50, keep="farthest",
-      audit_remove=("label", "exact_duplicate", "near_duplicate", "leakage")))
+      audit_remove=("label", "exact_duplicate", "near_duplicate", "leakage"),
+      audit_max_removed=0.5))
   # Post-training pruning (the "post_training" strategy): magnitude, Wanda and SparseGPT on the
   # trained model at each sparsity (a fraction or "N:M", keep N of M), no retraining; Wanda and
   # SparseGPT calibrated on calibration_size training examples chosen randomly or by EL2N.
