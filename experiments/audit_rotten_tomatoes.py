@@ -45,7 +45,11 @@ def main(argv):
   ids = np.sort(tr.ids)
   texts = ds.texts["train"]
   emb, probs = features_and_probs([texts[i] for i in ids.tolist()], tr.labels(ids), FLAGS.seed)
-  emb[np.linalg.norm(emb, axis=1) == 0] = 1e-6  # texts with no kept n-gram: a tiny common vector
+  # A text with no n-gram seen twice has a zero TF-IDF row: give it a random direction of its own, so
+  # that it is nobody's near duplicate (a common vector would make all of them one near-duplicate set).
+  empty = np.linalg.norm(emb, axis=1) < 1e-9
+  emb[empty] = np.random.default_rng(FLAGS.seed).normal(size=(int(empty.sum()), emb.shape[1]))
+  print(f"{int(empty.sum())} training texts share no n-gram with another (random embeddings)")
   te_ids = np.sort(te.ids)
   result = audit.audit(ids, labels_N=tr.labels(ids), probs_NxC=probs, embeddings_NxD=emb,
                        content=tr.read(ids)["x"], kind="tokens", pad_id=ds.meta["pad_id"],
