@@ -1,6 +1,10 @@
 """One audit of a dataset: every issue type per example, in one table keyed by id (as cleanlab's
 ``Datalab.find_issues`` then ``get_issues()``), with a summary and the duplicate sets.
 
+Entry points: :func:`audit` (arrays keyed by ids) and :func:`audit_source` (a
+:class:`prunejax.data.Source`, its ``x`` hashed chunk by chunk); :func:`summary_markdown` renders
+the summary.
+
 Issue types (:data:`ISSUE_TYPES`), each run when its inputs are given:
 
 * ``label`` (labels + out-of-fold probabilities, or a ``fit_predict`` to make them by stratified
@@ -455,6 +459,35 @@ def audit(ids_N: Any, *, labels_N: Any = None, probs_NxC: Any = None,
                predicted_label=predicted, exact_duplicate_sets=exact_sets,
                near_duplicate_sets=near_sets, leakage_pairs=leak_pairs, summary=summary,
                info=info)
+
+
+def audit_source(source: Any, ids: Any = None, *, test: Any = None, test_ids: Any = None,
+                 kind: str | None = None, pad_id: int | None = None, chunk: int = 4096,
+                 **kwargs: Any) -> Audit:
+  """:func:`audit` of a :class:`prunejax.data.Source`: its labels and its ``x`` as content.
+
+  Args:
+    source: the training source (``read(ids)``, ``labels(ids)``, ``ids``).
+    ids: the ids to audit (default all of ``source``).
+    test, test_ids: the test source and its ids (default all), for ``leakage``.
+    kind: how ``x`` is hashed: ``"image"`` (default for arrays) or ``"tokens"`` (with ``pad_id``).
+    chunk: examples read at a time (only digests are kept).
+    **kwargs: the rest of :func:`audit` (``probs_NxC``, ``embeddings_NxD``, ``fit_predict``,
+      ``embed_fn``, thresholds, ...), rows in the order of ``ids``.
+  """
+  ids = np.asarray(source.ids if ids is None else ids)
+  kind = kind or "image"
+
+  def digests(src, which):
+    parts = [dedup.content_hashes(src.read(which[s:s + chunk])["x"], kind=kind, pad_id=pad_id)
+             for s in range(0, len(which), chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0, dedup.exact.HASH_DTYPE)
+
+  extra = {}
+  if test is not None:
+    te = np.asarray(test.ids if test_ids is None else test_ids)
+    extra = {"test_ids": te, "test_hashes": digests(test, te)}
+  return audit(ids, labels_N=source.labels(ids), hashes_N=digests(source, ids), **extra, **kwargs)
 
 
 def summary_markdown(result: Audit) -> str:

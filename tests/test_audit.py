@@ -222,3 +222,17 @@ def test_bad_inputs_name_the_field(data):
   res = audit_lib.audit(ids, labels_N=labels, probs_NxC=probs)
   with pytest.raises(ConfigError, match="did not run"):
     res.remove_ids(["outlier"])
+
+
+def test_audit_of_a_source_equals_the_audit_of_its_arrays(data):
+  from prunejax.data import ArraySource
+  perm = np.random.default_rng(5).permutation(N)
+  train = ArraySource(data["images"][perm], data["labels"][perm], data["ids"][perm], "train")
+  test = ArraySource(data["test_images"], np.zeros(20, np.int64), data["test_ids"], "test")
+  res = audit_lib.audit_source(train, data["ids"], test=test, probs_NxC=data["probs"],
+                               embeddings_NxD=data["emb"], num_clusters=4,
+                               near_duplicate_eps=0.01, chunk=50)
+  ref = _run(data)
+  for t in ref.is_issue:
+    np.testing.assert_array_equal(res.is_issue[t], ref.is_issue[t])
+  np.testing.assert_array_equal(res.leakage_pairs, ref.leakage_pairs)
