@@ -151,21 +151,20 @@ def _rows(name: str, x: Any, n: int, keep: np.ndarray, order: np.ndarray) -> np.
   return x[keep][order]
 
 
-def _hashes(name: str, hashes: Any, content: Any, kind: str | None, pad_id: int | None,
-            n: int, keep: np.ndarray, order: np.ndarray) -> np.ndarray | None:
+def _hashes(fields: tuple[str, str], hashes: Any, content: Any, kind: str | None,
+            pad_id: int | None, n: int, keep: np.ndarray, order: np.ndarray) -> np.ndarray | None:
+  """Digests in id order from ``hashes`` or ``content``; ``fields`` names them in messages."""
+  hf, cf = fields
   if hashes is not None and content is not None:
-    raise ConfigError(f"audit: pass {name}_hashes or {name}_content, not both")
+    raise ConfigError(f"audit: pass {hf} or {cf}, not both")
   if hashes is not None:
-    h = _rows(f"{name}_hashes", hashes, n, keep, order)
-    return dedup.exact._check_hashes(h, f"audit.{name}_hashes")
+    return dedup.exact._check_hashes(_rows(hf, hashes, n, keep, order), f"audit.{hf}")
   if content is None:
     return None
   if kind is None:
-    raise ConfigError(f"audit: {name}_content needs kind ('image', 'text' or 'tokens')")
-  rows = _rows(f"{name}_content", content, n, keep, order)
-  if kind == "text":
-    rows = list(rows)
-  return dedup.content_hashes(rows, kind=kind, pad_id=pad_id)
+    raise ConfigError(f"audit: {cf} needs kind ('image', 'text' or 'tokens')")
+  rows = _rows(cf, content, n, keep, order)
+  return dedup.content_hashes(list(rows) if kind == "text" else rows, kind=kind, pad_id=pad_id)
 
 
 def _mask(mask_N: Any, n: int, field: str) -> np.ndarray:
@@ -385,8 +384,8 @@ def audit(ids_N: Any, *, labels_N: Any = None, probs_NxC: Any = None,
     given = rows("labels_N", labels_N).astype(np.int64)
 
   # -- exact duplicates and leakage ---------------------------------------------------------------
-  train_h = _hashes("train", hashes_N, content, kind, pad_id, n_in, keep_rows, order) \
-      if (hashes_N is not None or content is not None) else None
+  train_h = _hashes(("hashes_N", "content"), hashes_N, content, kind, pad_id, n_in, keep_rows,
+                    order)
   if train_h is not None:
     exact_sets = dedup.exact_duplicates(ids, train_h)
     redundant = dedup.redundant_ids(exact_sets)
@@ -402,7 +401,8 @@ def audit(ids_N: Any, *, labels_N: Any = None, probs_NxC: Any = None,
       raise ConfigError("audit: leakage needs test_ids beside test_content or test_hashes")
     te_ids, te_keep, te_order = _ids_in_order(test_ids, test_mask, "audit.test_ids")
     n_te = len(np.asarray(test_ids))
-    te_h = _hashes("test", test_hashes, test_content, kind, pad_id, n_te, te_keep, te_order)
+    te_h = _hashes(("test_hashes", "test_content"), test_hashes, test_content, kind, pad_id, n_te,
+                   te_keep, te_order)
     if te_h is None:
       raise ConfigError("audit: leakage needs test_content or test_hashes beside test_ids")
     tr_p, te_p = dedup.leakage(ids, train_h, te_ids, te_h)
@@ -426,6 +426,10 @@ def audit(ids_N: Any, *, labels_N: Any = None, probs_NxC: Any = None,
     if emb.ndim != 2 or emb.shape[1] == 0 or not np.issubdtype(emb.dtype, np.number):
       raise DataError(f"audit.embeddings_NxD must be a numeric [N, D] array; got dtype "
                       f"{emb.dtype}, shape {emb.shape}")
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+      raise DataError(f"audit.embeddings_NxD has NaN or inf in {int(bad.sum())} rows (ids "
+                      f"{ids[bad][:5].tolist()})")
     k_clusters = num_clusters if num_clusters is not None else max(1, int(round(np.sqrt(n))))
     if isinstance(k_clusters, int) and k_clusters > n:
       raise ConfigError(f"audit.num_clusters={k_clusters} exceeds the number of examples N={n}")

@@ -199,8 +199,14 @@ def test_bad_inputs_name_the_field(data):
     audit_lib.audit(ids, labels_N=labels, probs_NxC=bad)
   bad = emb.copy()
   bad[4, 1] = np.inf
-  with pytest.raises(DataError, match="NaN or inf"):
+  with pytest.raises(DataError, match=rf"audit.embeddings_NxD has NaN or inf in 1 rows "
+                                      rf"\(ids \[{ids[4]}\]"):
     audit_lib.audit(ids, embeddings_NxD=bad, num_clusters=4)
+  with pytest.raises(DataError, match="audit.hashes_N must be the bytes16"):
+    audit_lib.audit(ids, hashes_N=np.zeros(N, np.int64))
+  with pytest.raises(ConfigError, match="test_content needs kind"):
+    audit_lib.audit(ids, hashes_N=dedup.content_hashes(data["images"], kind="image"),
+                    test_ids=data["test_ids"], test_content=data["test_images"])
   with pytest.raises(DataError, match="audit.ids_N repeats"):
     audit_lib.audit(np.r_[ids[:-1], ids[0]], labels_N=labels, probs_NxC=probs)
   with pytest.raises(DataError, match="audit.probs_NxC has 159 rows"):
