@@ -1,4 +1,4 @@
-"""One data audit of Rotten Tomatoes with a cheap text model: counts and a sample of each issue type.
+"""One data audit of Rotten Tomatoes with a cheap text model: counts and a sample of each type.
 
     python -m experiments.audit_rotten_tomatoes [--eps=0.05] [--samples=3]
 
@@ -45,8 +45,8 @@ def main(argv):
   ids = np.sort(tr.ids)
   texts = ds.texts["train"]
   emb, probs = features_and_probs([texts[i] for i in ids.tolist()], tr.labels(ids), FLAGS.seed)
-  # A text with no n-gram seen twice has a zero TF-IDF row: give it a random direction of its own, so
-  # that it is nobody's near duplicate (a common vector would make all of them one near-duplicate set).
+  # A text with no n-gram seen twice has a zero TF-IDF row: give it a random direction of its own,
+  # so that it is nobody's near duplicate (a common vector would make them one near-duplicate set).
   empty = np.linalg.norm(emb, axis=1) < 1e-9
   emb[empty] = np.random.default_rng(FLAGS.seed).normal(size=(int(empty.sum()), emb.shape[1]))
   print(f"{int(empty.sum())} training texts share no n-gram with another (random embeddings)")

@@ -1,6 +1,6 @@
 """Time of one full data audit against SemDeDup alone, in one process, printed as a ratio.
 
-    python -m experiments.bench_audit                 # 100k x 256 embeddings, 10-class probabilities
+    python -m experiments.bench_audit          # 100k x 256 embeddings, 10-class probabilities
     python -m experiments.bench_audit --n=20000
 
 The audit (:func:`prunejax.audit.audit`) gets the embeddings and out-of-fold-like probabilities

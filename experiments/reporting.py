@@ -595,7 +595,8 @@ class Report:
 
 
 def audit_section(workdir: str, result, *, kind: str, read_x: Callable | None = None,
-                  texts: Mapping[int, str] | None = None, test_texts: Mapping[int, str] | None = None,
+                  texts: Mapping[int, str] | None = None,
+                  test_texts: Mapping[int, str] | None = None,
                   removed_by: Sequence[str] = (), top: int = 8) -> list[str]:
   """The report's data-audit section: the summary table, then the top issues of each type.
 
@@ -623,8 +624,8 @@ def audit_section(workdir: str, result, *, kind: str, read_x: Callable | None = 
               f"({len(result.remove_ids(removed_by)):,} ids).", ""]
   g, p = result.given_label, result.predicted_label
   row = {int(i): k for k, i in enumerate(result.ids)}
-  labels_of = lambda i: ("" if g is None else f"given {g[row[i]]}"
-                         + ("" if p is None else f", predicted {p[row[i]]}"))
+  labels_of = lambda i: ", ".join(([] if g is None else [f"given {g[row[i]]}"])
+                                  + ([] if p is None else [f"predicted {p[row[i]]}"]))
   for t in result.is_issue:
     ids = [int(i) for i in result.top(t, top)]
     if not ids:
@@ -640,14 +641,17 @@ def audit_section(workdir: str, result, *, kind: str, read_x: Callable | None = 
         extra = ""
         if t == "leakage":
           te = result.leakage_pairs[result.leakage_pairs[:, 0] == i, 1]
-          extra = f" = test id {int(te[0])}" if len(te) else ""
+          te_text = (test_texts or {}).get(int(te[0]), "") if len(te) else ""
+          extra = (f" = test id {int(te[0])}" if len(te) else "") + (
+              f" (\"{te_text[:80]}\")" if te_text and te_text != texts.get(i) else "")
         elif t in ("exact_duplicate", "near_duplicate"):
           sets = result.exact_duplicate_sets if t == "exact_duplicate" else \
               result.near_duplicate_sets
           mates = next((s for s in sets if i in s), np.zeros(0, np.int64))
           extra = f" (set {[int(m) for m in mates]})" if len(mates) else ""
         text = " ".join(str(texts.get(i, "")).split())
-        lines.append(f"- id {i} ({labels_of(i)}){extra}: \"{text[:160]}\"")
+        labels = f" ({labels_of(i)})" if labels_of(i) else ""
+        lines.append(f"- id {i}{labels}{extra}: \"{text[:160]}\"")
       lines.append("")
   return lines
 

@@ -21,9 +21,10 @@ Issue types (:data:`ISSUE_TYPES`), each run when its inputs are given:
 * ``outlier`` (embeddings): Datalab's kNN outlier issue: the mean distance to the ``outlier_k``
   nearest other examples; the score is Datalab's ``exp(-avg / median(avg))``; flagged when
   ``avg > Q3 + (1 / outlier_threshold - 1) * IQR`` of ``avg`` (Datalab's rule, threshold 0.37037).
-  Up to ``outlier_exact_max`` examples the neighbours are exact (:func:`prunejax.scores.knn_distances`);
-  above, they are searched inside SemDeDup's k-means clusters (cosine; exact for an example whose
-  true neighbours share its cluster, which is the usual case but not guaranteed).
+  Up to ``outlier_exact_max`` examples the neighbours are exact
+  (:func:`prunejax.scores.knn_distances`); above, they are searched inside SemDeDup's k-means
+  clusters (cosine, float32; exact for an example whose true neighbours share its cluster, which is
+  the usual case but not guaranteed).
 * ``leakage`` (content or hashes of a test split too): training examples whose content occurs in
   the test split; score 0 if leaked, else 1.
 

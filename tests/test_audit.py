@@ -1,4 +1,4 @@
-"""prunejax.audit: one table by id with label issues, exact and near duplicates, outliers, leakage."""
+"""prunejax.audit: one table by id: label issues, exact and near duplicates, outliers, leakage."""
 
 import warnings
 

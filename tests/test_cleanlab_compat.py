@@ -108,8 +108,9 @@ def test_hand_computed_case():
   # Off-diagonal: rows 1 (0.5 >= t1 only) and 4 (0.8 >= t0 only); row 1's label ties the argmax.
   np.testing.assert_array_equal(cc.find_label_issues(labels, probs, filter_by="confident_learning"),
                                 [False, False, False, False, True])
-  np.testing.assert_array_equal(cc.find_label_issues(labels, probs, filter_by="predicted_neq_given"),
-                                [False, False, False, True, True])
+  np.testing.assert_array_equal(
+      cc.find_label_issues(labels, probs, filter_by="predicted_neq_given"),
+      [False, False, False, True, True])
   assert cc.num_label_issues(labels, probs) == 1
   # low_self_confidence flags the num_label_issues lowest p(label): row 4 (0.2).
   np.testing.assert_array_equal(
