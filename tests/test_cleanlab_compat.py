@@ -56,6 +56,13 @@ def test_every_filter_equals_cleanlab_on_noisy_digits(digits, filter_by):
   perm = np.random.default_rng(1).permutation(len(labels))
   shuffled = find_by_id(probs[perm], labels[perm], filter_by=filter_by, ids_N=ids[perm])
   np.testing.assert_array_equal(shuffled, ours[perm])
+  # Padding rows (NaN probabilities, out-of-range labels) on both sides are left out.
+  pad = lambda a, fill: np.concatenate([np.full((2,) + a.shape[1:], fill, a.dtype), a,
+                                        np.full((3,) + a.shape[1:], fill, a.dtype)])
+  mask = np.r_[np.zeros(2, bool), np.ones(len(labels), bool), np.zeros(3, bool)]
+  padded = find_by_id(pad(probs, np.nan), pad(labels, 99), filter_by=filter_by,
+                      ids_N=pad(ids, -1), mask_N=mask)
+  np.testing.assert_array_equal(padded, pad(ours, False))
 
 
 @pytest.mark.parametrize("rank_by", cc.METHODS)
@@ -174,3 +181,7 @@ def test_bad_inputs_name_the_argument():
     find_by_id(probs, labels, ids_N=np.array([1, 2, 2, 3]))
   with pytest.raises(DataError, match="ids_N must be 4"):
     find_by_id(probs, labels, ids_N=np.array([1, 2, 3]))
+  with pytest.raises(DataError, match="mask_N must be bool"):
+    find_by_id(probs, labels, mask_N=np.ones(4))
+  with pytest.raises(DataError, match="probs_NxC must be"):
+    find_by_id(probs[:3], labels)

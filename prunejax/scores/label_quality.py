@@ -346,7 +346,8 @@ def _stable_argsort(x: np.ndarray) -> np.ndarray:
 def find_label_issues(probs_NxC: np.ndarray, labels_N: np.ndarray, *,
                       filter_by: str = "prune_by_noise_rate",
                       min_examples_per_class: int = 1, frac_noise: float = 1.0,
-                      ids_N: np.ndarray | None = None) -> np.ndarray:
+                      ids_N: np.ndarray | None = None,
+                      mask_N: np.ndarray | None = None) -> np.ndarray:
   """Which examples are probably mislabeled, bool[N], from out-of-fold probabilities.
 
   The prunejax form: ``(probs, labels)`` order, rows keyed by ``ids_N``. With ``ids_N`` the rows are
@@ -377,19 +378,30 @@ def find_label_issues(probs_NxC: np.ndarray, labels_N: np.ndarray, *,
     min_examples_per_class: classes with at most this many examples are never pruned.
     frac_noise: flag only this fraction of the estimated errors (the three prune filters).
     ids_N: unique int ids of the rows (default ``0..N-1``).
+    mask_N: bool, False on padding rows: they are left out (their values are never read) and are
+      False in the result.
 
   References:
     Northcutt, Jiang, Chuang. JAIR 2021, Sec. 3.2 (C_confusion, C_{y*,y} and prune-by-noise-rate).
   """
   check_choice("find_label_issues.filter_by", filter_by, FILTERS)
-  probs_NxC, labels_N = _check(probs_NxC, labels_N)
+  n = len(np.asarray(labels_N)) if np.ndim(labels_N) else 0
+  real = np.ones(n, bool) if mask_N is None else np.asarray(mask_N)
+  if real.shape != (n,) or real.dtype != bool:
+    raise DataError(f"mask_N must be bool[{n}] (False on padding rows); got dtype {real.dtype}, "
+                    f"shape {real.shape}")
+  rows = np.flatnonzero(real)
+  probs_NxC, labels_N = _check(np.asarray(probs_NxC)[rows] if len(np.shape(probs_NxC)) == 2
+                               and np.shape(probs_NxC)[0] == n else probs_NxC,
+                               np.asarray(labels_N)[rows])
   _check_prune_args(min_examples_per_class, frac_noise)
-  order = np.arange(len(labels_N)) if ids_N is None else _id_order(ids_N, len(labels_N))
+  order = (np.arange(len(rows)) if ids_N is None
+           else _id_order(np.asarray(ids_N)[rows] if np.shape(ids_N) == (n,) else ids_N, len(rows)))
   issues_sorted = _issues(probs_NxC[order], labels_N[order], filter_by=filter_by,
                           min_examples_per_class=min_examples_per_class, frac_noise=frac_noise,
                           num_to_remove_per_class=None, joint_CxC=None, argsort=_stable_argsort)
-  issues_N = np.zeros(len(labels_N), bool)
-  issues_N[order] = issues_sorted
+  issues_N = np.zeros(n, bool)
+  issues_N[rows[order]] = issues_sorted
   return issues_N
 
 
