@@ -145,10 +145,16 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
   section = reporting.audit_section(
       ctx.workdir, result, kind=ctx.ds.kind,
       read_x=(lambda i: ctx.ds.train.read(i)["x"]) if ctx.ds.kind == "image" else None,
-      texts=texts.get("train"), test_texts=texts.get("test"), removed_by=remove_by)
+      texts=texts.get("train"), test_texts=texts.get("test"),
+      removed_by=remove_by) if jax.process_index() == 0 else []
   summary = {"audit": result.summary, "audit_removed_by": list(remove_by),
              "audit_removed": len(removed), "compute": emb_compute + probs_compute,
              "audit_section": section}
+  if ctx.corrupted_ids is not None and "label" in result.is_issue:
+    # With dataset.label_noise, how many of the flagged label issues are the flipped labels.
+    flagged = result.issue_ids("label")
+    summary["label_issues_flipped"] = int(np.isin(flagged, ctx.corrupted_ids).sum())
+    summary["flipped"] = int(len(ctx.corrupted_ids))
   return removed, summary
 
 
@@ -197,6 +203,9 @@ def notes(ctx: common.Context) -> list[str]:
       what += f" and {leak}" if c["leakage_removed"] else f"; found (not removed) {leak}"
     out.append(f"Deduplication ({c['step']}): removed {what}; {c['train_after']:,} of "
                f"{c['train_before']:,} training examples remain (ids under dedup/).")
+    if c["step"] == "audit" and "flipped" in c:
+      out.append(f"Of the {c['audit']['label']['count']:,} label issues the audit flagged, "
+                 f"{c['label_issues_flipped']:,} are among the {c['flipped']:,} flipped labels.")
     if c["step"] == "audit":
       out += [""] + c["audit_section"]
   return out

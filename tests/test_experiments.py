@@ -296,6 +296,19 @@ def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path):
   assert os.path.exists(os.path.join(workdir, "audit", "outlier.png"))
   # An audit that would remove most of the data (collapsed 1-epoch features: nearly everything is a
   # near duplicate) is refused with the counts and the fix, not run on what is left.
+  # With label noise, the report says how many flagged label issues are flipped labels.
+  noisy = _config("dedup", **{"dataset.label_noise": 0.3, "strategies": ("dense",)})
+  workdir = str(tmp_path / "noisy")
+  run.run(noisy, workdir)
+  summary = json.load(open(os.path.join(workdir, "dedup", "summary.json")))
+  with np.load(os.path.join(workdir, "label_noise.npz")) as f:
+    flipped = f["flipped_ids"]
+  with np.load(os.path.join(workdir, "dedup", "audit.npz")) as f:
+    flagged = f["id"][f["is_label_issue"]]
+  assert summary["flipped"] == len(flipped)
+  assert summary["label_issues_flipped"] == np.isin(flagged, flipped).sum()
+  assert f"are among the {len(flipped)} flipped labels" in open(
+      os.path.join(workdir, "report.md")).read()
   with pytest.raises(ConfigError, match="would remove .* near_duplicate .*dedup.audit_remove"):
     run.run(_config("dedup", **{"dedup.audit_remove": ("near_duplicate",),
                                 "strategies": ("dense",)}), str(tmp_path / "refused"))
