@@ -121,8 +121,20 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
   ids = np.sort(ctx.ds.train.ids)
   tr_ids, tr_h = _hashes(ctx, "train")
   te_ids, te_h = _hashes(ctx, "test")
-  emb, emb_compute = scoring.embeddings(ctx, ids, seed, "audit embeddings")
-  probs, probs_compute = _out_of_fold_probs(ctx, ids, seed)
+  inputs = os.path.join(ctx.workdir, "dedup", "audit_inputs.npz")
+
+  def compute_inputs() -> dict:
+    emb, emb_compute = scoring.embeddings(ctx, ids, seed, "audit embeddings")
+    probs, probs_compute = _out_of_fold_probs(ctx, ids, seed)
+    common.save_npz(inputs, ids=ids, embeddings=emb, probs=probs)
+    return {"compute": emb_compute + probs_compute}
+
+  # A unit of work: rerunning the same workdir reads the embeddings and K-fold probabilities back.
+  spent = ctx.units.run("audit_inputs", compute_inputs)["compute"]
+  with np.load(inputs) as f:
+    if not np.array_equal(f["ids"], ids):
+      raise ConfigError(f"{inputs} holds other ids than the training split; rerun with --overwrite")
+    emb, probs = f["embeddings"], f["probs"]
   result = audit_lib.audit(ids, labels_N=ctx.labels(ids), probs_NxC=probs, embeddings_NxD=emb,
                            hashes_N=tr_h[np.argsort(tr_ids)],  # in id order, as ids
                            test_ids=te_ids, test_hashes=te_h, near_duplicate_eps=cfg.eps,
@@ -148,7 +160,7 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
       texts=texts.get("train"), test_texts=texts.get("test"),
       removed_by=remove_by) if jax.process_index() == 0 else []
   summary = {"audit": result.summary, "audit_removed_by": list(remove_by),
-             "audit_removed": len(removed), "compute": emb_compute + probs_compute,
+             "audit_removed": len(removed), "compute": spent,
              "audit_section": section}
   if ctx.corrupted_ids is not None and "label" in result.is_issue:
     # With dataset.label_noise, how many of the flagged label issues are the flipped labels.
