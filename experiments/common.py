@@ -62,6 +62,10 @@ def _check_data_pruning(config: ml_collections.ConfigDict) -> None:
     check_choice("dedup.first", dd.first, cleaning.FIRST_STEPS)
     check_range("dedup.eps", dd.eps, 0.0, 1.0)
     check_positive_int("dedup.num_clusters", dd.num_clusters)
+    from prunejax.audit import ISSUE_TYPES
+    for t in dd.get("audit_remove", ()):
+      check_choice("dedup.audit_remove", t, ISSUE_TYPES)
+    check_range("dedup.audit_max_removed", dd.get("audit_max_removed", 0.5), 0.0, 1.0)
 
 
 def _check_model_pruning(config: ml_collections.ConfigDict) -> None:

@@ -8,11 +8,12 @@ schedules, masked optax), :mod:`prunejax.train` (steps and the epoch loop), :mod
 :mod:`prunejax.checkpoint` (resumable units, round and mid-run checkpoints),
 :mod:`prunejax.dedup` (exact and semantic duplicates, train/test leakage), :mod:`prunejax.parallel`,
 :mod:`prunejax.report`, :mod:`prunejax.adapters` (Flax NNX, Equinox and Haiku models as
-``(apply_fn, params)`` and back).
+``(apply_fn, params)`` and back), :mod:`prunejax.audit` (one Datalab-style audit of a dataset:
+label issues, exact and near duplicates, outliers and train/test leakage in one table by id).
 """
 
-from prunejax import (adapters, checkpoint, data, dedup, losses, masks, models, online, optim,
-                      parallel, report, schedules, scores, select, train)
+from prunejax import (adapters, audit, checkpoint, data, dedup, losses, masks, models, online,
+                      optim, parallel, report, schedules, scores, select, train)
 from prunejax.errors import ConfigError, DataError, PrunejaxError
 
 __version__ = "0.1.0"

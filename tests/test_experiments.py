@@ -274,14 +274,49 @@ def test_label_noise_rows_report_the_corrupted_share_and_rho_loss_saves_il_by_id
   assert len(il_ids) == cfg.dataset.num_train and np.all(np.isfinite(il["irreducible_loss"]))
 
 
-def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path):
+def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path, monkeypatch):
+  from experiments import cleaning
   cfg = _config("dedup")
   workdir = run_twice(cfg, tmp_path)
+  # Rerunning the same workdir reads the audit's embeddings and K-fold probabilities back.
+  with monkeypatch.context() as m:
+    m.setattr(cleaning, "_out_of_fold_probs", lambda *a: pytest.fail("audit inputs recomputed"))
+    run.run(cfg, workdir)
   _check_outputs(workdir, cfg.strategies)
   summary = json.load(open(os.path.join(workdir, "dedup", "summary.json")))
-  assert summary["step"] == "exact_and_leakage" and summary["train_before"] == 256
+  assert summary["step"] == "audit" and summary["train_before"] == 256
+  # The audit ran every issue type, and cleaning removed exactly the flagged types' ids.
+  assert all(summary["audit"][t]["ran"] for t in ("label", "exact_duplicate", "near_duplicate",
+                                                  "outlier", "leakage"))
+  with np.load(os.path.join(workdir, "dedup", "audit.npz")) as f:
+    flagged = np.zeros(len(f["id"]), bool)
+    for t in summary["audit_removed_by"]:
+      flagged |= f[f"is_{t}_issue"]
+    assert sorted(f["id"]) == f["id"].tolist() and len(f["id"]) == 256
+    assert summary["train_after"] == 256 - flagged.sum() == 256 - summary["audit_removed"]
   with np.load(os.path.join(workdir, "subsets", "semdedup_keep0.5_r0.npz")) as f:
-    assert len(f["ids"]) == 128
+    assert len(f["ids"]) == int(np.floor(0.5 * summary["train_after"] + 0.5))
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "## Data audit" in report and "| outlier | yes |" in report
+  assert os.path.exists(os.path.join(workdir, "audit", "outlier.png"))
+  # An audit that would remove most of the data (collapsed 1-epoch features: nearly everything is a
+  # near duplicate) is refused with the counts and the fix, not run on what is left.
+  # With label noise, the report says how many flagged label issues are flipped labels.
+  noisy = _config("dedup", **{"dataset.label_noise": 0.3, "strategies": ("dense",)})
+  workdir = str(tmp_path / "noisy")
+  run.run(noisy, workdir)
+  summary = json.load(open(os.path.join(workdir, "dedup", "summary.json")))
+  with np.load(os.path.join(workdir, "label_noise.npz")) as f:
+    flipped = f["flipped_ids"]
+  with np.load(os.path.join(workdir, "dedup", "audit.npz")) as f:
+    flagged = f["id"][f["is_label_issue"]]
+  assert summary["flipped"] == len(flipped)
+  assert summary["label_issues_flipped"] == np.isin(flagged, flipped).sum()
+  assert f"are among the {len(flipped)} flipped labels" in open(
+      os.path.join(workdir, "report.md")).read()
+  with pytest.raises(ConfigError, match="would remove .* near_duplicate .*dedup.audit_remove"):
+    run.run(_config("dedup", **{"dedup.audit_remove": ("near_duplicate",),
+                                "strategies": ("dense",)}), str(tmp_path / "refused"))
 
 
 def test_gpt2_fine_tuning_config_on_a_tiny_checkpoint(tmp_path):

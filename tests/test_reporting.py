@@ -308,3 +308,26 @@ def test_main_job_console_is_short_and_ends_with_headline_table_and_paths(tmp_pa
   assert plots and all(os.path.isabs(p) and os.path.getsize(p) > 1000 for p in plots)
   tb = _line(tail, "TensorBoard: tensorboard --logdir ").split()[-1]
   assert os.path.isabs(tb) and os.listdir(tb)
+
+
+def test_audit_section_shows_snippets_and_image_grids(tmp_path):
+  from prunejax import audit
+  texts = {4: "A good film.", 2: "a  GOOD film.", 9: "Bad.", 7: "Fine", 1: "fine", 3: "other"}
+  order = [4, 2, 9, 7, 1, 3]
+  res = audit.audit(np.array(order), labels_N=np.array([1, 1, 0, 1, 1, 0]),
+                    probs_NxC=np.array([[0.2, 0.8]] * 5 + [[0.9, 0.1]]),
+                    content=[texts[i] for i in order], kind="text", test_ids=np.array([0, 1]),
+                    test_content=["BAD.", "nothing"])
+  lines = reporting.audit_section(str(tmp_path), res, kind="text", texts=texts,
+                                  test_texts={0: "BAD.", 1: "nothing"}, removed_by=["leakage"])
+  md = "\n".join(lines)
+  assert "| leakage | yes | 1 |" in md and "(1 ids)" in md
+  assert '- id 4 (given 1, predicted 1) (set [2, 4]): "A good film."' in md
+  assert '- id 9 (given 0, predicted 1) = test id 0 ("BAD."): "Bad."' in md
+  images = np.zeros((6, 4, 4, 1), np.uint8)
+  images[1] = images[0] + 1  # ids 2 and 4 differ, the rest are copies of each other.
+  res = audit.audit(np.array(order), content=images, kind="image")
+  lines = reporting.audit_section(str(tmp_path), res, kind="image",
+                                  read_x=lambda ids: images[[order.index(i) for i in ids]])
+  assert "![exact_duplicate](audit/exact_duplicate.png)" in lines
+  assert (tmp_path / "audit" / "exact_duplicate.png").stat().st_size > 0

@@ -66,10 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
   # RHO-LOSS: the irreducible-loss model (holdout_fraction 0: two cross-fitted halves instead of a
   # holdout; model: overrides of the config's model, e.g. a smaller width).
   c.rho_loss = ml_collections.ConfigDict(dict(holdout_fraction=0.0, epochs=3, model={}))
-  # Deduplication: first="off" | "exact" | "exact_and_leakage" | "semantic" before any strategy;
-  # the "semdedup" strategy keeps data_pruning.keep_fractions by SemDeDup (eps set per fraction).
-  c.dedup = ml_collections.ConfigDict(dict(first="off", eps=0.05, num_clusters=50,
-                                           keep="farthest"))
+  # Deduplication: first="off" | "exact" | "exact_and_leakage" | "semantic" | "audit" before any
+  # strategy ("audit": one prunejax.audit of the training split, then the examples flagged with a
+  # type in audit_remove go; experiments/cleaning.py); the "semdedup" strategy keeps
+  # data_pruning.keep_fractions by SemDeDup (eps set per fraction).
+  c.dedup = ml_collections.ConfigDict(dict(
+      first="off", eps=0.05, num_clusters=50, keep="farthest",
+      audit_remove=("label", "exact_duplicate", "near_duplicate", "leakage"),
+      audit_max_removed=0.5))
   # Post-training pruning (the "post_training" strategy): magnitude, Wanda and SparseGPT on the
   # trained model at each sparsity (a fraction or "N:M", keep N of M), no retraining; Wanda and
   # SparseGPT calibrated on calibration_size training examples chosen randomly or by EL2N;

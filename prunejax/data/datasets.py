@@ -39,6 +39,8 @@ class Dataset:
     kind: ``"image"`` ([H, W, C] arrays) or ``"text"`` (token ids [T]).
     meta: ``scale`` (images: the stored value of 1.0), ``vocab_size``, ``pad_id``, ``max_len``
       (text).
+    texts: text datasets: ``{"train": {id: text}, "test": {id: text}}``, the raw strings behind
+      the tokens (for reports; not part of the data's fingerprint). None for images.
   """
 
   name: str
@@ -47,6 +49,7 @@ class Dataset:
   num_classes: int
   kind: str
   meta: dict = dataclasses.field(default_factory=dict)
+  texts: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
   def take(self, num_train: int | None = None, num_test: int | None = None) -> "Dataset":
     """The first ``num_train`` / ``num_test`` examples of each split (for quick runs)."""
@@ -143,7 +146,9 @@ def _text_dataset(name: str, texts_tr: list[str], texts_te: list[str], y_tr, y_t
   enc = lambda ts: text.encode(tok, ts, max_len)
   return Dataset(name, ArraySource(enc(texts_tr), y_tr, ids_tr, f"{name} train"),
                  ArraySource(enc(texts_te), y_te, ids_te, f"{name} test"), num_classes, "text",
-                 meta={"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "max_len": max_len})
+                 meta={"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "max_len": max_len},
+                 texts={"train": dict(zip(np.asarray(ids_tr).tolist(), texts_tr)),
+                        "test": dict(zip(np.asarray(ids_te).tolist(), texts_te))})
 
 
 def load_rotten_tomatoes(*, tokenizer: str = "bpe", vocab_size: int = 8192, max_len: int = 64,

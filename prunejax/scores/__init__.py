@@ -15,7 +15,8 @@ Per-batch scores share one contract, ``fn(apply_fn, params, batch) -> f32[B]`` (
 Scores over training are ``(init, update)`` trackers in :mod:`~prunejax.scores.dynamics`
 (``forgetting``, ``cartography``, ``aum``, ``running_mean``); dataset-level scores are
 :func:`prototypes` and the Confident-Learning label-quality tools of
-:mod:`~prunejax.scores.label_quality`. :func:`save_scores` / :func:`load_scores` store scores by id.
+:mod:`~prunejax.scores.label_quality` (with cleanlab's own signatures in
+:mod:`~prunejax.scores.cleanlab_compat`). :func:`save_scores` / :func:`load_scores` store scores by id.
 
 :data:`HIGHER_IS_HARDER` gives each score's direction; :mod:`prunejax.select` expects high = hard,
 so negate the others before selecting (``SCORES[name].hardness(scores)``). :func:`score_dataset` runs
@@ -41,7 +42,9 @@ from prunejax.scores.gradient_features import (FeaturePlan, adam_moments, featur
                                                gradient_features)
 from prunejax.scores.influence import less, tracin
 from prunejax.scores.io import align, load_scores, save_scores
-from prunejax.scores.label_quality import (confident_joint, find_label_issues, normalized_margin,
+from prunejax.scores import cleanlab_compat
+from prunejax.scores.label_quality import (confidence_weighted_entropy, confident_joint,
+                                           find_label_issues, normalized_margin,
                                            out_of_fold_probs, self_confidence, stratified_folds)
 from prunejax.scores.dataset import map_batches, score_dataset
 from prunejax.scores.outliers import knn_distances, knn_outlier_score
