@@ -130,10 +130,12 @@ def select(ids: np.ndarray, scores: np.ndarray, *, fraction: float, keep: str = 
     if keep == "random":
       kept.append(ids[members[rng.permutation(len(members))[:quota]]])
       continue
-    skip = min(num_kept(len(members), offset), len(members) - quota)
+    # The skipped top is exactly what ``fraction=offset`` would keep, so the two never overlap;
+    # when rounding both counts up passes the group's size, the kept window is one shorter.
+    skip = min(num_kept(len(members), offset), len(members))
     key = -scores[members] if keep == "hard" else scores[members]
     ranked = members[np.lexsort((ids[members], key))]
-    kept.append(ids[ranked[skip:skip + quota]])
+    kept.append(ids[ranked[skip:skip + min(quota, len(members) - skip)]])
   return np.sort(np.concatenate(kept)) if kept else np.zeros(0, np.int64)
 
 

@@ -192,3 +192,13 @@ def test_scores_spread_over_processes_must_be_gathered_first():
     select.select(np.arange(4), scores, fraction=0.5)
   with pytest.raises(DataError, match="ids is a jax array"):
     select.ccs(np.arange(4).view(MultiProcessArray), np.zeros(4), fraction=0.5)
+
+
+def test_offset_window_never_overlaps_the_skipped_top_when_rounding_overflows():
+  """17 tied scores, fraction 0.5 + offset 0.5: both round up to 9 (18 > 17); the skipped top is
+  the 9 that fraction=0.5 keeps and the window is the other 8 (was: 9, one of them skipped)."""
+  ids, scores = np.arange(17), np.zeros(17, np.float32)
+  kept = select.select(ids, scores, fraction=0.5, keep="hard", offset=0.5)
+  top = select.select(ids, scores, fraction=0.5, keep="hard")
+  np.testing.assert_array_equal(top, np.arange(9))
+  np.testing.assert_array_equal(kept, np.arange(9, 17))
