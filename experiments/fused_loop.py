@@ -3,10 +3,12 @@ on a device-resident split, ``train.steps_per_dispatch`` steps per dispatch
 (:mod:`prunejax.fused`).
 
 The host decides per epoch what it decides on the host path (the online pruner's plan, the order of
-the batches) and then dispatches chunks of steps. A chunk also ends where the host must look at the
-state: at the rewind step, and at every ``train.checkpoint_every_steps``; minute-based checkpoints,
-stop requests (SIGTERM, SIGINT) and kill points are honoured at the end of each chunk. Fault flags
-come back once per epoch; a non-finite loss or gradient raises
+the batches) and then dispatches chunks of steps; an epoch's flags and metric sums are fetched
+after the next epoch is queued, so the device does not wait on the host between epochs. A chunk
+also ends where the host must look at the state: at the rewind step, and at every
+``train.checkpoint_every_steps``; minute-based checkpoints, stop requests (SIGTERM, SIGINT) and
+kill points are honoured at the end of each chunk. Fault flags come back once per epoch (while the
+next one runs); a non-finite loss or gradient raises
 :class:`prunejax.train.NumericalError` naming the run, epoch, step and example ids as the host loop
 does.
 
@@ -197,6 +199,20 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
   start_epoch = resumed[2] if resumed else 0
   t_start = None  # the clock starts at the first dispatch, as the host loop's after its first step
   zeros = None
+  global_done = runs[0].steps  # steps finished before the next epoch's first step
+  # An epoch's flags and sums come back while the next epoch runs (one host sync per epoch, not a
+  # stall): ``pending`` is finished after the next epoch's first dispatch, and before anything
+  # that reads the runs' counters (a checkpoint, a stop, on_epoch, the end).
+  pending = []
+
+  def finish():
+    while pending:
+      ep, fl, mt, ers_ep, done = pending.pop(0)
+      fl, mt = jax.device_get((fl, mt))  # the epoch's one host sync
+      _check_flags(fl, ers_ep, desc, ep, group)
+      for r, run in enumerate(runs):
+        run.add_epoch(ep, mt if not group else jax.tree.map(lambda a, r=r: a[r], mt), done)
+
   for epoch in range(start_epoch, epochs):
     if resumed is not None and epoch == start_epoch:
       start, plans, metrics = resumed[3], resumed[4], resumed[5]
@@ -214,7 +230,7 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
                        f"{[er.steps for er in ers]}")
     rows = np.stack([er.rows_SxB for er in ers])
     cols = {c: np.stack([er.columns[c] for er in ers]) for c in ers[0].columns}
-    base = runs[0].steps - start  # global steps before this epoch's first step
+    base = global_done - start  # global steps before this epoch's first step
     breaks = []
     if rewind_step is not None and rewind is None:
       breaks.append(rewind_step - base)
@@ -240,6 +256,7 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
       res = fn(*args)
       state, pstate, metrics = res.state, res.pruner_state, res.metrics
       flags.append((s, res.flags))
+      finish()  # the previous epoch, now that this one is queued
       global_step = base + s + n
       if rewind_step is not None and rewind is None and global_step == rewind_step:
         rewind = save_rewind_point(global_step, state.params, state.opt_state)
@@ -248,14 +265,12 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
         checkpoint.save(runs, state, pstate, plans, metrics, epoch, s + n, global_step, rewind)
       if stop:
         raise interrupted_at_step(global_step, saved=checkpoint.ckpt is not None)
-    flags, metrics = jax.device_get((flags, metrics))  # the epoch's one host sync
-    _check_flags(flags, ers, desc, epoch, group)
-    done = steps - start
-    for r, run in enumerate(runs):
-      run.add_epoch(epoch, metrics if not group else jax.tree.map(lambda a, r=r: a[r], metrics),
-                    done)
+    pending.append((epoch, flags, metrics, ers, steps - start))
+    global_done = base + steps
     if on_epoch is not None and not group:
+      finish()
       on_epoch(epoch, state)
+  finish()
   jax.block_until_ready(state.params)
   finals = fused.unstack(state, n_rep) if group else [state]
   points = [None] * n_rep
