@@ -60,7 +60,9 @@ def replica_units(ctx: common.Context, prefix: str, keys: list[str],
   :func:`trainer.train_models` can) and unit ``keys[j]`` records ``row(j, run)``. A rerun trains
   only the replicas whose unit is not finished; the group's mid-run checkpoint key names them."""
   todo = [j for j, k in enumerate(keys) if ctx.units.get(k) is None]
-  runs = dict(zip(todo, train(todo, f"{prefix}_g{'-'.join(map(str, todo))}"))) if todo else {}
+  # One replica left: its checkpoint is keyed by its unit, as a run of its own always was.
+  group_key = keys[todo[0]] if len(todo) == 1 else f"{prefix}_g{'-'.join(map(str, todo))}"
+  runs = dict(zip(todo, train(todo, group_key))) if todo else {}
   return [ctx.units.run(k, lambda j=j: row(j, runs[j])) for j, k in enumerate(keys)]
 
 
@@ -153,8 +155,8 @@ def _subset_runs(ctx, strategy: str, kept_fn: Callable[[int, np.ndarray, int, fl
         runs = {}
         for epochs, js in by_epochs.items():
           got = trainer.train_models(ctx, [kept[j] for j in js], [reps[j][3] for j in js],
-                                     epochs=epochs, checkpoint=f"{key}_e{epochs}",
-                                     desc=f"{strategy} keep={frac}")
+                                     epochs=epochs, desc=f"{strategy} keep={frac}",
+                                     checkpoint=key if len(by_epochs) == 1 else f"{key}_e{epochs}")
           runs.update(zip(js, got))
         return [runs[j] for j in todo]
 
