@@ -389,19 +389,6 @@ def _layer_tap(layer: lt.Layer, dummy_BxF: jax.Array, exact: bool) -> Callable:
 # ----------------------------------------------------------------------------------------------
 
 
-def _site_grads(plan: grand_lib.GhostPlan, params: Params, cts: dict) -> dict[int, jax.Array]:
-  leaves, treedef = jax.tree.flatten(params)
-
-  def cone(values):
-    vals = list(leaves)
-    for i, v in zip(plan.broadcast, values):
-      vals[i] = v
-    at_sites = lt.site_values(plan.layers, jax.tree.unflatten(treedef, vals))
-    return [at_sites[key] for key in plan.sites]
-
-  _, pullback = jax.vjp(cone, [leaves[i] for i in plan.broadcast])
-  (grads,) = jax.vmap(pullback)([cts[key] for key in plan.sites])
-  return dict(zip(plan.broadcast, grads))
 
 
 def _vmap_grads(apply_fn, params, x, y_B, w_B, leaf_ids, chunk_size) -> dict[int, jax.Array]:
@@ -560,7 +547,7 @@ def _features(apply_fn, plan: FeaturePlan, params, batch, key, moments, betas, e
       f_BxF = (1.0 - b1) * f_BxF * scales.get(k, 1.0) + offsets[k]
     parts.append(f_BxF)
   if plan.rest_leaves:
-    rest = _site_grads(ghost, params, grads["sites"]) if ghost.sites else {}
+    rest = grand_lib.site_grads(ghost, params, grads["sites"]) if ghost.sites else {}
     if ghost.materialized:
       rest.update(_vmap_grads(apply_fn, params, x, y_B, w_B, ghost.materialized, chunk_size))
     flat = []

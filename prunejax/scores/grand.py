@@ -236,8 +236,9 @@ def _dummies(plan: GhostPlan, x: Any) -> dict:
   return {"layers": layers, "sites": sites}
 
 
-def _site_sq_norms(plan: GhostPlan, params: Params, cts: dict) -> jax.Array:
-  """Pulls each example's cotangents of the broadcast sites back to the leaves they cover."""
+def site_grads(plan: GhostPlan, params: Params, cts: dict) -> dict[int, jax.Array]:
+  """Each example's gradient ``[B, *leaf]`` of the broadcast leaves (by flat leaf index): its
+  cotangents of the broadcast sites pulled back to the leaves they cover."""
   leaves, treedef = jax.tree.flatten(params)
 
   def cone(values):
@@ -249,8 +250,13 @@ def _site_sq_norms(plan: GhostPlan, params: Params, cts: dict) -> jax.Array:
 
   _, pullback = jax.vjp(cone, [leaves[i] for i in plan.broadcast])
   (grads,) = jax.vmap(pullback)([cts[key] for key in plan.sites])
+  return dict(zip(plan.broadcast, grads))
+
+
+def _site_sq_norms(plan: GhostPlan, params: Params, cts: dict) -> jax.Array:
+  """Each example's squared gradient norm over the broadcast leaves (:func:`site_grads`)."""
   return sum(jnp.sum(jnp.square(g.astype(ghost_norms.norm_dtype(g.dtype))),
-                     axis=tuple(range(1, g.ndim))) for g in grads)
+                     axis=tuple(range(1, g.ndim))) for g in site_grads(plan, params, cts).values())
 
 
 def _ghost_sq_norms(apply_fn: ApplyFn, plan: GhostPlan, params: Params, x: Any, y_B: jax.Array,
