@@ -28,7 +28,7 @@ import numpy as np
 
 from experiments import common
 from prunejax import audit as audit_lib
-from prunejax import data, dedup, scores
+from prunejax import data, dedup
 from prunejax.errors import ConfigError
 from prunejax.fileio import atomic_write_json
 
@@ -96,24 +96,6 @@ def _semantic(ctx) -> tuple[np.ndarray, dict]:
   return removed, {"semantic_removed": len(removed), "eps": cfg.eps, "compute": compute}
 
 
-def _out_of_fold_probs(ctx, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
-  """K-fold out-of-fold probabilities of ``ids`` (``data_pruning.label_quality_folds`` folds of
-  ``label_quality_epochs`` epochs each) and what they cost in example passes."""
-  from experiments import trainer
-  dp = ctx.config.data_pruning
-  spent = [0.0]
-
-  def fit_predict(train_ids, heldout_ids):
-    run = trainer.train_model(ctx, train_ids, seed=seed, epochs=dp.label_quality_epochs,
-                              desc="audit fold")
-    spent[0] += run.compute + len(heldout_ids)
-    return trainer.predict_probs(ctx, run.state, heldout_ids)
-
-  probs = scores.out_of_fold_probs(fit_predict, ids, ctx.labels(ids),
-                                    num_folds=dp.label_quality_folds, seed=seed)
-  return probs, spent[0]
-
-
 def _audit(ctx) -> tuple[np.ndarray, dict]:
   from experiments import reporting, scoring
   cfg = ctx.config.dedup
@@ -125,7 +107,7 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
 
   def compute_inputs() -> dict:
     emb, emb_compute = scoring.embeddings(ctx, ids, seed, "audit embeddings")
-    probs, probs_compute = _out_of_fold_probs(ctx, ids, seed)
+    probs, probs_compute = scoring.out_of_fold_probs(ctx, ids, seed, desc="audit fold")
     common.save_npz(inputs, ids=ids, embeddings=emb, probs=probs)
     return {"compute": emb_compute + probs_compute}
 

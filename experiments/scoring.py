@@ -115,28 +115,36 @@ def _features_fn(apply_fn):
   return jax.jit(lambda v, x: scores_lib.penultimate(apply_fn, v, x)[0])
 
 
+def out_of_fold_probs(ctx, ids: np.ndarray, seed: int, desc: str = "label quality fold"
+                      ) -> tuple[np.ndarray, float]:
+  """K-fold out-of-fold probabilities f32[len(ids), C] of ``ids`` (``data_pruning.label_quality_folds``
+  folds, each model trained ``label_quality_epochs`` epochs) and what they cost in example passes
+  (the training and one forward per held-out example)."""
+  dp = ctx.config.data_pruning
+  spent = [0.0]
+
+  def fit_predict(train_ids, heldout_ids):
+    run = trainer.train_model(ctx, train_ids, seed=seed, epochs=dp.label_quality_epochs, desc=desc)
+    spent[0] += run.compute + len(heldout_ids)
+    return trainer.predict_probs(ctx, run.state, heldout_ids)
+
+  probs = scores_lib.out_of_fold_probs(fit_predict, ids, ctx.labels(ids),
+                                       num_folds=dp.label_quality_folds, seed=seed)
+  return probs, spent[0]
+
+
 def label_quality_scores(ctx, ids: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
   """``1 -`` self-confidence of out-of-fold predicted probabilities from K-fold training (Northcutt
   et al. 2021): high = probably mislabeled. Each fold model trains ``label_quality_epochs`` epochs;
   the probably-mislabeled ids (``find_label_issues``) are saved beside the scores."""
-  dp = ctx.config.data_pruning
   labels = ctx.labels(ids)
-  spent = [0.0]
-
-  def fit_predict(train_ids, heldout_ids):
-    run = trainer.train_model(ctx, train_ids, seed=seed, epochs=dp.label_quality_epochs,
-                              desc="label quality fold")
-    spent[0] += run.compute + len(heldout_ids)
-    return trainer.predict_probs(ctx, run.state, heldout_ids)
-
-  probs = scores_lib.out_of_fold_probs(fit_predict, ids, labels, num_folds=dp.label_quality_folds,
-                                       seed=seed)
+  probs, spent = out_of_fold_probs(ctx, ids, seed)
   issues = scores_lib.find_label_issues(probs, labels)
   path = os.path.join(ctx.workdir, "scores", f"label_issues_seed{seed}.npz")
   if jax.process_index() == 0:
     scores_lib.save_scores(path, ids, meta={"fingerprint": ctx.units.fingerprint, "seed": seed},
                            probably_mislabeled=issues.astype(np.float32))
-  return (1.0 - scores_lib.self_confidence(probs, labels)).astype(np.float32), spent[0]
+  return (1.0 - scores_lib.self_confidence(probs, labels)).astype(np.float32), spent
 
 
 def irreducible_losses(ctx, r: int, ids: np.ndarray, seed: int

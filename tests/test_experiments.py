@@ -275,12 +275,13 @@ def test_label_noise_rows_report_the_corrupted_share_and_rho_loss_saves_il_by_id
 
 
 def test_dedup_config_saves_what_the_cleaning_step_removed(tmp_path, monkeypatch):
-  from experiments import cleaning
+  from experiments import scoring
   cfg = _config("dedup")
   workdir = run_twice(cfg, tmp_path)
   # Rerunning the same workdir reads the audit's embeddings and K-fold probabilities back.
   with monkeypatch.context() as m:
-    m.setattr(cleaning, "_out_of_fold_probs", lambda *a: pytest.fail("audit inputs recomputed"))
+    m.setattr(scoring, "out_of_fold_probs",
+              lambda *a, **k: pytest.fail("audit inputs recomputed"))
     run.run(cfg, workdir)
   _check_outputs(workdir, cfg.strategies)
   summary = json.load(open(os.path.join(workdir, "dedup", "summary.json")))
