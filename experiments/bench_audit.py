@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from experiments.bench_dedup import synthetic_embeddings
 from prunejax import audit, dedup
 
 FLAGS = flags.FLAGS
@@ -29,17 +30,6 @@ flags.DEFINE_integer("dim", 256, "Embedding dimensions.")
 flags.DEFINE_integer("classes", 10, "Classes of the probabilities.")
 flags.DEFINE_integer("num_clusters", 100, "k-means clusters (SemDeDup's and the audit's).")
 flags.DEFINE_float("eps", 0.01, "SemDeDup threshold (cosine distance).")
-
-
-def synthetic_embeddings(n: int, dim: int, centers: int, dup_fraction: float,
-                         seed: int = 0) -> np.ndarray:
-  """As ``experiments.bench_dedup`` (whose flags this module must not import)."""
-  rng = np.random.default_rng(seed)
-  c_KxD = rng.normal(size=(centers, dim)).astype(np.float32)
-  x_NxD = c_KxD[rng.integers(0, centers, n)] + 0.7 * rng.normal(size=(n, dim)).astype(np.float32)
-  dups = rng.choice(n, int(dup_fraction * n), replace=False)
-  x_NxD[dups] = x_NxD[rng.integers(0, n, len(dups))] + 1e-3 * rng.normal(size=(len(dups), dim))
-  return x_NxD
 
 
 def synthetic_probs(n: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -23,16 +23,6 @@ from absl import app, flags
 from prunejax import dedup, scores
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("n", 100_000, "Examples.")
-flags.DEFINE_integer("dim", 256, "Embedding dimensions.")
-flags.DEFINE_integer("centers", 100, "Directions the synthetic embeddings gather around.")
-flags.DEFINE_float("dup_fraction", 0.1, "Fraction of examples that are near-copies of others.")
-flags.DEFINE_integer("num_clusters", 100, "SemDeDup k-means clusters.")
-flags.DEFINE_integer("num_iters", 50, "k-means iterations.")
-flags.DEFINE_float("eps", 0.01, "SemDeDup threshold (cosine distance) for the reported count.")
-flags.DEFINE_list("what", ["semdedup"], "Any of semdedup, exact, minhash, knn.")
-flags.DEFINE_integer("knn_n", 10_000, "Examples for the kNN outlier score (brute force, N^2).")
-flags.DEFINE_integer("minhash_n", 20_000, "Texts for MinHash-LSH.")
 
 
 def peak_rss_mb() -> float:
@@ -106,4 +96,15 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags only when run as a script, so that other scripts can import synthetic_embeddings.
+  flags.DEFINE_integer("n", 100_000, "Examples.")
+  flags.DEFINE_integer("dim", 256, "Embedding dimensions.")
+  flags.DEFINE_integer("centers", 100, "Directions the synthetic embeddings gather around.")
+  flags.DEFINE_float("dup_fraction", 0.1, "Fraction of examples that are near-copies of others.")
+  flags.DEFINE_integer("num_clusters", 100, "SemDeDup k-means clusters.")
+  flags.DEFINE_integer("num_iters", 50, "k-means iterations.")
+  flags.DEFINE_float("eps", 0.01, "SemDeDup threshold (cosine distance) for the reported count.")
+  flags.DEFINE_list("what", ["semdedup"], "Any of semdedup, exact, minhash, knn.")
+  flags.DEFINE_integer("knn_n", 10_000, "Examples for the kNN outlier score (brute force, N^2).")
+  flags.DEFINE_integer("minhash_n", 20_000, "Texts for MinHash-LSH.")
   app.run(main)

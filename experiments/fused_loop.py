@@ -115,6 +115,16 @@ class Cadence:
       self.ckpt.delete()
 
 
+def checkpoint_like(state, pstate, meta: dict, plan_shape: tuple, metric_shape: tuple) -> dict:
+  """The structure of a mid-run checkpoint to restore into: the states, the epoch's plan (ids and
+  columns of ``plan_shape``), the partial metric sums and the rewind point if one was saved."""
+  return {"state": state, "pruner": pstate, "plan_ids": np.zeros(plan_shape, np.int64),
+          "plan": {k: np.zeros(plan_shape, np.float32) for k in meta["plan_columns"]},
+          "metrics": {k: np.zeros(metric_shape, np.float32) for k in meta["metric_keys"]},
+          "rewind": {} if meta["rewind_step"] is None else
+          {"params": state.params, "opt_state": state.opt_state}}
+
+
 class FusedCheckpoint(Cadence):
   """Mid-run checkpoints of a fused run or replica group."""
 
@@ -136,13 +146,8 @@ class FusedCheckpoint(Cadence):
     meta = self.ckpt.meta() if self.ckpt is not None else None
     if meta is None or not meta.get("fused") or len(meta["runs"]) != len(runs):
       return None
-    r, n = len(meta["plan_lens"]), max(meta["plan_lens"])
-    shape = tuple(meta["metric_shape"])
-    like = {"state": state, "pruner": pstate, "plan_ids": np.zeros((r, n), np.int64),
-            "plan": {k: np.zeros((r, n), np.float32) for k in meta["plan_columns"]},
-            "metrics": {k: np.zeros(shape, np.float32) for k in meta["metric_keys"]},
-            "rewind": {} if meta["rewind_step"] is None else
-            {"params": state.params, "opt_state": state.opt_state}}
+    like = checkpoint_like(state, pstate, meta, (len(meta["plan_lens"]), max(meta["plan_lens"])),
+                           tuple(meta["metric_shape"]))
     got = self.ckpt.restore(like)
     if got is None:
       return None

@@ -150,13 +150,8 @@ class _Checkpointing(fused_loop.Cadence):
     meta = self.ckpt.meta() if self.ckpt is not None else None
     if meta is None:
       return None
-    n = meta["plan_len"]
-    like = {"state": state, "pruner": pstate, "plan_ids": np.zeros(n, np.int64),
-            "plan": {k: np.zeros(n, np.float32) for k in meta["plan_columns"]},
-            "metrics": {k: np.zeros((), np.float32) for k in meta["metric_keys"]},
-            "rewind": {} if meta["rewind_step"] is None else
-            {"params": state.params, "opt_state": state.opt_state}}
-    got = self.ckpt.restore(like)
+    got = self.ckpt.restore(fused_loop.checkpoint_like(state, pstate, meta, (meta["plan_len"],),
+                                                       ()))
     if got is None:
       return None
     tree, meta = got

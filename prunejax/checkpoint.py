@@ -211,9 +211,15 @@ class WorkdirLock:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
+      busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
       holder = _read_holder(fd)
+      for _ in range(20 if busy else 0):  # the holder names itself just after taking the lock
+        if holder != "another process":
+          break
+        time.sleep(0.05)
+        holder = _read_holder(fd)
       os.close(fd)
-      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      if busy:
         raise WorkdirBusyError(f"{self.workdir} is in use by {holder}; wait for that run to "
                                "finish (or stop it), or use another directory") from None
       if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
