@@ -126,6 +126,33 @@ def test_drop_remainder_and_columns(digits):
     data.batches(digits.train, np.array([10**6]), batch_size=16)
 
 
+@pytest.mark.parametrize("relabel", [False, True])
+def test_shuffled_batches_match_the_source_by_id(relabel):
+  # In memory, labels and columns are put in visiting order once per epoch; every row of every
+  # batch must still be the example its id names (checked against read(), one id at a time).
+  rng = np.random.default_rng(0)
+  n = 300
+  ids = rng.choice(2**31 - 1, n, replace=False)  # sparse and unordered
+  src = data.ArraySource(rng.integers(0, 255, (n, 3)).astype(np.uint8), rng.integers(0, 10, n), ids)
+  if relabel:
+    src = data.RelabeledSource(src, (src.labels() + 1) % 10)
+  visit = rng.permutation(ids)[:200]
+  weight = rng.normal(size=200).astype(np.float32)
+  want_w = dict(zip(visit.tolist(), weight.tolist()))
+  seen = []
+  for b in data.batches(src, visit, batch_size=64, seed=3, epoch=1, columns={"weight": weight}):
+    for row in range(64):
+      i = int(b["id"][row])
+      if not b["mask"][row]:
+        assert i == data.PAD_ID and b["y"][row] == 0 and b["weight"][row] == 0
+        continue
+      ref = src.read(np.array([i]))
+      np.testing.assert_array_equal(b["x"][row], ref["x"][0])
+      assert b["y"][row] == ref["y"][0] and b["weight"][row] == np.float32(want_w[i])
+      seen.append(i)
+  assert sorted(seen) == sorted(visit.tolist())
+
+
 def test_process_shards_of_a_batch_concatenate_to_the_global_batch(digits):
   ids = digits.train.ids[:70]
   kw = dict(batch_size=32, seed=5, epoch=2, columns={"weight": np.arange(70.0)})

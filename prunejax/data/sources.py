@@ -70,6 +70,11 @@ class Source:
     lookup, for a loader that looked the ids up once per epoch."""
     return self._read_rows(np.asarray(rows, np.int64))
 
+  def read_inputs(self, rows: np.ndarray) -> np.ndarray:
+    """``x`` of the examples at row positions ``rows``: :meth:`read_rows` without the labels, for a
+    loader that took the epoch's labels in visiting order when the epoch started."""
+    return self._read_x_rows(np.asarray(rows, np.int64))
+
   def labels(self, ids: np.ndarray | None = None) -> np.ndarray:
     """Labels i32 of ``ids`` (all, in source order, by default); read once, then cached."""
     if self._labels is None:
@@ -87,6 +92,9 @@ class Source:
 
   def _read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     raise NotImplementedError
+
+  def _read_x_rows(self, rows: np.ndarray) -> np.ndarray:
+    return self._read_rows(rows)["x"]
 
   def _all_labels(self) -> np.ndarray:
     return self._read_rows(np.arange(len(self)))["y"]
@@ -152,6 +160,9 @@ class ArraySource(Source):
 
   def _read_rows(self, rows):
     return {"x": np.asarray(self.x[rows]), "y": self.y[rows]}
+
+  def _read_x_rows(self, rows):
+    return np.asarray(self.x[rows])
 
   def _all_labels(self):
     return self.y
