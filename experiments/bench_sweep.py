@@ -55,8 +55,10 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 def _ctx(config, workdir: str, **train):
   from experiments import common
+  from experiments.configs import fields
   for k, v in train.items():
     config.train[k] = v
+  fields.validate(config)
   common.prepare_workdir(workdir, config, True).release()
   return common.setup(config, workdir)
 

@@ -19,12 +19,13 @@ import jax
 from absl import logging
 
 from experiments import cleaning, cli, common, reporting, strategies
+from experiments.configs import fields
 from prunejax import checkpoint
 
 
 def run(config, workdir: str, overwrite: bool = False) -> list[dict]:
   # ------------------------------------------------------------------------------ data, model
-  common.validate_config(config)
+  fields.validate(config)
   # The workdir's lock is held for the whole run: a second run on it is refused before it touches
   # anything, and the lock goes with the process on any exit.
   with common.prepare_workdir(workdir, config, overwrite):

@@ -511,22 +511,6 @@ POST_TRAINING_METHODS = ("magnitude", "wanda", "sparsegpt")
 CALIBRATION_SETS = ("random", "el2n_hard", "el2n_easy")
 
 
-def _check_post_training(cfg) -> None:
-  from prunejax.errors import check_choice, check_positive_int
-  from prunejax.masks import posttraining as pt
-  for m in cfg.methods:
-    check_choice("post_training.methods", m, POST_TRAINING_METHODS)
-  for c in cfg.calibration:
-    check_choice("post_training.calibration", c, CALIBRATION_SETS)
-  for sp in cfg.sparsities:
-    pt._rule(sp)  # a fraction in [0, 1] or "N:M"
-  check_choice("post_training.wanda_scope", cfg.wanda_scope, pt.SCOPES)
-  check_choice("post_training.sparsegpt_scope", cfg.sparsegpt_scope, pt.SCOPES)
-  check_choice("post_training.sequential", cfg.sequential, (True, False) + pt.ORDERS)
-  for field in ("calibration_size", "error_size", "batch_size", "blocksize"):
-    check_positive_int(f"post_training.{field}", cfg[field])
-
-
 def _pt_trained(ctx, r: int, ids, held, seed: int):
   """The trained dense model of replicate ``r`` (trained once, then restored from its checkpoint)
   and its ``dense`` row, which the ``dense`` strategy shares (same seed, same run)."""
@@ -669,7 +653,6 @@ def post_training(ctx: common.Context) -> Rows:
   (``layer_errors``); ``post_training.md`` tabulates them over replicates.
   """
   cfg = ctx.config.post_training
-  _check_post_training(cfg)
   rows, own_dense = [], "dense" not in ctx.config.strategies
   for r, ids, held, seed in _replicates(ctx):
     keys = _pt_keys(ctx, r)

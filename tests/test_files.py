@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import common
+from experiments.configs import fields
 from prunejax import checkpoint, fileio
 from prunejax.checkpoint import RoundCheckpoints, RunCheckpoint, Units, WorkdirLock
 from prunejax.errors import ConfigError, DataError, FileError, WorkdirBusyError
@@ -342,8 +343,8 @@ def test_workdir_refusal_names_the_fields_and_neutral_fields_may_change(tmp_path
 def test_reset_optimizer_false_with_rewind_step_0_is_refused():
   with pytest.raises(ConfigError, match=r"imp.reset_optimizer=False does nothing with "
                      r"imp.rewind_step=0"):
-    common.validate_config(_cfg(**{"imp.reset_optimizer": False}))
-  common.validate_config(_cfg(**{"imp.reset_optimizer": False, "imp.rewind_step": 2}))
+    fields.validate(_cfg(**{"imp.reset_optimizer": False}))
+  fields.validate(_cfg(**{"imp.reset_optimizer": False, "imp.rewind_step": 2}))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from experiments import common, fused_loop, trainer
-from experiments.configs import digits
+from experiments.configs import digits, fields
 from prunejax import data, fused, online, train
 from prunejax.errors import ConfigError, DataError
 
@@ -257,7 +257,7 @@ def test_fused_config_fields_are_checked(tmp_path):
     sect, leaf = field.split(".")  # a config built by hand, as a user's own may be
     c[sect] = ml_collections.ConfigDict({**c[sect].to_dict(), leaf: value})
     with pytest.raises(ConfigError, match=match):
-      common.validate_config(c)
+      fields.validate(c)
   cfg.dataset.device_resident, cfg.dataset.device_budget_mb = "on", 0.01
   common.prepare_workdir(str(tmp_path), cfg, False).release()
   with pytest.raises(ConfigError, match=r"dataset.device_resident='on' but the training split "

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import common, run, similarity
+from experiments.configs import fields
 from prunejax import scores
 from prunejax.errors import ConfigError
 from test_experiments import _check_outputs, _config
@@ -52,8 +53,8 @@ def test_less_rotten_tomatoes_quick(tmp_path):
 def test_less_config_errors_name_the_field():
   cfg = _config("less_rotten_tomatoes", validation_fraction=0.0)
   with pytest.raises(ConfigError, match="validation_fraction"):
-    common.validate_config(cfg)
+    fields.validate(cfg)
   with pytest.raises(ConfigError, match="less.reduce"):
-    common.validate_config(_config("less_rotten_tomatoes", **{"less.reduce": "sum"}))
+    fields.validate(_config("less_rotten_tomatoes", **{"less.reduce": "sum"}))
   with pytest.raises(ConfigError, match="less.slice_words"):
-    common.validate_config(_config("less_rotten_tomatoes", **{"less.slice_words": ()}))
+    fields.validate(_config("less_rotten_tomatoes", **{"less.slice_words": ()}))

@@ -504,7 +504,7 @@ def test_bfloat16_run_of_a_quick_config_lands_within_the_float32_spread(name, re
 
 
 def test_config_fields_are_validated_in_one_line():
-  from experiments import common
+  from experiments.configs import fields
   cfg = importlib.import_module("experiments.configs.digits").get_config("quick")
   for field, value, match in [
       ("model.compute_dtype", "fp8", r"model.compute_dtype='fp8' is not allowed; choose one of"),
@@ -516,6 +516,6 @@ def test_config_fields_are_validated_in_one_line():
     section, leaf = field.split(".")
     bad[section][leaf] = value
     with pytest.raises(ConfigError, match=match) as e:
-      common.validate_config(bad)
+      fields.validate(bad)
     assert "\n" not in str(e.value)
-  common.validate_config(cfg)
+  fields.validate(cfg)

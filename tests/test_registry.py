@@ -70,12 +70,13 @@ def test_every_tracker_reads_one_score_per_example(spec):
 def test_registries_derive_the_lists_configs_accept():
   assert scores.HIGHER_IS_HARDER == {n: s.higher_is_harder for n, s in scores.SCORES.items()}
   assert set(scores.BATCH_SCORES) == {n for n, s in scores.SCORES.items() if s.fn is not None}
-  from experiments import common, scoring, strategies
+  from experiments import scoring, strategies
+  from experiments.configs import fields
   assert set(scoring.STATIC_SCORES) <= set(strategies.REGISTRY)
   for name in masks.METHODS:
     cfg = __import__("experiments.configs.prune_at_init", fromlist=["x"]).get_config("quick")
     cfg.pai.methods = (name,)
-    common._check_model_pruning(cfg)
+    fields.validate(cfg)
 
 
 def _inputs(rows=B):
