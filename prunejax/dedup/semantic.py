@@ -45,8 +45,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prunejax import parallel
-from prunejax.dedup.exact import _check_ids
-from prunejax.errors import ConfigError, DataError, check_choice, check_positive_int, check_range
+from prunejax.errors import (ConfigError, DataError, check_choice, check_positive_int, check_range,
+                             check_unique_ids)
 from prunejax.scores.prototypes import _sq_dists, kmeans
 
 KEEP = ("farthest", "lowest_id")
@@ -400,7 +400,7 @@ def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.A
     embeddings_NxD = np.asarray(embeddings_NxD)
     shape = embeddings_NxD.shape
   n = shape[0] if len(shape) else 0
-  ids = _check_ids(np.arange(n) if ids_N is None else ids_N, n, "semdedup.ids_N")
+  ids = check_unique_ids("semdedup.ids_N", np.arange(n) if ids_N is None else ids_N, n)
   _check_embeddings(embeddings_NxD, ids, "semdedup.embeddings_NxD", unit=True)
   if clusters_N is not None:
     clusters_N = np.asarray(clusters_N)

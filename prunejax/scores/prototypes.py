@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from prunejax.errors import ConfigError, DataError, check_positive_int
+from prunejax.errors import ConfigError, DataError, check_positive_int, check_unique_ids
 from prunejax.types import Scores
 
 
@@ -114,9 +114,8 @@ def prototypes(embeddings_NxD: jax.Array, labels_N: jax.Array | np.ndarray | Non
   """
   check_positive_int("prototypes.num_clusters", num_clusters)
   if ids_N is not None:
-    from prunejax.dedup.exact import _check_ids  # dedup sits above scores; a lazy import.
     n = int(np.shape(embeddings_NxD)[0]) if np.ndim(embeddings_NxD) else 0
-    ids = _check_ids(ids_N, n, "prototypes.ids_N")
+    ids = check_unique_ids("prototypes.ids_N", ids_N, n)
     by_id = np.argsort(ids, kind="stable")
     back = np.empty(n, np.int64)
     back[by_id] = np.arange(n)
