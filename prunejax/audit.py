@@ -41,16 +41,16 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from prunejax import dedup
-from prunejax.dedup.exact import _check_ids
-from prunejax.errors import ConfigError, DataError, check_choice, check_positive_int, check_range
+from prunejax import audit_issues as issues, dedup
+from prunejax.audit_issues import Issue
+from prunejax.errors import (ConfigError, DataError, check_choice, check_positive_int, check_range,
+                             check_unique_ids)
 from prunejax.scores import label_quality as lq
-from prunejax.scores.outliers import _knn_host
 
 ISSUE_TYPES = ("label", "exact_duplicate", "near_duplicate", "outlier", "leakage")
 OUTLIER_SEARCH = ("auto", "exact", "cluster")
@@ -184,112 +184,123 @@ def _ids_in_order(ids_N: Any, mask_N: Any, field: str) -> tuple[np.ndarray, np.n
   if raw.ndim != 1:
     raise DataError(f"{field} must be a 1-D array of integer ids; got shape {raw.shape}")
   keep = _mask(mask_N, len(raw), field.replace("ids", "mask"))
-  ids = _check_ids(raw[keep], field=field)
+  ids = check_unique_ids(field, raw[keep])
   if len(ids) == 0:
     raise DataError(f"{field} has no examples (empty, or every row is padding)")
   order = np.argsort(ids, kind="stable")
   return ids[order], keep, order
 
 
-# ----------------------------------------------------------------------------------------------
-# Issue types.
-# ----------------------------------------------------------------------------------------------
+def _check_settings(filter_by: str, label_score_method: str, outlier_search: str,
+                    near_duplicate_eps: float, outlier_threshold: float, outlier_k: int,
+                    outlier_exact_max: int) -> None:
+  check_choice("audit.filter_by", filter_by, lq.FILTERS)
+  check_choice("audit.label_score_method", label_score_method, lq.RANKINGS)
+  check_choice("audit.outlier_search", outlier_search, OUTLIER_SEARCH)
+  check_range("audit.near_duplicate_eps", near_duplicate_eps, 0.0, 1.0)
+  check_range("audit.outlier_threshold", outlier_threshold, 0.0, 1.0, lo_open=True)
+  check_positive_int("audit.outlier_k", outlier_k)
+  check_positive_int("audit.outlier_exact_max", outlier_exact_max)
 
 
-def _components(ids: np.ndarray, u: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
-  """Connected components (of two or more) of the graph on positions with edges (u, v)."""
-  parent = np.arange(len(ids))
-
-  def find(a):
-    while parent[a] != a:
-      parent[a] = parent[parent[a]]
-      a = parent[a]
-    return a
-
-  for a, b in zip(u.tolist(), v.tolist()):
-    ra, rb = find(a), find(b)
-    if ra != rb:
-      parent[max(ra, rb)] = min(ra, rb)
-  roots = np.array([find(a) for a in range(len(ids))])
-  _, inverse, counts = np.unique(roots, return_inverse=True, return_counts=True)
-  member = counts[inverse] > 1
-  groups: dict[int, list[int]] = {}
-  for pos in np.flatnonzero(member).tolist():
-    groups.setdefault(int(roots[pos]), []).append(pos)
-  return sorted((np.sort(ids[g]) for g in groups.values()), key=lambda g: int(g[0]))
-
-
-def _cluster_knn(x: np.ndarray, clusters: np.ndarray, k: int, block: int = 4096
-                 ) -> np.ndarray:
-  """Mean cosine distance to the ``k`` nearest other examples of the same cluster, f64[N]
-  (the whole dataset for examples of clusters with at most ``k`` members).
-
-  Everything is float32 (the approximate search's own precision, ~1e-7 in the distances); rows
-  equal in float32 count as exact copies, at distance exactly 0 as in Datalab.
-  """
-  x = np.asarray(x, np.float32)
-  u32 = x / np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]
-  n = len(u32)
-  avg = np.zeros(n)
-  counts = np.bincount(clusters)
-
-  def rows_avg(sim: np.ndarray, r: np.ndarray, cols: np.ndarray) -> None:
-    # Exact copies (similarity within f32 rounding of 1, then compared) rank first and sit at
-    # distance 0 (clipped below).
-    ri, ci = np.nonzero(sim >= 1.0 - 1e-5)
-    same = np.all(x[r[ri]] == x[cols[ci]], axis=1)
-    sim[ri[same], ci[same]] = 2.0
-    # Only the k largest values are needed (not their positions): partition, no argsort.
-    top = np.partition(sim, sim.shape[1] - k, axis=1)[:, -k:].astype(np.float64)
-    avg[r] = np.maximum(1.0 - top, 0.0).mean(axis=1)
-
-  order = np.argsort(clusters, kind="stable")
-  starts = np.concatenate([[0], np.cumsum(counts)])
-  for c in np.flatnonzero(counts > k):
-    members = order[starts[c]:starts[c + 1]]
-    u_m = u32[members]
-    for s in range(0, len(members), block):
-      # One block is u_m @ u_m.T, which NumPy computes as a symmetric rank-k update (half the work).
-      sim = u_m @ u_m.T if len(members) <= block else u_m[s:s + block] @ u_m.T
-      rows = np.arange(s, min(s + block, len(members)))
-      sim[rows - s, rows] = -np.inf
-      rows_avg(sim, members[rows], members)
-  small = np.flatnonzero(counts[clusters] <= k)
-  for s in range(0, len(small), block):
-    r = small[s:s + block]
-    sim = u32[r] @ u32.T
-    sim[np.arange(len(r)), r] = -np.inf
-    rows_avg(sim, r, np.arange(n))
-  return avg
-
-
-def _outliers(x: np.ndarray, *, k: int, threshold: float, search: str, exact_max: int,
-              clusters: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, dict]:
-  n = len(x)
-  if k >= n:
-    raise ConfigError(f"audit.outlier_k={k} needs more than k examples; got N={n}")
-  use_exact = search == "exact" or (search == "auto" and (n <= exact_max or x.shape[1] <= 3))
-  if use_exact:
-    dist, _, metric = _knn_host(np.asarray(x, np.float64), k, "auto", 256, 1024, None)
-    avg = dist.mean(axis=1)
+def _labels(rows: Callable[[str, Any], np.ndarray], ids: np.ndarray, labels_N: Any,
+            probs_NxC: Any, fit_predict: Callable | None, *, num_folds: int, seed: int,
+            filter_by: str, label_score_method: str) -> tuple[dict[str, Issue], np.ndarray | None]:
+  """({"label": issue} when probabilities are given or made, else {}; the given labels in id
+  order, or None). Out-of-fold probabilities are made by ``fit_predict`` when not given."""
+  if probs_NxC is None and fit_predict is None:
+    return {}, None if labels_N is None else rows("labels_N", labels_N).astype(np.int64)
+  if labels_N is None:
+    raise ConfigError("audit: label issues need labels_N beside probs_NxC or fit_predict")
+  labels = rows("labels_N", labels_N)
+  if probs_NxC is None:
+    probs = lq.out_of_fold_probs(fit_predict, ids, np.asarray(labels), num_folds=num_folds,
+                                 seed=seed)
   else:
-    if clusters is None:
-      raise ConfigError("audit: outlier_search='cluster' needs the SemDeDup clusters (run with "
-                        "near-duplicate detection on, i.e. embeddings given)")
-    metric = "cosine"
-    avg = _cluster_knn(x, clusters, k)
-  # Datalab: exp(-avg / scale), scale = median(avg) (at least 100 eps), 1 below a tolerance.
-  scale = max(float(np.median(avg)), 100 * np.finfo(np.float64).eps)
-  score = np.exp(-avg / scale)
-  tol = (100 * np.finfo(np.float64).epsneg if metric == "cosine"
-         else np.sqrt(100 * np.finfo(np.float64).eps))
-  score[avg < tol] = 1.0
-  q1, q3 = np.percentile(avg, [25, 75])
-  issue_threshold = q3 + (1.0 / threshold - 1.0) * (q3 - q1)
-  info = {"outlier_k": k, "outlier_metric": metric,
-          "outlier_search": "exact" if use_exact else "cluster",
-          "outlier_issue_threshold": float(issue_threshold)}
-  return avg > issue_threshold, score, info
+    if fit_predict is not None:
+      raise ConfigError("audit: pass probs_NxC or fit_predict, not both")
+    probs = rows("probs_NxC", probs_NxC)
+  probs, labels = lq._check(probs, labels, fields=("audit.probs_NxC", "audit.labels_N"))
+  label = issues.label_issue(probs, labels, filter_by=filter_by,
+                             label_score_method=label_score_method)
+  return {"label": label}, labels
+
+
+def _test_split(test_ids: Any, test_content: Any, test_hashes: Any, test_mask: Any,
+                kind: str | None, pad_id: int | None, train_h: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+  """(sorted test ids, their digests) for ``leakage``, or None when no test split is given."""
+  if test_ids is None and test_content is None and test_hashes is None:
+    return None
+  if train_h is None:
+    raise ConfigError("audit: leakage needs the training content or hashes_N too")
+  if test_ids is None:
+    raise ConfigError("audit: leakage needs test_ids beside test_content or test_hashes")
+  te_ids, te_keep, te_order = _ids_in_order(test_ids, test_mask, "audit.test_ids")
+  te_h = _hashes(("test_hashes", "test_content"), test_hashes, test_content, kind, pad_id,
+                 len(np.asarray(test_ids)), te_keep, te_order)
+  if te_h is None:
+    raise ConfigError("audit: leakage needs test_content or test_hashes beside test_ids")
+  return te_ids, te_h
+
+
+def _embeddings(rows: Callable[[str, Any], np.ndarray], ids: np.ndarray, embeddings_NxD: Any,
+                embed_fn: Callable | None) -> np.ndarray | None:
+  """Checked finite numeric embeddings ``[N, D]`` in id order (given or from ``embed_fn``)."""
+  n = len(ids)
+  if embeddings_NxD is None and embed_fn is not None:
+    emb = np.asarray(embed_fn(ids))
+    if emb.ndim != 2 or len(emb) != n:
+      raise DataError(f"audit.embed_fn returned shape {emb.shape} for {n} ids")
+  elif embeddings_NxD is not None:
+    if embed_fn is not None:
+      raise ConfigError("audit: pass embeddings_NxD or embed_fn, not both")
+    emb = rows("embeddings_NxD", embeddings_NxD)
+  else:
+    return None
+  if emb.ndim != 2 or emb.shape[1] == 0 or not np.issubdtype(emb.dtype, np.number):
+    raise DataError(f"audit.embeddings_NxD must be a numeric [N, D] array; got dtype "
+                    f"{emb.dtype}, shape {emb.shape}")
+  bad = ~np.isfinite(emb).all(axis=1)
+  if bad.any():
+    raise DataError(f"audit.embeddings_NxD has NaN or inf in {int(bad.sum())} rows (ids "
+                    f"{ids[bad][:5].tolist()})")
+  return emb
+
+
+def _embedding_issues(ids: np.ndarray, emb_NxD: np.ndarray, *, near_duplicate_eps: float,
+                      num_clusters: int | None, keep: str, seed: int, outlier_k: int,
+                      outlier_threshold: float, outlier_search: str, outlier_exact_max: int
+                      ) -> dict[str, Issue]:
+  """``near_duplicate`` and (with more than ``outlier_k`` examples) ``outlier``."""
+  n = len(ids)
+  k_clusters = num_clusters if num_clusters is not None else max(1, int(round(np.sqrt(n))))
+  if isinstance(k_clusters, int) and k_clusters > n:
+    raise ConfigError(f"audit.num_clusters={k_clusters} exceeds the number of examples N={n}")
+  near, clusters = issues.near_duplicate_issue(ids, emb_NxD, eps=near_duplicate_eps,
+                                               num_clusters=k_clusters, keep=keep, seed=seed)
+  if n <= outlier_k:
+    skipped = {"outlier_skipped": f"N={n} is not more than outlier_k={outlier_k}"}
+    return {"near_duplicate": near._replace(info={**near.info, **skipped})}
+  return {"near_duplicate": near, "outlier": issues.outlier_issue(
+      emb_NxD, clusters, k=outlier_k, threshold=outlier_threshold, search=outlier_search,
+      exact_max=outlier_exact_max)}
+
+
+def _result(ids: np.ndarray, found: dict[str, Issue], given: np.ndarray | None) -> Audit:
+  """The :class:`Audit` of the issue types that ran (``found``, in the order they ran)."""
+  fields = {"given_label": given, "predicted_label": None, "exact_duplicate_sets": [],
+            "near_duplicate_sets": [], "leakage_pairs": np.zeros((0, 2), np.int64)}
+  summary = {t: {"ran": False, "count": 0, "share": 0.0} for t in ISSUE_TYPES}
+  info = {}
+  for t, issue in found.items():
+    count = int(issue.is_issue.sum())
+    summary[t] = {"ran": True, "count": count, "share": count / len(ids), **issue.summary}
+    info.update(issue.info)
+    fields.update(issue.fields)
+  return Audit(ids=ids, is_issue={t: i.is_issue for t, i in found.items()},
+               score={t: i.score for t, i in found.items()}, summary=summary, info=info,
+               **fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,161 +320,52 @@ def audit(ids_N: Any, *, labels_N: Any = None, probs_NxC: Any = None,
           keep: str = "farthest", outlier_k: int = 10, outlier_threshold: float = 0.37037,
           outlier_search: str = "auto", outlier_exact_max: int = 20_000,
           seed: int = 0) -> Audit:
-  """Audits a dataset for every issue type its inputs allow; one row per id.
+  """Audits a dataset for every issue type its inputs allow (module docstring); one row per id.
 
   Args:
     ids_N: unique int ids of the (training) examples, in any order.
-    labels_N: their given labels, int in ``[0, C)``.
-    probs_NxC: out-of-fold predicted probabilities (rows as ``ids_N``).
-    embeddings_NxD: one embedding per example (e.g. ``prunejax.scores.penultimate`` features or
-      GPT-2 features), for ``near_duplicate`` and ``outlier``.
-    content: the examples' content for ``exact_duplicate`` / ``leakage`` (an array ``[N, ...]``,
-      ``N`` strings or token rows, as :func:`prunejax.dedup.content_hashes` with ``kind``).
-    hashes_N: instead of ``content``, its digests (:func:`prunejax.dedup.hash_batches`).
-    kind, pad_id: how content is hashed (``"image"``, ``"text"``, ``"tokens"``).
+    labels_N, probs_NxC: given labels (int in ``[0, C)``) and out-of-fold probabilities.
+    embeddings_NxD: one embedding per example, for ``near_duplicate`` and ``outlier``.
+    content, hashes_N, kind, pad_id: the content for ``exact_duplicate`` / ``leakage`` (as
+      :func:`prunejax.dedup.content_hashes` with ``kind``), or its digests.
     mask_N: bool, False on padding rows (dropped); default all real.
     test_ids, test_content, test_hashes, test_mask: the test split, for ``leakage``.
-    fit_predict: ``fit_predict(train_ids, heldout_ids) -> probs``, to make out-of-fold
-      probabilities by stratified K-fold when ``probs_NxC`` is not given
-      (:func:`prunejax.scores.out_of_fold_probs`); called with ids in ascending order.
-    num_folds: K of that cross-validation.
+    fit_predict, num_folds: ``fit_predict(train_ids, heldout_ids) -> probs`` (ids ascending) to
+      make ``probs_NxC`` by stratified K-fold (:func:`prunejax.scores.out_of_fold_probs`).
     embed_fn: ``embed_fn(ids) -> [len(ids), D]``, to compute embeddings when not given.
-    filter_by: :func:`prunejax.scores.find_label_issues` filter (one of its seven).
-    label_score_method: ``"self_confidence"``, ``"normalized_margin"`` or
-      ``"confidence_weighted_entropy"``.
-    near_duplicate_eps: SemDeDup's cosine-distance threshold in [0, 1].
-    num_clusters: SemDeDup's k-means clusters (default ``max(1, round(sqrt(N)))``, at most N).
-    keep: SemDeDup's keep rule (``"farthest"`` or ``"lowest_id"``).
+    filter_by, label_score_method: :func:`prunejax.scores.find_label_issues`' filter and
+      cleanlab's label quality (``self_confidence``, ``normalized_margin``, ...).
+    near_duplicate_eps, num_clusters, keep: SemDeDup's threshold in [0, 1], its k-means clusters
+      (default ``max(1, round(sqrt(N)))``, at most N) and keep rule.
     outlier_k, outlier_threshold: Datalab's ``k`` and ``threshold``.
-    outlier_search: ``"exact"``, ``"cluster"`` or ``"auto"`` (exact up to ``outlier_exact_max``
-      examples, or at most 3 dimensions).
+    outlier_search, outlier_exact_max: ``"exact"``, ``"cluster"`` or ``"auto"`` (exact up to
+      ``outlier_exact_max`` examples, or at most 3 dimensions).
     seed: seeds k-means and the folds.
 
   Returns:
     An :class:`Audit`.
   """
-  check_choice("audit.filter_by", filter_by, lq.FILTERS)
-  check_choice("audit.label_score_method", label_score_method, lq.RANKINGS)
-  check_choice("audit.outlier_search", outlier_search, OUTLIER_SEARCH)
-  check_range("audit.near_duplicate_eps", near_duplicate_eps, 0.0, 1.0)
-  check_range("audit.outlier_threshold", outlier_threshold, 0.0, 1.0, lo_open=True)
-  check_positive_int("audit.outlier_k", outlier_k)
-  check_positive_int("audit.outlier_exact_max", outlier_exact_max)
+  _check_settings(filter_by, label_score_method, outlier_search, near_duplicate_eps,
+                  outlier_threshold, outlier_k, outlier_exact_max)
   ids, keep_rows, order = _ids_in_order(ids_N, mask_N, "audit.ids_N")
   n_in = len(np.asarray(ids_N))
-  n = len(ids)
   rows = lambda name, x: _rows(name, x, n_in, keep_rows, order)
-  is_issue, score, info = {}, {}, {}
-  summary = {t: {"ran": False, "count": 0, "share": 0.0} for t in ISSUE_TYPES}
-  given = predicted = None
-  exact_sets: list[np.ndarray] = []
-  near_sets: list[np.ndarray] = []
-  leak_pairs = np.zeros((0, 2), np.int64)
-
-  # -- label ------------------------------------------------------------------------------------
-  if probs_NxC is not None or fit_predict is not None:
-    if labels_N is None:
-      raise ConfigError("audit: label issues need labels_N beside probs_NxC or fit_predict")
-    labels = rows("labels_N", labels_N)
-    if probs_NxC is None:
-      probs = lq.out_of_fold_probs(fit_predict, ids, np.asarray(labels), num_folds=num_folds,
-                                   seed=seed)
-    else:
-      if fit_predict is not None:
-        raise ConfigError("audit: pass probs_NxC or fit_predict, not both")
-      probs = rows("probs_NxC", probs_NxC)
-    probs, labels = lq._check(probs, labels, fields=("audit.probs_NxC", "audit.labels_N"))
-    # Rows are in id order, so the by-id form's stable sorts break ties by id.
-    is_issue["label"] = lq._issues(probs, labels, filter_by=filter_by, min_examples_per_class=1,
-                                   frac_noise=1.0, num_to_remove_per_class=None, joint_CxC=None,
-                                   argsort=lq._stable_argsort)
-    score["label"] = lq._quality(probs, labels, label_score_method).astype(np.float64)
-    given, predicted = labels, probs.argmax(axis=1)
-    info.update(filter_by=filter_by, label_score_method=label_score_method,
-                num_classes=probs.shape[1])
-  elif labels_N is not None:
-    given = rows("labels_N", labels_N).astype(np.int64)
-
-  # -- exact duplicates and leakage ---------------------------------------------------------------
+  found, given = _labels(rows, ids, labels_N, probs_NxC, fit_predict, num_folds=num_folds,
+                         seed=seed, filter_by=filter_by, label_score_method=label_score_method)
   train_h = _hashes(("hashes_N", "content"), hashes_N, content, kind, pad_id, n_in, keep_rows,
                     order)
   if train_h is not None:
-    exact_sets = dedup.exact_duplicates(ids, train_h)
-    redundant = dedup.redundant_ids(exact_sets)
-    is_issue["exact_duplicate"] = np.isin(ids, redundant)
-    size = np.ones(n)
-    for g in exact_sets:
-      size[np.searchsorted(ids, g)] = len(g)
-    score["exact_duplicate"] = 1.0 / size
-  if test_ids is not None or test_content is not None or test_hashes is not None:
-    if train_h is None:
-      raise ConfigError("audit: leakage needs the training content or hashes_N too")
-    if test_ids is None:
-      raise ConfigError("audit: leakage needs test_ids beside test_content or test_hashes")
-    te_ids, te_keep, te_order = _ids_in_order(test_ids, test_mask, "audit.test_ids")
-    n_te = len(np.asarray(test_ids))
-    te_h = _hashes(("test_hashes", "test_content"), test_hashes, test_content, kind, pad_id, n_te,
-                   te_keep, te_order)
-    if te_h is None:
-      raise ConfigError("audit: leakage needs test_content or test_hashes beside test_ids")
-    tr_p, te_p = dedup.leakage(ids, train_h, te_ids, te_h)
-    leak_pairs = np.stack([tr_p, te_p], axis=1).astype(np.int64)
-    is_issue["leakage"] = np.isin(ids, tr_p)
-    score["leakage"] = np.where(is_issue["leakage"], 0.0, 1.0)
-    info["leaked_test_examples"] = int(len(np.unique(te_p)))
-
-  # -- near duplicates and outliers ---------------------------------------------------------------
-  if embeddings_NxD is None and embed_fn is not None:
-    emb = np.asarray(embed_fn(ids))
-    if emb.ndim != 2 or len(emb) != n:
-      raise DataError(f"audit.embed_fn returned shape {emb.shape} for {n} ids")
-  elif embeddings_NxD is not None:
-    if embed_fn is not None:
-      raise ConfigError("audit: pass embeddings_NxD or embed_fn, not both")
-    emb = rows("embeddings_NxD", embeddings_NxD)
-  else:
-    emb = None
+    found["exact_duplicate"] = issues.exact_duplicate_issue(ids, train_h)
+  test = _test_split(test_ids, test_content, test_hashes, test_mask, kind, pad_id, train_h)
+  if test is not None:
+    found["leakage"] = issues.leakage_issue(ids, train_h, *test)
+  emb = _embeddings(rows, ids, embeddings_NxD, embed_fn)
   if emb is not None:
-    if emb.ndim != 2 or emb.shape[1] == 0 or not np.issubdtype(emb.dtype, np.number):
-      raise DataError(f"audit.embeddings_NxD must be a numeric [N, D] array; got dtype "
-                      f"{emb.dtype}, shape {emb.shape}")
-    bad = ~np.isfinite(emb).all(axis=1)
-    if bad.any():
-      raise DataError(f"audit.embeddings_NxD has NaN or inf in {int(bad.sum())} rows (ids "
-                      f"{ids[bad][:5].tolist()})")
-    k_clusters = num_clusters if num_clusters is not None else max(1, int(round(np.sqrt(n))))
-    if isinstance(k_clusters, int) and k_clusters > n:
-      raise ConfigError(f"audit.num_clusters={k_clusters} exceeds the number of examples N={n}")
-    res = dedup.semdedup(emb, ids_N=ids, num_clusters=k_clusters, key=jax.random.key(seed),
-                         keep=keep)
-    near = ~res.keep(near_duplicate_eps)
-    is_issue["near_duplicate"] = near
-    m = res.max_similarity.astype(np.float64)
-    score["near_duplicate"] = np.clip(np.where(np.isfinite(m), 1.0 - m, 1.0), 0.0, 1.0)
-    pos_of = np.searchsorted(ids, res.duplicate_of[near])
-    near_sets = _components(ids, np.flatnonzero(near), pos_of)
-    info.update(near_duplicate_eps=near_duplicate_eps, num_clusters=k_clusters, keep=keep)
-    if n > outlier_k:
-      is_issue["outlier"], score["outlier"], out_info = _outliers(
-          emb, k=outlier_k, threshold=outlier_threshold,
-          search=outlier_search, exact_max=outlier_exact_max, clusters=res.cluster)
-      info.update(out_info)
-    else:
-      info["outlier_skipped"] = f"N={n} is not more than outlier_k={outlier_k}"
-
-  for t in is_issue:
-    count = int(is_issue[t].sum())
-    summary[t] = {"ran": True, "count": count, "share": count / n}
-  if "exact_duplicate" in is_issue:
-    summary["exact_duplicate"]["groups"] = len(exact_sets)
-  if "near_duplicate" in is_issue:
-    summary["near_duplicate"]["sets"] = len(near_sets)
-  if "leakage" in is_issue:
-    summary["leakage"].update(pairs=len(leak_pairs), test_examples=info["leaked_test_examples"])
-  return Audit(ids=ids, is_issue=is_issue, score=score, given_label=given,
-               predicted_label=predicted, exact_duplicate_sets=exact_sets,
-               near_duplicate_sets=near_sets, leakage_pairs=leak_pairs, summary=summary,
-               info=info)
+    found.update(_embedding_issues(
+        ids, emb, near_duplicate_eps=near_duplicate_eps, num_clusters=num_clusters, keep=keep,
+        seed=seed, outlier_k=outlier_k, outlier_threshold=outlier_threshold,
+        outlier_search=outlier_search, outlier_exact_max=outlier_exact_max))
+  return _result(ids, found, given)
 
 
 def audit_source(source: Any, ids: Any = None, *, test: Any = None, test_ids: Any = None,

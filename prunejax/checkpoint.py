@@ -1,9 +1,9 @@
 """Resumable work: a lock on the workdir, finished units, per-round and mid-run checkpoints, and
 stopping cleanly on a signal.
 
-* :class:`WorkdirLock`: one run per workdir. The lock is an ``flock`` held for the run's life, so
-  the kernel releases it on any exit (a crash or ``kill -9`` included) and a stale lock never
-  blocks.
+* :class:`WorkdirLock` (in :mod:`prunejax.workdir_lock`): one run per workdir. The lock is an
+  ``flock`` held for the run's life, so the kernel releases it on any exit (a crash or ``kill -9``
+  included) and a stale lock never blocks.
 * :class:`Units`: the result of each finished unit of work (a training run, a round) as one JSON
   file with a fingerprint of what made it (config, data, code), a checksum, and the digests of the
   files the unit wrote (subsets, masks); rerunning skips finished units whose record, fingerprint
@@ -13,7 +13,7 @@ stopping cleanly on a signal.
 * :class:`RunCheckpoint`: the state of one training run mid-way (train state, online-pruner state,
   the epoch's plan and position, counters), so a killed or preempted run resumes at the batch where it
   stopped and ends with the same result as an uninterrupted one.
-* Stopping: :func:`install_signal_handlers` turns SIGTERM and SIGINT into a request that training
+* Stopping (in :mod:`prunejax.stopping`): :func:`install_signal_handlers` turns SIGTERM and SIGINT into a request that training
   loops honour at the next step (:func:`stop_at_step`: save a mid-run checkpoint, then raise
   :class:`Interrupted`) and :meth:`Units.run` at the next unit. With several processes every process
   stops at the same step through JAX's preemption service (a preemption notice on cloud TPUs is a
@@ -27,15 +27,10 @@ together.
 from __future__ import annotations
 
 import contextvars
-import errno
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import time
 import weakref
 from typing import Any, Callable, Iterable
@@ -43,297 +38,17 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from prunejax.errors import FileError, WorkdirBusyError
+from prunejax.errors import FileError
 from prunejax.fileio import (atomic_write_json, makedirs, npz_digest, os_error_message, read_json,
                              to_json)
 from prunejax.parallel import barrier
+# Stopping and the workdir lock live in their own modules; their names stay importable from here.
+from prunejax.stopping import (KILL_AT_ENV, Interrupted, check_stop, clear_stop,  # noqa: F401
+                               install_signal_handlers, interrupted_at_step, kill_point,
+                               request_stop, stop_at_step, stop_requested)
+from prunejax.workdir_lock import NoLock, WorkdirLock  # noqa: F401
 
 log = logging.getLogger("prunejax")
-
-# ----------------------------------------------------------------------------------------------
-# Stopping on a signal or a preemption notice.
-# ----------------------------------------------------------------------------------------------
-
-
-class Interrupted(BaseException):
-  """The run stopped on SIGTERM or SIGINT at a step or unit boundary, its state saved up to there.
-
-  A ``BaseException`` (like ``KeyboardInterrupt``) so that no ``except Exception`` on the way out
-  swallows it. ``exit_code`` is ``128 + signum`` (143 for SIGTERM, 130 for SIGINT).
-  """
-
-  def __init__(self, signum: int, detail: str):
-    super().__init__(detail)
-    self.signum = int(signum)
-    self.detail = detail
-
-  @property
-  def exit_code(self) -> int:
-    return 128 + self.signum
-
-  @property
-  def signal_name(self) -> str:
-    return signal.Signals(self.signum).name
-
-
-_STOP: dict[str, Any] = {"signum": None}
-_STEPS = [0]  # training steps taken by this process, the step ids of JAX's preemption sync
-
-
-def request_stop(signum: int = signal.SIGTERM) -> None:
-  """Asks the run to stop at the next training step or unit boundary (what the signal handlers
-  do)."""
-  _STOP["signum"] = int(signum)
-
-
-def stop_requested() -> int | None:
-  """The signal number of a pending stop request, or None."""
-  return _STOP["signum"]
-
-
-def clear_stop() -> None:
-  """Forgets a stop request (for a process that runs several experiments, e.g. tests)."""
-  _STOP["signum"] = None
-
-
-def stop_at_step(steps: int = 1) -> bool:
-  """Whether training must save and stop after the step that just ended; call it after every step
-  (or after every chunk of ``steps`` steps run in one dispatch).
-
-  One process: whether a stop was requested. Several: whether every process has reached the step
-  that JAX's preemption service chose after a SIGTERM to any of them
-  (``multihost_utils.reached_preemption_sync_point``), so all save the same step together.
-  """
-  _STEPS[0] += steps
-  kill_point("step", steps)
-  if _multi_process():
-    from jax.experimental import multihost_utils
-    try:
-      return bool(multihost_utils.reached_preemption_sync_point(_STEPS[0]))
-    except RuntimeError:  # the preemption service is disabled
-      return False
-  return _STOP["signum"] is not None
-
-
-_KILL_COUNTS = {"step": 0, "unit": 0}
-KILL_AT_ENV = "PRUNEJAX_KILL_AT"
-
-
-def kill_point(kind: str, count: int = 1) -> None:
-  """Fault injection for tests of resumption: with ``PRUNEJAX_KILL_AT=KIND:N`` in the environment
-  (``step:N`` or ``unit:N``) the process kills itself with SIGKILL once it has completed N training
-  steps (at the end of the dispatch that reaches N, when steps run in chunks), or right after the
-  N-th unit record it writes. A test then knows
-  exactly where the run died, however fast or slow the machine is. Unset: does nothing."""
-  spec = os.environ.get(KILL_AT_ENV)
-  if not spec:
-    return
-  want, _, n = spec.partition(":")
-  if want not in _KILL_COUNTS or not n.isdigit():
-    raise ValueError(f"{KILL_AT_ENV}={spec!r}; expected 'step:N' or 'unit:N'")
-  before = _KILL_COUNTS[kind]
-  _KILL_COUNTS[kind] += count
-  if kind == want and before < int(n) <= _KILL_COUNTS[kind]:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def interrupted_at_step(step: int, saved: bool) -> Interrupted:
-  """The :class:`Interrupted` a training loop raises after :func:`stop_at_step` said to stop."""
-  return Interrupted(_STOP["signum"] or signal.SIGTERM,
-                     f"saved the training run in progress at step {step}" if saved else
-                     f"stopped a training run at step {step} (it has no mid-run checkpoint and "
-                     "starts over)")
-
-
-def check_stop(where: str) -> None:
-  """Raises :class:`Interrupted` at a unit boundary if a stop was requested (one process only:
-  several processes stop together at a training step, :func:`stop_at_step`)."""
-  if _STOP["signum"] is not None and not _multi_process():
-    raise Interrupted(_STOP["signum"], f"stopped before {where}")
-
-
-def _multi_process() -> bool:
-  return jax.distributed.is_initialized()  # never starts a backend (safe in a signal handler)
-
-
-def _on_signal(signum, frame):  # noqa: ARG001 - the signal module's handler signature
-  if _STOP["signum"] is not None:  # a second signal: stop at once
-    raise Interrupted(signum, "stopped at once on a second signal; the work since the last "
-                      "finished unit or checkpoint is lost")
-  request_stop(signum)
-  if signum == signal.SIGINT and _multi_process():
-    os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service makes every process stop
-  log.warning("received %s: stopping at the next step (send it again to stop at once)",
-              signal.Signals(signum).name)
-
-
-def install_signal_handlers() -> None:
-  """SIGTERM and SIGINT request a stop at the next step or unit (a second one stops at once).
-
-  Call from the main thread, before ``jax.distributed.initialize``: with several processes JAX's
-  preemption service then takes SIGTERM over and makes every process stop at the same step, and
-  SIGINT is passed on to it as a SIGTERM.
-  """
-  signal.signal(signal.SIGINT, _on_signal)
-  signal.signal(signal.SIGTERM, _on_signal)
-
-
-# ----------------------------------------------------------------------------------------------
-# The workdir lock.
-# ----------------------------------------------------------------------------------------------
-
-
-class WorkdirLock:
-  """An exclusive lock on ``workdir`` (the file ``workdir/.lock``) for the life of a run.
-
-  ``acquire()`` takes it or raises :class:`~prunejax.errors.WorkdirBusyError` naming the process
-  that holds it. It is an ``flock``, so it goes with the process on any exit (``kill -9``
-  included): a lock left by a dead process never blocks. On file systems without ``flock`` it falls
-  back to a lock file created exclusively, whose holder is checked for life when it is on the same
-  host.
-  The lock file stays (deleting it would let two processes lock two different files).
-  """
-
-  NAME = ".lock"
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.path = os.path.join(workdir, self.NAME)
-    self._fd: int | None = None
-    self._excl: str | None = None
-
-  def acquire(self) -> "WorkdirLock":
-    makedirs(self.workdir)
-    try:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-      raise FileError(os_error_message(e, self.path)) from None
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      busy = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-      holder = _read_holder(fd)
-      for _ in range(20 if busy else 0):  # the holder names itself just after taking the lock
-        if holder != "another process":
-          break
-        time.sleep(0.05)
-        holder = _read_holder(fd)
-      os.close(fd)
-      if busy:
-        raise WorkdirBusyError(f"{self.workdir} is in use by {holder}; wait for that run to "
-                               "finish (or stop it), or use another directory") from None
-      if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-        return self._acquire_exclusive_file()
-      raise FileError(os_error_message(e, self.path, "lock")) from None
-    self._fd = fd
-    _write_holder(fd)
-    return self
-
-  def _acquire_exclusive_file(self) -> "WorkdirLock":
-    path = self.path + ".held"
-    for _ in range(2):
-      try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-      except FileExistsError:
-        holder = _holder_info(path)
-        if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
-          log.warning("removing the stale lock %s of dead process %s", path, holder.get("pid"))
-          os.unlink(path)
-          continue
-        raise WorkdirBusyError(f"{self.workdir} is in use by {_describe(holder)}; wait for that "
-                               f"run to finish, or delete {path} if it is gone, or use another "
-                               "directory") from None
-      except OSError as e:
-        raise FileError(os_error_message(e, path)) from None
-      _write_holder(fd)
-      os.close(fd)
-      self._excl = path
-      return self
-    raise WorkdirBusyError(f"{self.workdir} is in use (lock {path})")
-
-  def release(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)  # closing releases the flock
-      self._fd = None
-    if self._excl is not None:
-      try:
-        os.unlink(self._excl)
-      except OSError:
-        pass
-      self._excl = None
-
-  @property
-  def held(self) -> bool:
-    return self._fd is not None or self._excl is not None
-
-  def __enter__(self) -> "WorkdirLock":
-    if not self.held:
-      self.acquire()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.release()
-
-  def __del__(self):
-    self.release()
-
-
-class NoLock:
-  """What processes other than 0 hold: process 0 holds the workdir's lock for all of them."""
-
-  held = True
-
-  def __enter__(self) -> "NoLock":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    pass
-
-  def release(self) -> None:
-    pass
-
-
-def _write_holder(fd: int) -> None:
-  info = {"pid": os.getpid(), "host": socket.gethostname(),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-  try:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-  except OSError:
-    pass  # who holds the lock is only for messages
-
-
-def _read_holder(fd: int) -> str:
-  try:
-    return _describe(json.loads(os.pread(fd, 4096, 0).decode() or "{}"))
-  except (OSError, ValueError):
-    return "another process"
-
-
-def _holder_info(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
-def _describe(holder: dict) -> str:
-  if not holder.get("pid"):
-    return "another process"
-  return (f"process {holder['pid']} on {holder.get('host', '?')} (since "
-          f"{holder.get('since', '?')})")
-
-
-def _alive(pid: Any) -> bool:
-  try:
-    os.kill(int(pid), 0)
-  except (TypeError, ValueError, ProcessLookupError):
-    return False
-  except PermissionError:
-    return True
-  return True
-
 
 # ----------------------------------------------------------------------------------------------
 # Finished units.

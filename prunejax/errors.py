@@ -77,3 +77,25 @@ def check_device_ids(field: str, ids: Any) -> Any:
                       f"them to 0..N-1 on the host (np.unique(ids, return_inverse=True)) and keep "
                       f"the map")
   return ids
+
+
+def check_unique_ids(field: str, ids_N: Any, n: int | None = None) -> Any:
+  """``ids_N`` as an int64 NumPy array if it is a 1-D array of distinct integer ids (``n`` of them
+  when ``n`` is given), else raises a one-line :class:`DataError` naming ``field``.
+
+  Host-side functions (deduplication, outliers, prototypes, the audit) key their answers by these
+  ids.
+  """
+  import numpy as np  # errors.py is imported everywhere; keep its import light.
+  ids = np.asarray(ids_N)
+  if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+    raise DataError(f"{field} must be a 1-D array of integer ids; got dtype {ids.dtype}, "
+                    f"shape {ids.shape}")
+  ids = ids.astype(np.int64)
+  if n is not None and len(ids) != n:
+    raise DataError(f"{field} has {len(ids)} ids for {n} examples")
+  uniq, counts = np.unique(ids, return_counts=True)
+  if np.any(counts > 1):
+    raise DataError(f"{field} repeats ids {uniq[counts > 1][:5].tolist()}; every example needs its "
+                    f"own id")
+  return ids

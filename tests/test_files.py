@@ -16,7 +16,7 @@ import pytest
 
 from experiments import common
 from experiments.configs import fields
-from prunejax import checkpoint, fileio
+from prunejax import checkpoint, fileio, workdir_lock
 from prunejax.checkpoint import RoundCheckpoints, RunCheckpoint, Units, WorkdirLock
 from prunejax.errors import ConfigError, DataError, FileError, WorkdirBusyError
 from prunejax.scores import load_scores, save_scores
@@ -278,7 +278,7 @@ def test_workdir_lock_without_flock_detects_stale_holders(tmp_path, monkeypatch)
   def no_flock(fd, op):
     raise OSError(errno.ENOLCK, "No locks available")
 
-  monkeypatch.setattr(checkpoint.fcntl, "flock", no_flock)
+  monkeypatch.setattr(workdir_lock.fcntl, "flock", no_flock)
   w = str(tmp_path / "w")
   a = WorkdirLock(w).acquire()
   with pytest.raises(WorkdirBusyError, match=f"process {os.getpid()}"):

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from prunejax.errors import ConfigError, DataError, check_choice
+from prunejax.errors import ConfigError, DataError, check_choice, check_unique_ids
 
 KINDS = ("image", "text", "tokens")
 HASH_DTYPE = np.dtype("S16")
@@ -43,21 +43,6 @@ def _digest(kind: str, payload: bytes, header: bytes = b"") -> bytes:
   h.update(header)
   h.update(payload)
   return h.digest()
-
-
-def _check_ids(ids_N: Any, n: int | None = None, field: str = "ids_N") -> np.ndarray:
-  ids = np.asarray(ids_N)
-  if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
-    raise DataError(f"{field} must be a 1-D array of integer ids; got dtype {ids.dtype}, "
-                    f"shape {ids.shape}")
-  ids = ids.astype(np.int64)
-  if n is not None and len(ids) != n:
-    raise DataError(f"{field} has {len(ids)} ids for {n} examples")
-  uniq, counts = np.unique(ids, return_counts=True)
-  if np.any(counts > 1):
-    raise DataError(f"{field} repeats ids {uniq[counts > 1][:5].tolist()}; every example needs its "
-                    f"own id")
-  return ids
 
 
 def _check_hashes(hashes_N: Any, field: str) -> np.ndarray:
@@ -167,7 +152,7 @@ def hash_batches(batches: Iterable[Mapping[str, Any]], *, kind: str, pad_id: int
     hash_parts.append(content_hashes(content[mask], kind=kind, pad_id=pad_id))
   if not ids_parts or sum(len(p) for p in ids_parts) == 0:
     raise DataError("hash_batches: the batches hold no real rows (all padding, or no batch came)")
-  ids = _check_ids(np.concatenate(ids_parts), field="hash_batches ids")
+  ids = check_unique_ids("hash_batches ids", np.concatenate(ids_parts))
   return ids, np.concatenate(hash_parts)
 
 
@@ -183,7 +168,7 @@ def exact_duplicates(ids_N: Any, hashes_N: Any) -> list[np.ndarray]:
     lowest id. Empty when there are no duplicates.
   """
   hashes = _check_hashes(hashes_N, "exact_duplicates.hashes_N")
-  ids = _check_ids(ids_N, len(hashes), "exact_duplicates.ids_N")
+  ids = check_unique_ids("exact_duplicates.ids_N", ids_N, len(hashes))
   if len(ids) == 0:
     raise DataError("exact_duplicates got no examples")
   _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
@@ -199,7 +184,7 @@ def redundant_ids(groups: Sequence[np.ndarray]) -> np.ndarray:
   """The ids to drop from duplicate groups: every member but the lowest id of each, sorted."""
   if not groups:
     return np.zeros((0,), np.int64)
-  checked = [_check_ids(g, field=f"redundant_ids groups[{i}]") for i, g in enumerate(groups)]
+  checked = [check_unique_ids(f"redundant_ids groups[{i}]", g) for i, g in enumerate(groups)]
   return np.sort(np.concatenate([np.sort(g)[1:] for g in checked]))
 
 
@@ -218,8 +203,8 @@ def leakage(train_ids: Any, train_hashes: Any, test_ids: Any,
   """
   tr_h = _check_hashes(train_hashes, "leakage.train_hashes")
   te_h = _check_hashes(test_hashes, "leakage.test_hashes")
-  tr_ids = _check_ids(train_ids, len(tr_h), "leakage.train_ids")
-  te_ids = _check_ids(test_ids, len(te_h), "leakage.test_ids")
+  tr_ids = check_unique_ids("leakage.train_ids", train_ids, len(tr_h))
+  te_ids = check_unique_ids("leakage.test_ids", test_ids, len(te_h))
   if len(tr_ids) == 0 or len(te_ids) == 0:
     raise DataError(f"leakage needs examples in both splits; got {len(tr_ids)} train and "
                     f"{len(te_ids)} test")

@@ -28,8 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from prunejax.dedup.exact import _check_ids, normalize_text
-from prunejax.errors import ConfigError, DataError, check_positive_int, check_range
+from prunejax.dedup.exact import normalize_text
+from prunejax.errors import (ConfigError, DataError, check_positive_int, check_range,
+                             check_unique_ids)
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -179,7 +180,7 @@ def minhash_duplicates(ids_N: Any, texts: Sequence[str], *, threshold: float = 0
   """
   check_range("minhash_duplicates.threshold", threshold, 0.0, 1.0, lo_open=True)
   texts = _check_texts(texts, "minhash_duplicates.texts")
-  ids = _check_ids(ids_N, len(texts), "minhash_duplicates.ids_N")
+  ids = check_unique_ids("minhash_duplicates.ids_N", ids_N, len(texts))
   if len(ids) == 0:
     raise DataError("minhash_duplicates got no texts")
   if bands is None:

@@ -45,8 +45,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prunejax import parallel
-from prunejax.dedup.exact import _check_ids
-from prunejax.errors import ConfigError, DataError, check_choice, check_positive_int, check_range
+from prunejax.errors import (ConfigError, DataError, check_choice, check_positive_int, check_range,
+                             check_unique_ids)
 from prunejax.scores.prototypes import _sq_dists, kmeans
 
 KEEP = ("farthest", "lowest_id")
@@ -395,18 +395,8 @@ def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.A
   """
   check_choice("semdedup.keep", keep, KEEP)
   check_positive_int("semdedup.num_iters", num_iters)
-  shape = getattr(embeddings_NxD, "shape", None)
-  if shape is None:
-    embeddings_NxD = np.asarray(embeddings_NxD)
-    shape = embeddings_NxD.shape
-  n = shape[0] if len(shape) else 0
-  ids = _check_ids(np.arange(n) if ids_N is None else ids_N, n, "semdedup.ids_N")
-  _check_embeddings(embeddings_NxD, ids, "semdedup.embeddings_NxD", unit=True)
-  if clusters_N is not None:
-    clusters_N = np.asarray(clusters_N)
-    if clusters_N.shape != (n,):
-      raise DataError(f"semdedup.clusters_N must be {n} non-negative ints; got dtype "
-                      f"{clusters_N.dtype}, shape {clusters_N.shape}")
+  embeddings_NxD, ids, clusters_N = _checked_inputs(embeddings_NxD, ids_N, clusters_N)
+  n = len(ids)
   # Everything below runs on the rows sorted by id, so the k-means subsample and seeding (which
   # draw row positions) and every tie see the same rows whatever order the caller passed.
   by_id = np.argsort(ids, kind="stable")
@@ -415,7 +405,43 @@ def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.A
     embeddings_NxD = embeddings_NxD[jnp.asarray(by_id) if isinstance(embeddings_NxD, jax.Array)
                                     else by_id]
     clusters_N = None if clusters_N is None else clusters_N[by_id]
-  sorted_ids = ids[by_id]
+  best, duplicate_of, clusters, centroids = _in_id_order(
+      embeddings_NxD, ids[by_id], clusters_N, num_clusters=num_clusters, key=key, keep=keep,
+      num_iters=num_iters, max_points_per_centroid=max_points_per_centroid, tile=tile, mesh=mesh)
+  if permuted:  # back to the caller's rows.
+    back = np.empty(n, np.int64)
+    back[by_id] = np.arange(n)
+    best, duplicate_of, clusters = best[back], duplicate_of[back], clusters[back]
+  return SemDedup(ids=ids, cluster=clusters, centroids=centroids, max_similarity=best,
+                  duplicate_of=duplicate_of)
+
+
+def _checked_inputs(embeddings_NxD: Any, ids_N: Any, clusters_N: Any
+                    ) -> tuple[Any, np.ndarray, np.ndarray | None]:
+  """(embeddings as given, or as a NumPy array when they have no shape; the checked ids, default
+  ``0..N-1``; the clusters as a NumPy array or None)."""
+  shape = getattr(embeddings_NxD, "shape", None)
+  if shape is None:
+    embeddings_NxD = np.asarray(embeddings_NxD)
+    shape = embeddings_NxD.shape
+  n = shape[0] if len(shape) else 0
+  ids = check_unique_ids("semdedup.ids_N", np.arange(n) if ids_N is None else ids_N, n)
+  _check_embeddings(embeddings_NxD, ids, "semdedup.embeddings_NxD", unit=True)
+  if clusters_N is not None:
+    clusters_N = np.asarray(clusters_N)
+    if clusters_N.shape != (n,):
+      raise DataError(f"semdedup.clusters_N must be {n} non-negative ints; got dtype "
+                      f"{clusters_N.dtype}, shape {clusters_N.shape}")
+  return embeddings_NxD, ids, clusters_N
+
+
+def _in_id_order(embeddings_NxD: Any, sorted_ids: np.ndarray, clusters_N: np.ndarray | None, *,
+                 num_clusters: int | None, key: jax.Array | None, keep: str, num_iters: int,
+                 max_points_per_centroid: int | None, tile: int, mesh: Mesh | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """SemDeDup of rows sorted by id: (max similarity f32[N], duplicate_of ids i64[N], cluster
+  i32[N], unit centroids [K, D]), host arrays."""
+  n = len(sorted_ids)
   unit = normalize_rows(embeddings_NxD)
   centroids, clusters = _clusters(unit, n, num_clusters, key, clusters_N, num_iters,
                                   max_points_per_centroid)
@@ -424,9 +450,4 @@ def semdedup(embeddings_NxD: Any, *, num_clusters: int | None = None, key: jax.A
   best, dup_pos = cluster_max_similarity(unit, clusters, order, tile=tile, mesh=mesh)
   duplicate_of = np.where(dup_pos >= 0, sorted_ids[np.maximum(dup_pos, 0)], sorted_ids)
   clusters = parallel.gather(clusters).astype(np.int32)
-  if permuted:  # back to the caller's rows.
-    back = np.empty(n, np.int64)
-    back[by_id] = np.arange(n)
-    best, duplicate_of, clusters = best[back], duplicate_of[back], clusters[back]
-  return SemDedup(ids=ids, cluster=clusters, centroids=parallel.gather(normalize_rows(centroids)),
-                  max_similarity=best, duplicate_of=duplicate_of)
+  return best, duplicate_of, clusters, parallel.gather(normalize_rows(centroids))

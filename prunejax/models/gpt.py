@@ -241,6 +241,39 @@ def _last_index(flags_BxT: jax.Array) -> jax.Array:
   return jnp.maximum(idx, 0)
 
 
+def _checked_tokens(tokens_BxT: Any, mask: Any, context: int, vocab_size: int, pad_id: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(tokens i32[B, T], keep bool[B, T], in_range bool[B, T])`` from the model's inputs: keep is
+  the attention mask when given, else the non-``pad_id`` tokens.
+
+  Raises:
+    DataError: more positions than ``context``, ids that are not integers or (outside a trace)
+      outside ``[0, vocab_size)``.
+  """
+  tokens_BxT, attn_BxT, explicit = split_inputs(tokens_BxT, mask)
+  _, t = jnp.shape(tokens_BxT)
+  if t > context:
+    raise DataError(f"input_ids has {t} positions, more than the model's context={context}; "
+                    f"truncate the sequences to at most {context} tokens")
+  check_token_ids(tokens_BxT, vocab_size)
+  if not jnp.issubdtype(jnp.result_type(tokens_BxT), jnp.integer):
+    raise DataError(f"input_ids has dtype {jnp.result_type(tokens_BxT)}; expected integer ids")
+  tokens_BxT = jnp.asarray(tokens_BxT).astype(jnp.int32)
+  keep_BxT = (jnp.asarray(attn_BxT).astype(bool) if explicit else tokens_BxT != pad_id)
+  in_range_BxT = (tokens_BxT >= 0) & (tokens_BxT < vocab_size)
+  return tokens_BxT, keep_BxT, in_range_BxT
+
+
+def _positions(keep_BxT: jax.Array) -> jax.Array:
+  """i32[B, T] position ids. Positions count real tokens only (Hugging Face's cumsum(mask) - 1),
+  so left padding does not shift them; a padding position (never read) counts from the first real
+  token, so that right padding keeps arange(T) everywhere."""
+  arange_1xT = jnp.arange(keep_BxT.shape[1], dtype=jnp.int32)[None]
+  first_Bx1 = jnp.argmax(keep_BxT, axis=1).astype(jnp.int32)[:, None]
+  return jnp.where(keep_BxT, jnp.cumsum(keep_BxT, axis=1, dtype=jnp.int32) - 1,
+                   jnp.maximum(arange_1xT - first_Bx1, 0))
+
+
 class GPTClassifier(nn.Module):
   """GPT-2-style classifier: tokens ``i32[B, T]`` to logits ``f32[B, num_classes]``.
 
@@ -341,17 +374,8 @@ class GPTClassifier(nn.Module):
     self._check_fields()
     cd, pd = module_dtypes(self)
     head_dim, mlp_dim = self.setup_dims()
-    tokens_BxT, attn_BxT, explicit = split_inputs(tokens_BxT, mask)
-    b, t = jnp.shape(tokens_BxT)
-    if t > self.context:
-      raise DataError(f"input_ids has {t} positions, more than the model's context={self.context}; "
-                      f"truncate the sequences to at most {self.context} tokens")
-    check_token_ids(tokens_BxT, self.vocab_size)
-    if not jnp.issubdtype(jnp.result_type(tokens_BxT), jnp.integer):
-      raise DataError(f"input_ids has dtype {jnp.result_type(tokens_BxT)}; expected integer ids")
-    tokens_BxT = jnp.asarray(tokens_BxT).astype(jnp.int32)
-    keep_BxT = (jnp.asarray(attn_BxT).astype(bool) if explicit else tokens_BxT != self.pad_id)
-    in_range_BxT = (tokens_BxT >= 0) & (tokens_BxT < self.vocab_size)
+    tokens_BxT, keep_BxT, in_range_BxT = _checked_tokens(tokens_BxT, mask, self.context,
+                                                         self.vocab_size, self.pad_id)
     if not self.is_initializing():  # init makes every collection mutable: keep flags out of it
       self.sow("flags", "bad_token_ids", ~in_range_BxT.all(axis=1))
     wte = nn.Embed(self.vocab_size, self.width, name="wte", dtype=cd, param_dtype=pd,
@@ -360,13 +384,7 @@ class GPTClassifier(nn.Module):
     # An id out of range (only possible under jit, where it cannot raise) reads a zero row, not NaN.
     tok_BxTxD = wte(jnp.where(in_range_BxT, tokens_BxT, 0))
     tok_BxTxD = jnp.where(in_range_BxT[..., None], tok_BxTxD, jnp.zeros((), tok_BxTxD.dtype))
-    # Positions count real tokens only (Hugging Face's cumsum(mask) - 1), so left padding does not
-    # shift them; a padding position (never read) counts from the first real token, so that right
-    # padding keeps arange(T) everywhere.
-    arange_1xT = jnp.arange(t, dtype=jnp.int32)[None]
-    first_Bx1 = jnp.argmax(keep_BxT, axis=1).astype(jnp.int32)[:, None]
-    pos_BxT = jnp.where(keep_BxT, jnp.cumsum(keep_BxT, axis=1, dtype=jnp.int32) - 1,
-                        jnp.maximum(arange_1xT - first_Bx1, 0))
+    pos_BxT = _positions(keep_BxT)
     # The residual stream is float32; each block reads it through a LayerNorm in compute dtype.
     h = at_least_float32(tok_BxTxD) + at_least_float32(jnp.take(wpe, pos_BxT, axis=0))
     h = nn.Dropout(self.embd_dropout, name="drop")(h, deterministic=not train)

@@ -206,11 +206,7 @@ def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None
       out of range, a field other than those three, or a tokenizer that disagrees (its
       ``vocab_size`` is not the model's, or ``pad_id`` given besides it).
   """
-  if tokenizer is not None:
-    if pad_id is not None and pad_id != tokenizer.pad_id:
-      raise ConfigError(f"pad_id={pad_id!r} disagrees with the tokenizer's pad_id="
-                        f"{tokenizer.pad_id}; pass one of them")
-    pad_id, eos_id = tokenizer.pad_id, tokenizer.eos_id if eos_id is None else eos_id
+  pad_id, eos_id = _tokenizer_ids(tokenizer, pad_id, eos_id)
   extra = sorted(set(fields) - set(_FIELDS))
   if extra:
     raise ConfigError(f"gpt2_classifier got field {extra[0]!r}; a pretrained GPT-2's "
@@ -222,21 +218,9 @@ def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None
   if context > config.n_positions:
     raise ConfigError(f"context={context} is out of range; this GPT-2 checkpoint has "
                       f"n_positions={config.n_positions}")
-  pad_id = config.vocab_size if pad_id is None else pad_id
-  if (isinstance(pad_id, bool) or not isinstance(pad_id, int)
-      or not 0 <= pad_id <= config.vocab_size):
-    raise ConfigError(f"pad_id={pad_id!r} is out of range; expected an integer in "
-                      f"[0, {config.vocab_size}] ({config.vocab_size} adds a new pad row)")
-  eos_id = config.vocab_size - 1 if eos_id is None else eos_id
-  if isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < config.vocab_size:
-    raise ConfigError(f"eos_id={eos_id!r} is out of range; expected an integer in "
-                      f"[0, {config.vocab_size})")
+  pad_id, eos_id = _special_ids(config, pad_id, eos_id)
   check_choice("pooling", pooling, POOLINGS)
-  if dropout is None:
-    rates = (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop)
-  else:
-    check_range("dropout", dropout, 0.0, 1.0, hi_open=True)
-    rates = (float(dropout),) * 3
+  rates = _dropout_rates(config, dropout)
   model = GPTClassifier(
       vocab_size=config.vocab_size + (pad_id == config.vocab_size), num_classes=num_classes,
       context=context, depth=config.n_layer, width=config.n_embd, num_heads=config.n_head,
@@ -249,6 +233,41 @@ def gpt2_classifier(config: GPT2Config, num_classes: int, *, context: int | None
                       f"(config.json's {config.vocab_size} plus a new pad row if pad_id="
                       f"{config.vocab_size}); use the tokenizer of this checkpoint")
   return model
+
+
+def _tokenizer_ids(tokenizer: Any, pad_id: int | None, eos_id: int | None
+                   ) -> tuple[int | None, int | None]:
+  """``(pad_id, eos_id)`` from the tokenizer when one is given (an ``eos_id`` given wins; a
+  ``pad_id`` given must agree with the tokenizer's)."""
+  if tokenizer is None:
+    return pad_id, eos_id
+  if pad_id is not None and pad_id != tokenizer.pad_id:
+    raise ConfigError(f"pad_id={pad_id!r} disagrees with the tokenizer's pad_id="
+                      f"{tokenizer.pad_id}; pass one of them")
+  return tokenizer.pad_id, tokenizer.eos_id if eos_id is None else eos_id
+
+
+def _special_ids(config: GPT2Config, pad_id: int | None, eos_id: int | None) -> tuple[int, int]:
+  """Checked ``(pad_id, eos_id)``, defaults ``vocab_size`` (a new pad row) and ``vocab_size - 1``
+  (GPT-2's ``<|endoftext|>``)."""
+  pad_id = config.vocab_size if pad_id is None else pad_id
+  if (isinstance(pad_id, bool) or not isinstance(pad_id, int)
+      or not 0 <= pad_id <= config.vocab_size):
+    raise ConfigError(f"pad_id={pad_id!r} is out of range; expected an integer in "
+                      f"[0, {config.vocab_size}] ({config.vocab_size} adds a new pad row)")
+  eos_id = config.vocab_size - 1 if eos_id is None else eos_id
+  if isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < config.vocab_size:
+    raise ConfigError(f"eos_id={eos_id!r} is out of range; expected an integer in "
+                      f"[0, {config.vocab_size})")
+  return pad_id, eos_id
+
+
+def _dropout_rates(config: GPT2Config, dropout: float | None) -> tuple[float, float, float]:
+  """(embedding, attention, residual) dropout: the checkpoint's, or ``dropout`` for all three."""
+  if dropout is None:
+    return (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop)
+  check_range("dropout", dropout, 0.0, 1.0, hi_open=True)
+  return (float(dropout),) * 3
 
 
 class _TensorFiles:

@@ -121,27 +121,8 @@ def find_label_issues(labels: Any, pred_probs: Any, *,
   labels, probs = _inputs(labels, pred_probs)
   lq._check_prune_args(min_examples_per_class, frac_noise)
   c = probs.shape[1]
-  prune_filters = ("prune_by_noise_rate", "prune_by_class", "both")
-  if num_to_remove_per_class is not None:
-    if filter_by not in prune_filters:
-      raise ConfigError(f"find_label_issues.num_to_remove_per_class works only with filter_by in "
-                        f"{prune_filters}; got filter_by={filter_by!r}")
-    num_to_remove_per_class = np.asarray(num_to_remove_per_class)
-    if (num_to_remove_per_class.shape != (c,)
-        or not np.issubdtype(num_to_remove_per_class.dtype, np.integer)
-        or (num_to_remove_per_class < 0).any()):
-      raise DataError(f"find_label_issues.num_to_remove_per_class must be {c} non-negative ints")
-  if frac_noise != 1.0 and filter_by not in prune_filters:
-    raise ConfigError(f"find_label_issues.frac_noise works only with filter_by in "
-                      f"{prune_filters}; got filter_by={filter_by!r}")
-  if confident_joint is not None:
-    confident_joint = np.asarray(confident_joint)
-    if confident_joint.shape != (c, c) or not (np.isfinite(confident_joint).all()
-                                                and (confident_joint >= 0).all()):
-      raise DataError(f"find_label_issues.confident_joint must be a [{c}, {c}] matrix of "
-                      f"non-negative counts; got shape {confident_joint.shape}")
-    if filter_by == "confident_learning":
-      confident_joint = None
+  num_to_remove_per_class = _num_to_remove(num_to_remove_per_class, filter_by, frac_noise, c)
+  confident_joint = _confident_joint(confident_joint, filter_by, c)
   issues_N = lq._issues(probs, labels, filter_by=filter_by,
                         min_examples_per_class=min_examples_per_class, frac_noise=frac_noise,
                         num_to_remove_per_class=num_to_remove_per_class,
@@ -150,3 +131,38 @@ def find_label_issues(labels: Any, pred_probs: Any, *,
     return issues_N
   return order_label_issues(issues_N, labels, probs, rank_by=return_indices_ranked_by,
                             rank_by_kwargs=rank_by_kwargs)
+
+
+_PRUNE_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both")
+
+
+def _num_to_remove(num_to_remove_per_class: Any, filter_by: str, frac_noise: float,
+                   c: int) -> np.ndarray | None:
+  """``num_to_remove_per_class`` as int[C] (or None); it and ``frac_noise`` only with the three
+  filters that prune by count."""
+  if num_to_remove_per_class is not None:
+    if filter_by not in _PRUNE_FILTERS:
+      raise ConfigError(f"find_label_issues.num_to_remove_per_class works only with filter_by in "
+                        f"{_PRUNE_FILTERS}; got filter_by={filter_by!r}")
+    num_to_remove_per_class = np.asarray(num_to_remove_per_class)
+    if (num_to_remove_per_class.shape != (c,)
+        or not np.issubdtype(num_to_remove_per_class.dtype, np.integer)
+        or (num_to_remove_per_class < 0).any()):
+      raise DataError(f"find_label_issues.num_to_remove_per_class must be {c} non-negative ints")
+  if frac_noise != 1.0 and filter_by not in _PRUNE_FILTERS:
+    raise ConfigError(f"find_label_issues.frac_noise works only with filter_by in "
+                      f"{_PRUNE_FILTERS}; got filter_by={filter_by!r}")
+  return num_to_remove_per_class
+
+
+def _confident_joint(confident_joint: Any, filter_by: str, c: int) -> np.ndarray | None:
+  """A checked ``[C, C]`` matrix of non-negative counts, or None (not given, or
+  ``confident_learning``, which ignores it as cleanlab does)."""
+  if confident_joint is None:
+    return None
+  confident_joint = np.asarray(confident_joint)
+  if confident_joint.shape != (c, c) or not (np.isfinite(confident_joint).all()
+                                              and (confident_joint >= 0).all()):
+    raise DataError(f"find_label_issues.confident_joint must be a [{c}, {c}] matrix of "
+                    f"non-negative counts; got shape {confident_joint.shape}")
+  return None if filter_by == "confident_learning" else confident_joint

@@ -6,7 +6,7 @@ optionally Adam-preconditioned (LESS).
 :meth:`FeaturePlan.dim`) such that ``<f_i, f_j>`` is an unbiased estimate of ``<g_i, g_j>`` (over
 ``key``), where ``g_i`` is example ``i``'s cross-entropy gradient over all parameters.
 
-How: :func:`prunejax.scores.grand.ghost_plan` finds, for each parameter leaf, where it meets the
+How: :func:`prunejax.scores.ghost_taps.ghost_plan` finds, for each parameter leaf, where it meets the
 examples. One forward and ONE backward pass of the summed loss run with taps:
 
 * a leaf used once as the weight of a dense, conv or embedding layer (rows ``n``: ``out_n = a_n W``,
@@ -59,6 +59,8 @@ from prunejax import layer_rows as lr
 from prunejax import layer_taps as lt
 from prunejax.errors import ConfigError, check_positive_int, check_range
 from prunejax.scores import ghost_norms
+from prunejax.scores import ghost_taps as gt
+from prunejax.scores import gradient_projections as gp
 from prunejax.scores.gradient_dot import check_target
 from prunejax.types import ApplyFn, Batch, Params
 
@@ -102,7 +104,7 @@ class FeaturePlan(NamedTuple):
     rest_dim: the features they get (``rest_size`` when exact, else count-sketch buckets).
   """
 
-  ghost: grand_lib.GhostPlan
+  ghost: gt.GhostPlan
   blocks: dict
   rest_leaves: tuple[int, ...]
   rest_size: int
@@ -162,7 +164,7 @@ def feature_plan(apply_fn: ApplyFn, params: Params, x: Any, dim: int = 8192) -> 
   equally by the others (the layers get ``k x e`` with ``k / e`` close to ``K / E``).
   """
   check_positive_int("gradient_features.dim", dim)
-  ghost = grand_lib.ghost_plan(apply_fn, params, x)
+  ghost = gt.ghost_plan(apply_fn, params, x)
   leaves = jax.tree.leaves(params)
   rest = tuple(sorted(ghost.broadcast + ghost.materialized))
   rest_size = sum(math.prod(jnp.shape(leaves[i])) for i in rest)
@@ -243,7 +245,7 @@ def _factored_scale(v_GxKxE: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-layer projected features.
+# Per-layer projections: the random matrices and the layer taps (kernels in gradient_projections).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -253,105 +255,6 @@ def _matrices(key: jax.Array, k: int, block: Block, dtype) -> tuple[jax.Array, j
   r_in = jax.random.normal(k_in, (block.k_in, block.k_full), dtype) / math.sqrt(block.k_in)
   r_out = jax.random.normal(k_out, (block.e_out, block.e_full), dtype) / math.sqrt(block.e_out)
   return r_in, r_out
-
-
-def _einsum(spec: str, *ops: jax.Array) -> jax.Array:
-  return jnp.einsum(spec, *ops, precision=ghost_norms.PRECISION)
-
-
-# Each takes the layer's input and output cotangent and ``(R_in GxkxK, R_out GxexE)``, or
-# ``(None, None)`` for an exact block, and returns ``f[B, G, k, e]``.
-
-
-def _dense_features(layer, act, ct, r_in_GxkxK, r_out_GxexE):
-  dtype = ghost_norms.norm_dtype(act.dtype, ct.dtype)
-  a = lr.dense_rows(layer, act).astype(dtype)
-  d = lr.dense_out_rows(layer, ct).astype(dtype)
-  if r_in_GxkxK is not None:
-    a = _einsum("bgnK,gkK->bgnk", a, r_in_GxkxK)
-    d = _einsum("bgnE,geE->bgne", d, r_out_GxexE)
-  return _einsum("bgnk,bgne->bgke", a, d)
-
-
-def _conv_features(layer, act, ct, r_in_GxkxK, r_out_GxexE):
-  geo = lr.conv_geometry(layer)
-  dtype = ghost_norms.norm_dtype(act.dtype, ct.dtype)
-  x = lr.conv_input(geo, act).astype(dtype)
-  d, d_spec = lr.conv_out_rows(geo, ct)
-  d = d.astype(dtype)
-  if r_out_GxexE is not None:
-    d = _einsum(f"{d_spec},gfe->{d_spec.replace('e', 'f')}", d, r_out_GxexE)
-  d_spec = d_spec.replace("e", "f")
-  offsets = lr.conv_offsets(geo)
-  cg = geo.c_in // geo.groups
-  step = ghost_norms.CONV_OFFSETS_PER_CHUNK.get(ghost_norms._backend()) or len(offsets)
-  parts, acc = [], None
-  for i in range(0, len(offsets), step):
-    if acc is not None:  # one chunk of patches alive at a time (as in ghost_norms).
-      x = x + lr.along(0 * acc.reshape(acc.shape[0], -1)[:, 0], x.ndim, 0)
-    u, u_spec = lr.conv_rows(geo, x, offsets[i:i + step])
-    n = len(offsets[i:i + step])
-    if r_in_GxkxK is None:  # exact: this chunk's rows of G_i.
-      acc = _einsum(f"{u_spec},{d_spec}->bgkf", u, d)
-      parts.append(acc)
-      continue
-    r = r_in_GxkxK.reshape(r_in_GxkxK.shape[:2] + (len(offsets), cg))[:, :, i:i + n]
-    chunk = _einsum(f"{u_spec},gjk->{u_spec.replace('k', 'j')}", u,
-                    r.reshape(r.shape[:2] + (-1,)))
-    acc = chunk if acc is None else acc + chunk
-  if r_in_GxkxK is None:
-    return jnp.concatenate(parts, axis=2)
-  return _einsum(f"{u_spec.replace('k', 'j')},{d_spec}->bgjf", acc, d)
-
-
-def _conv_features_filter(layer, act, ct, r_in_GxkxK, r_out_GxexE):
-  """A projected conv block with one feature group, without im2col patches: the output cotangent
-  is projected onto ``e`` channels, and each example's gradient of a conv with ``e`` output
-  channels (a backward-filter convolution, ``K x e``) is projected by ``R_in``."""
-  p = layer.eqn.params
-  lhs, rhs, out = p["dimension_numbers"]
-  dtype = ghost_norms.norm_dtype(act.dtype, ct.dtype)
-  ct_e = jnp.moveaxis(_einsum("...E,eE->...e", jnp.moveaxis(ct.astype(dtype), out[1], -1),
-                              r_out_GxexE[0]), -1, out[1])
-  w_shape = list(layer.eqn.invars[1].aval.shape)
-  w_shape[rhs[0]] = ct_e.shape[out[1]]
-
-  def example(x1, d1):
-    x1, d1 = jnp.expand_dims(x1, lhs[0]), jnp.expand_dims(d1, out[0])
-    conv = lambda w: lax.conv_general_dilated(
-        x1, w, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
-        p["dimension_numbers"], precision=ghost_norms.PRECISION)
-    _, pullback = jax.vjp(conv, jnp.zeros(w_shape, dtype))
-    return pullback(d1)[0]
-
-  g_B = jax.vmap(example, in_axes=(lhs[0], out[0]))(act.astype(dtype), ct_e)
-  # (B, *rhs layout) -> (B, spatial..., I, e) -> (B, K, e), K in layer_rows' (offset, channel) order.
-  perm = (0,) + tuple(1 + d for d in rhs[2:]) + (1 + rhs[1], 1 + rhs[0])
-  g_BxKxe = lr.reshape_rows(jnp.transpose(g_B, perm), (g_B.shape[0], -1, ct_e.shape[out[1]]))
-  return _einsum("bKe,kK->bke", g_BxKxe, r_in_GxkxK[0])[:, None]
-
-
-def _embed_features(layer, idx, ct, r_in_GxkxK, r_out_GxexE):
-  rows, *row_shape = layer.eqn.invars[0].aval.shape
-  idx_BxM = jnp.moveaxis(idx[..., 0], layer.batch_axis, 0)
-  b = idx_BxM.shape[0]
-  idx_BxM = lr.reshape_rows(idx_BxM, (b, -1)).astype(jnp.int32)
-  d_BxMxD = lr.reshape_rows(jnp.moveaxis(ct, layer.out_batch_axis, 0),
-                            (b, -1, math.prod(row_shape)))
-  d_BxMxD = d_BxMxD.astype(ghost_norms.norm_dtype(d_BxMxD.dtype))
-  if layer.eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
-    inside = (idx_BxM >= 0) & (idx_BxM < rows)
-    d_BxMxD = jnp.where(inside[..., None], d_BxMxD, 0.0)
-  idx_BxM = jnp.clip(idx_BxM, 0, rows - 1)
-  if r_in_GxkxK is None:
-    g_BxVxD = jnp.zeros((b, rows, d_BxMxD.shape[-1]), d_BxMxD.dtype)
-    return g_BxVxD.at[jnp.arange(b)[:, None], idx_BxM].add(d_BxMxD)[:, None]
-  pa_BxMxk = jnp.take(r_in_GxkxK[0].T.astype(d_BxMxD.dtype), idx_BxM, axis=0)
-  pd_BxMxe = _einsum("bmD,eD->bme", d_BxMxD, r_out_GxexE[0])
-  return _einsum("bmk,bme->bke", pa_BxMxk, pd_BxMxe)[:, None]
-
-
-_FEATURES = {"dense": _dense_features, "conv": _conv_features, "embed": _embed_features}
 
 
 def _layer_tap(layer: lt.Layer, dummy_BxF: jax.Array, exact: bool) -> Callable:
@@ -370,58 +273,18 @@ def _layer_tap(layer: lt.Layer, dummy_BxF: jax.Array, exact: bool) -> Callable:
 
   def bwd(res, ct):
     act, r_in, r_out = res
-    act = grand_lib._after(act, layer.batch_axis, ct, layer.out_batch_axis)
-    features = _FEATURES[layer.kind]
+    act = gt._after(act, layer.batch_axis, ct, layer.out_batch_axis)
+    features = gp.FEATURES[layer.kind]
     if (layer.kind == "conv" and not exact and CONV_FILTER
         and layer.eqn.params["feature_group_count"] == 1):
-      features = _conv_features_filter
+      features = gp._conv_features_filter
     f = features(layer, act, ct, *((None, None) if exact else (r_in, r_out)))
     f_BxF = lr.reshape_rows(f, (f.shape[0], -1))
-    return (grand_lib._after(ct, layer.out_batch_axis, f_BxF, 0), None,
-            grand_lib._like(f_BxF, like), None, None)
+    return (gt._after(ct, layer.out_batch_axis, f_BxF, 0), None,
+            gt._like(f_BxF, like), None, None)
 
   tap.defvjp(fwd, bwd)
   return tap
-
-
-# ----------------------------------------------------------------------------------------------
-# The other leaves: exact per-example gradients, count-sketched when large.
-# ----------------------------------------------------------------------------------------------
-
-
-
-
-def _vmap_grads(apply_fn, params, x, y_B, w_B, leaf_ids, chunk_size) -> dict[int, jax.Array]:
-  leaves, treedef = jax.tree.flatten(params)
-  ids = list(leaf_ids)
-
-  def example(x1, y1, w1):
-    def loss_fn(selected):
-      vals = list(leaves)
-      for i, v in zip(ids, selected):
-        vals[i] = v
-      logits_1xC = apply_fn(jax.tree.unflatten(treedef, vals), jax.tree.map(lambda a: a[None], x1))
-      return grand_lib._example_losses(logits_1xC, y1[None], w1[None])[0]
-
-    g = jax.grad(loss_fn)([leaves[i] for i in ids])
-    return jnp.concatenate([a.reshape(-1).astype(ghost_norms.norm_dtype(a.dtype)) for a in g])
-
-  flat_BxP = grand_lib._map_chunks(example, chunk_size, x, y_B, w_B)
-  out, start = {}, 0
-  for i in ids:
-    n = math.prod(jnp.shape(leaves[i]))
-    out[i] = flat_BxP[:, start:start + n].reshape((-1,) + jnp.shape(leaves[i]))
-    start += n
-  return out
-
-
-def _count_sketch(key: jax.Array, g_BxP: jax.Array, dim: int) -> jax.Array:
-  k_bucket, k_sign = jax.random.split(key)
-  size = g_BxP.shape[1]
-  bucket_P = jax.random.randint(k_bucket, (size,), 0, dim)
-  sign_P = jnp.where(jax.random.bernoulli(k_sign, 0.5, (size,)), 1.0, -1.0).astype(g_BxP.dtype)
-  out = jnp.zeros((g_BxP.shape[0], dim), g_BxP.dtype)
-  return out.at[:, bucket_P].add(g_BxP * sign_P)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,18 +353,43 @@ def gradient_features(apply_fn: ApplyFn, params: Params, batch: Batch, key: jax.
 
 
 def _features(apply_fn, plan: FeaturePlan, params, batch, key, moments, betas, eps, chunk_size):
-  ghost, lp = plan.ghost, plan.ghost.layers
-  x = batch["x"]
+  """``f[B, D]`` of one batch (what :func:`gradient_features` runs over the batch's axes)."""
+  ghost = plan.ghost
   y_B, valid_B, w_B = grand_lib._labels(apply_fn, params, batch, ghost.num_classes)
   dtype = ghost_norms.norm_dtype(*[jnp.result_type(l) for l in jax.tree.leaves(params)
                                    if grand_lib._is_float(l)])
   key_layers, key_rest = jax.random.split(key)
+  mats, scales, offsets = _projections(plan, key_layers, dtype, moments, betas, eps)
+  grads = _tapped_grads(plan, params, batch["x"], y_B, w_B, mats, dtype)
+  parts = []
+  for k in plan.blocks:
+    f_BxF = grads["layers"][k].astype(dtype)
+    if moments is not None:
+      f_BxF = (1.0 - betas[0]) * f_BxF * scales.get(k, 1.0) + offsets[k]
+    parts.append(f_BxF)
+  if plan.rest_leaves:
+    parts.append(_rest_features(apply_fn, plan, params, batch["x"], y_B, w_B, grads["sites"],
+                                key_rest, moments, betas, eps, chunk_size, dtype))
+  f_BxD = jnp.concatenate(parts, axis=1)
+  real_B = batch["mask"].astype(bool) if "mask" in batch else jnp.ones_like(valid_B)
+  # Padding rows have no gradient; with Adam the shared offset would otherwise show there.
+  f_BxD = jnp.where(real_B[:, None], jnp.where(valid_B[:, None], f_BxD, jnp.nan), 0.0)
+  return f_BxD
+
+
+def _projections(plan: FeaturePlan, key: jax.Array, dtype, moments, betas, eps
+                 ) -> tuple[dict, dict, dict]:
+  """``(mats, scales, offsets)`` by layer index: each block's ``(R_in GxkxK, R_out GxexE)``
+  (empty for an exact block), and with Adam's moments LESS's preconditioner: the exact
+  per-coordinate scale of an exact block (a projected block's is factored into its matrices) and
+  the projected ``b1 mu / sqrt(b2 nu + eps)`` offset of every block."""
+  lp = plan.ghost.layers
   b1, b2 = betas
-  mats, offsets = {}, {}
+  mats, scales, offsets = {}, {}, {}
   if moments is not None:
     mu_w = lt.layer_weights(lp, moments[0])
     nu_w = lt.layer_weights(lp, moments[1])
-  scales, empty = {}, jnp.zeros((0,), dtype)
+  empty = jnp.zeros((0,), dtype)
   for k, block in plan.blocks.items():
     layer = lp.layers[k]
     if moments is not None:
@@ -513,20 +401,28 @@ def _features(apply_fn, plan: FeaturePlan, params, batch, key, moments, betas, e
         scales[k] = lax.rsqrt(v_GxKxE).reshape(-1)
         offsets[k] = b1 * (m_GxKxE * lax.rsqrt(v_GxKxE)).reshape(-1)
       continue
-    r_in, r_out = _matrices(key_layers, k, block, dtype)
+    r_in, r_out = _matrices(key, k, block, dtype)
     r_in_GxkxK = jnp.broadcast_to(r_in, (block.groups,) + r_in.shape)
     r_out_GxexE = jnp.broadcast_to(r_out, (block.groups,) + r_out.shape)
     if moments is not None:
       s_in_GxK, s_out_GxE = _factored_scale(v_GxKxE)
       r_in_GxkxK = r_in_GxkxK * s_in_GxK[:, None, :]
       r_out_GxexE = r_out_GxexE * s_out_GxE[:, None, :]
-      offsets[k] = b1 * _einsum("gkK,gKE,geE->gke", r_in_GxkxK, m_GxKxE, r_out_GxexE).reshape(-1)
+      offsets[k] = b1 * gp._einsum("gkK,gKE,geE->gke", r_in_GxkxK, m_GxKxE,
+                                   r_out_GxexE).reshape(-1)
     mats[k] = (r_in_GxkxK, r_out_GxexE)
+  return mats, scales, offsets
 
-  zeros_B = grand_lib._zeros_B(x)
+
+def _tapped_grads(plan: FeaturePlan, params, x, y_B, w_B, mats: dict, dtype) -> dict:
+  """One forward and one backward pass of the summed loss with taps: the gradient of the layer
+  dummies (``{"layers": {k: f_BxF}}``, each layer's projected per-example gradient) and of the
+  broadcast sites' dummies (``"sites"``, their per-example cotangents)."""
+  ghost, lp = plan.ghost, plan.ghost.layers
+  zeros_B = gt._zeros_B(x)
   dummies = {"layers": {k: jnp.zeros((zeros_B.shape[0], b.size), dtype) + zeros_B[:, None]
                         for k, b in plan.blocks.items()},
-             "sites": grand_lib._dummies(ghost, x)["sites"]}
+             "sites": gt._dummies(ghost, x)["sites"]}
 
   def loss(dummies):
     layer_taps = {}
@@ -534,35 +430,31 @@ def _features(apply_fn, plan: FeaturePlan, params, batch, key, moments, betas, e
       tap = _layer_tap(lp.layers[k], dummies["layers"][k], plan.blocks[k].exact)
       layer_taps[k] = (lambda tap, k: lambda layer, act, out: (
           tap(out, act, dummies["layers"][k], *mats[k]), None))(tap, k)
-    site_taps = {key: grand_lib._site_tap(dummies["sites"][key], lp.batch_size)
+    site_taps = {key: gt._site_tap(dummies["sites"][key], lp.batch_size)
                  for key in ghost.sites}
     (logits_BxC,), _ = lt.run(lp, params, x, layer_taps=layer_taps, site_taps=site_taps)
     return jnp.sum(grand_lib._example_losses(logits_BxC, y_B, w_B))
 
-  grads = jax.grad(loss)(dummies)
-  parts = []
-  for k in plan.blocks:
-    f_BxF = grads["layers"][k].astype(dtype)
+  return jax.grad(loss)(dummies)
+
+
+def _rest_features(apply_fn, plan: FeaturePlan, params, x, y_B, w_B, site_cts, key, moments,
+                   betas, eps, chunk_size, dtype) -> jax.Array:
+  """The other leaves' per-example gradients (pulled back from the sites' cotangents, or by
+  ``vmap(grad)``), preconditioned with Adam's moments, exact or count-sketched: ``f[B, rest_dim]``."""
+  ghost = plan.ghost
+  b1, b2 = betas
+  rest = gt.site_grads(ghost, params, site_cts) if ghost.sites else {}
+  if ghost.materialized:
+    rest.update(gp._vmap_grads(apply_fn, params, x, y_B, w_B, ghost.materialized, chunk_size))
+  flat = []
+  for i in plan.rest_leaves:
+    g = rest[i].reshape(rest[i].shape[0], -1).astype(dtype)
     if moments is not None:
-      f_BxF = (1.0 - b1) * f_BxF * scales.get(k, 1.0) + offsets[k]
-    parts.append(f_BxF)
-  if plan.rest_leaves:
-    rest = grand_lib.site_grads(ghost, params, grads["sites"]) if ghost.sites else {}
-    if ghost.materialized:
-      rest.update(_vmap_grads(apply_fn, params, x, y_B, w_B, ghost.materialized, chunk_size))
-    flat = []
-    for i in plan.rest_leaves:
-      g = rest[i].reshape(rest[i].shape[0], -1).astype(dtype)
-      if moments is not None:
-        m = jax.tree.leaves(moments[0])[i].reshape(-1).astype(dtype)
-        v = jax.tree.leaves(moments[1])[i].reshape(-1).astype(dtype)
-        g = ((1.0 - b1) * g + b1 * m) / jnp.sqrt(b2 * v + eps)
-      flat.append(g)
-    g_BxP = jnp.concatenate(flat, axis=1)
-    parts.append(g_BxP if plan.rest_dim == plan.rest_size
-                 else _count_sketch(key_rest, g_BxP, plan.rest_dim))
-  f_BxD = jnp.concatenate(parts, axis=1)
-  real_B = batch["mask"].astype(bool) if "mask" in batch else jnp.ones_like(valid_B)
-  # Padding rows have no gradient; with Adam the shared offset would otherwise show there.
-  f_BxD = jnp.where(real_B[:, None], jnp.where(valid_B[:, None], f_BxD, jnp.nan), 0.0)
-  return f_BxD
+      m = jax.tree.leaves(moments[0])[i].reshape(-1).astype(dtype)
+      v = jax.tree.leaves(moments[1])[i].reshape(-1).astype(dtype)
+      g = ((1.0 - b1) * g + b1 * m) / jnp.sqrt(b2 * v + eps)
+    flat.append(g)
+  g_BxP = jnp.concatenate(flat, axis=1)
+  return (g_BxP if plan.rest_dim == plan.rest_size
+          else gp._count_sketch(key, g_BxP, plan.rest_dim))

@@ -21,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Sequence
 
@@ -154,6 +155,24 @@ def less(train_features: Any, target_features: Any, *, reduce: str = "max",
   check_positive_int("less.chunk_size", chunk_size)
   train = _features_list("less.train_features", train_features)
   target = _features_list("less.target_features", target_features)
+  _check_targets(train, target)
+  lrs = _learning_rates("less.learning_rates", learning_rates, len(train))
+  weights_MxK = None if target_groups is None else _group_weights(target_groups,
+                                                                  target[0].shape[0])
+  n = train[0].shape[0]
+  total = np.zeros(n, np.float32)
+  for f, t, lr in zip(train, target, lrs):
+    t_unit = jnp.asarray(t)
+    for start in range(0, n, chunk_size):
+      total[start:start + chunk_size] += lr * np.asarray(_cosine_scores(
+          jnp.asarray(f[start:start + chunk_size]), t_unit, weights_MxK, reduce))
+  finite_N = np.all(np.stack([np.all(np.isfinite(f), 1) for f in train]), 0)
+  total[~finite_N] = np.nan  # a non-finite row would otherwise count as a zero row.
+  return total
+
+
+def _check_targets(train: list[np.ndarray], target: list[np.ndarray]) -> None:
+  """One target per checkpoint, at least one row, the train features' width, all finite."""
   if len(train) != len(target):
     raise DataError(f"less: {len(train)} checkpoints of train_features but {len(target)} of "
                     "target_features")
@@ -166,32 +185,26 @@ def less(train_features: Any, target_features: Any, *, reduce: str = "max",
     if not np.all(np.isfinite(t)):
       raise DataError(f"less.target_features[{c}] has non-finite values in rows "
                       f"{np.nonzero(~np.all(np.isfinite(t), 1))[0][:5].tolist()}")
-  lrs = _learning_rates("less.learning_rates", learning_rates, len(train))
-  m = target[0].shape[0]
-  onehot_MxK = None
-  if target_groups is not None:
-    groups = np.asarray(target_groups)
-    if groups.shape != (m,) or not np.issubdtype(groups.dtype, np.integer):
-      raise DataError(f"less.target_groups has dtype {groups.dtype} and shape {groups.shape}; "
-                      f"expected int [{m}]")
-    _, inverse = np.unique(groups, return_inverse=True)
-    onehot_MxK = np.eye(inverse.max() + 1, dtype=np.float32)[inverse]
-    onehot_MxK /= onehot_MxK.sum(0, keepdims=True)
 
-  @jax.jit
-  def scores(f_NxD, t_MxD, weights_MxK):
-    cos_NxM = _unit_rows(f_NxD.astype(jnp.float32)) @ _unit_rows(t_MxD.astype(jnp.float32)).T
-    if weights_MxK is not None:
-      return jnp.max(cos_NxM @ weights_MxK, -1)
-    return jnp.max(cos_NxM, -1) if reduce == "max" else jnp.mean(cos_NxM, -1)
 
-  n = train[0].shape[0]
-  total = np.zeros(n, np.float32)
-  for f, t, lr in zip(train, target, lrs):
-    t_unit = jnp.asarray(t)
-    for start in range(0, n, chunk_size):
-      total[start:start + chunk_size] += lr * np.asarray(
-          scores(jnp.asarray(f[start:start + chunk_size]), t_unit, onehot_MxK))
-  finite_N = np.all(np.stack([np.all(np.isfinite(f), 1) for f in train]), 0)
-  total[~finite_N] = np.nan  # a non-finite row would otherwise count as a zero row.
-  return total
+def _group_weights(target_groups: Any, m: int) -> np.ndarray:
+  """f32[M, K]: column ``k`` averages the targets of group ``k`` (LESS's mean within a task)."""
+  groups = np.asarray(target_groups)
+  if groups.shape != (m,) or not np.issubdtype(groups.dtype, np.integer):
+    raise DataError(f"less.target_groups has dtype {groups.dtype} and shape {groups.shape}; "
+                    f"expected int [{m}]")
+  _, inverse = np.unique(groups, return_inverse=True)
+  onehot_MxK = np.eye(inverse.max() + 1, dtype=np.float32)[inverse]
+  onehot_MxK /= onehot_MxK.sum(0, keepdims=True)
+  return onehot_MxK
+
+
+@functools.partial(jax.jit, static_argnames="reduce")
+def _cosine_scores(f_NxD: jax.Array, t_MxD: jax.Array, weights_MxK: jax.Array | None,
+                   reduce: str) -> jax.Array:
+  """f32[N]: each row's cosine similarities to the targets, reduced by ``reduce`` (or averaged
+  within the groups of ``weights_MxK``, then the max over groups)."""
+  cos_NxM = _unit_rows(f_NxD.astype(jnp.float32)) @ _unit_rows(t_MxD.astype(jnp.float32)).T
+  if weights_MxK is not None:
+    return jnp.max(cos_NxM @ weights_MxK, -1)
+  return jnp.max(cos_NxM, -1) if reduce == "max" else jnp.mean(cos_NxM, -1)

@@ -31,7 +31,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from prunejax import parallel
-from prunejax.errors import ConfigError, DataError, check_choice, check_positive_int
+from prunejax.errors import (ConfigError, DataError, check_choice, check_positive_int,
+                             check_unique_ids)
 from prunejax.types import Scores
 
 METRICS = ("auto", "cosine", "euclidean")
@@ -172,9 +173,8 @@ def knn_distances(embeddings_NxD: Any, k: int = 10, *, metric: str = "auto", til
 def _ids(ids_N: Any, embeddings_NxD: Any) -> np.ndarray | None:
   if ids_N is None:
     return None
-  from prunejax.dedup.exact import _check_ids  # dedup sits above scores; a lazy import.
   shape = getattr(embeddings_NxD, "shape", None) or np.shape(embeddings_NxD)
-  return _check_ids(ids_N, shape[0] if len(shape) else 0, "ids_N")
+  return check_unique_ids("ids_N", ids_N, shape[0] if len(shape) else 0)
 
 
 def _knn_host(embeddings_NxD, k, metric, tile, chunk, mesh, ids=None):

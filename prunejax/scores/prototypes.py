@@ -8,13 +8,14 @@ this module clusters them with a seeded, deterministic k-means written in JAX.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from prunejax.errors import ConfigError, DataError, check_positive_int
+from prunejax.errors import ConfigError, DataError, check_positive_int, check_unique_ids
 from prunejax.types import Scores
 
 
@@ -114,9 +115,8 @@ def prototypes(embeddings_NxD: jax.Array, labels_N: jax.Array | np.ndarray | Non
   """
   check_positive_int("prototypes.num_clusters", num_clusters)
   if ids_N is not None:
-    from prunejax.dedup.exact import _check_ids  # dedup sits above scores; a lazy import.
     n = int(np.shape(embeddings_NxD)[0]) if np.ndim(embeddings_NxD) else 0
-    ids = _check_ids(ids_N, n, "prototypes.ids_N")
+    ids = check_unique_ids("prototypes.ids_N", ids_N, n)
     by_id = np.argsort(ids, kind="stable")
     back = np.empty(n, np.int64)
     back[by_id] = np.arange(n)
@@ -124,6 +124,20 @@ def prototypes(embeddings_NxD: jax.Array, labels_N: jax.Array | np.ndarray | Non
     out = prototypes(np.asarray(embeddings_NxD)[by_id], labels, num_clusters=num_clusters, key=key,
                      per_class=per_class, num_iters=num_iters, normalize=normalize)
     return out[jnp.asarray(back)]
+  x_NxD = _checked_embeddings(embeddings_NxD, labels_N, num_clusters)
+  if normalize:
+    x_NxD = x_NxD / jnp.maximum(jnp.linalg.norm(x_NxD, axis=-1, keepdims=True), 1e-12)
+  if not per_class:
+    c_KxD, _ = kmeans(key, x_NxD, num_clusters, num_iters=num_iters)
+    return jnp.sqrt(jnp.min(_sq_dists(x_NxD, c_KxD), axis=1))
+  if labels_N is None:
+    raise ConfigError("prototypes(per_class=True) needs labels_N")
+  return _per_class_distances(key, x_NxD, np.asarray(labels_N), num_clusters, num_iters)
+
+
+def _checked_embeddings(embeddings_NxD: Any, labels_N: Any, num_clusters: int) -> jax.Array:
+  """f32[N, D] embeddings, non-empty and finite, with at least ``num_clusters`` rows and
+  ``labels_N`` (when given) of length N."""
   x_NxD = jnp.asarray(embeddings_NxD, jnp.float32)
   if x_NxD.ndim != 2 or 0 in x_NxD.shape:
     raise DataError(f"prototypes.embeddings_NxD must be a non-empty 2-D array [N, D]; got shape "
@@ -138,19 +152,18 @@ def prototypes(embeddings_NxD: jax.Array, labels_N: jax.Array | np.ndarray | Non
   if labels_N is not None and np.shape(labels_N) != (x_NxD.shape[0],):
     raise DataError(f"prototypes.labels_N has shape {np.shape(labels_N)}; expected "
                     f"({x_NxD.shape[0]},)")
-  if normalize:
-    x_NxD = x_NxD / jnp.maximum(jnp.linalg.norm(x_NxD, axis=-1, keepdims=True), 1e-12)
-  if not per_class:
-    c_KxD, _ = kmeans(key, x_NxD, num_clusters, num_iters=num_iters)
-    return jnp.sqrt(jnp.min(_sq_dists(x_NxD, c_KxD), axis=1))
-  if labels_N is None:
-    raise ConfigError("prototypes(per_class=True) needs labels_N")
-  labels_np = np.asarray(labels_N)
-  classes = np.unique(labels_np)
-  weights_CxN = jnp.asarray(labels_np[None, :] == classes[:, None])
+  return x_NxD
+
+
+def _per_class_distances(key: jax.Array, x_NxD: jax.Array, labels_N: np.ndarray,
+                         num_clusters: int, num_iters: int) -> jax.Array:
+  """f32[N]: distance of each row to the nearest of its own class's k-means centroids (one
+  clustering per class, vmapped, with the other classes' rows weighted 0)."""
+  classes = np.unique(labels_N)
+  weights_CxN = jnp.asarray(labels_N[None, :] == classes[:, None])
   keys = jax.random.split(key, len(classes))
   c_CxKxD, _ = jax.vmap(lambda k, w: kmeans(k, x_NxD, num_clusters, num_iters=num_iters,
                                             weights_N=w))(keys, weights_CxN)
-  class_pos_N = jnp.asarray(np.searchsorted(classes, labels_np))
+  class_pos_N = jnp.asarray(np.searchsorted(classes, labels_N))
   d2_CxN = jax.vmap(lambda c_KxD: jnp.min(_sq_dists(x_NxD, c_KxD), axis=1))(c_CxKxD)
   return jnp.sqrt(jnp.take_along_axis(d2_CxN, class_pos_N[None], axis=0)[0])
