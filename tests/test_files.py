@@ -16,7 +16,7 @@ import pytest
 
 from experiments import common
 from experiments.configs import fields
-from prunejax import checkpoint, fileio, workdir_lock
+from prunejax import fileio, workdir_lock
 from prunejax.checkpoint import RoundCheckpoints, RunCheckpoint, Units, WorkdirLock
 from prunejax.errors import ConfigError, DataError, FileError, WorkdirBusyError
 from prunejax.scores import load_scores, save_scores
