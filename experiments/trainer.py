@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import fused_loop
+from experiments import fused_loop, slices
 from prunejax import online, parallel, train
 from prunejax.checkpoint import interrupted_at_step, stop_at_step
 from prunejax.errors import ConfigError
@@ -388,8 +388,7 @@ def result_row(ctx, strategy: str, r: int, run: Run, held_out: np.ndarray | None
          "history": [{k: round(v, 6) for k, v in h.items()} for h in run.history]}
   if held_out is not None:
     row["val_accuracy"] = evaluate(ctx, run.state, held_out, split="train")
-  from experiments import similarity
-  slice_acc = similarity.slice_accuracy(ctx, run.state)
+  slice_acc = slices.slice_accuracy(ctx, run.state)
   if slice_acc is not None:  # the test slice the targeted selection aims at
     row["slice_test_accuracy"] = slice_acc
   if ctx.corrupted_ids is not None:  # label noise: the share of corrupted back-propagated examples
