@@ -1,7 +1,7 @@
 """Results of an experiment as files a reader can use: results.json/csv, report.md, plots,
 TensorBoard, and the headline and table the main job prints.
 
-Rows (one per training run, written by ``experiments/strategies.py``) are grouped by the setting
+Rows (one per training run, written by ``experiments/strategies/``) are grouped by the setting
 that was asked for (:func:`setting_key`: strategy, nominal keep fraction or sparsity, convention,
 method, round), never by a measured float; the measured fraction kept and sparsity are averaged
 beside it.
