@@ -98,7 +98,7 @@ def _semantic(ctx) -> tuple[np.ndarray, dict]:
 
 
 def _audit(ctx) -> tuple[np.ndarray, dict]:
-  from experiments import reporting, scoring
+  from experiments import audit_report, scoring
   cfg = ctx.config.dedup
   seed = int(ctx.config.seed)
   ids = np.sort(ctx.ds.train.ids)
@@ -137,7 +137,7 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
         f"embedding model longer (data_pruning.score_epochs), or leave a type out of "
         f"dedup.audit_remove; the audit's table is in dedup/audit.npz")
   texts = ctx.ds.texts or {}
-  section = reporting.audit_section(
+  section = audit_report.audit_section(
       ctx.workdir, result, kind=ctx.ds.kind,
       read_x=(lambda i: ctx.ds.train.read(i)["x"]) if ctx.ds.kind == "image" else None,
       texts=texts.get("train"), test_texts=texts.get("test"),

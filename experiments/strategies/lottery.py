@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 
 from experiments import trainer
 from experiments.context import Context

@@ -128,7 +128,6 @@ def _pt_prune(ctx, state, method: str, sparsity, calib_ids, filter_fn):
 
 def _pt_unit(ctx, r, held, state, dense_row, method, sparsity, calibration, calib, err_batches):
   """One pruned model: its test accuracy, sparsity, cost and per-layer reconstruction errors."""
-  import dataclasses
   import time
   from prunejax import parallel
   from prunejax.masks import posttraining as pt
