@@ -236,6 +236,12 @@ def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
     _postfix(bar, run)
     if on_epoch is not None:
       on_epoch(epoch, state)
+  return _finished(run, state, ck, t0)
+
+
+def _finished(run: Run, state: train.TrainState, ck: _Checkpointing, t0: float) -> Run:
+  """``run`` with its final state and wall time, once the device is done; its mid-run checkpoint
+  is dropped."""
   jax.block_until_ready(state.params)
   # Wall time of the steps after the first: the first step of a run pays for compilation when no
   # earlier run compiled the same program, which would make the first strategy look slow.
