@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 CATEGORIES = ("convolution", "matmul", "BatchNorm/elementwise", "optimizer update",
               "copy/transpose", "dtype casts", "other")
@@ -310,26 +310,33 @@ def op_costs(hlo_text: str) -> list[OpCost]:
           flop_dtype = "f32-highest"
     compute = [i for i in body[1:] if i.opcode not in _MOVES] if called else (
         [] if instr.opcode in _MOVES else [instr])
-    if "conv" in kinds:
-      category = "convolution"
-    elif "dot" in kinds:
-      category = "matmul"
-    elif any(is_optimizer(i) for i in body):
-      category = "optimizer update"
-    elif instr.opcode in ("copy", "transpose", "copy-start", "copy-done") or (
-        called and instr.opcode == "fusion" and not compute):
-      category = "copy/transpose"
-    elif instr.opcode == "fusion" and all(i.opcode == "convert" for i in compute):
-      category = "dtype casts"
-    elif instr.opcode == "fusion" or instr.opcode in ("reduce", "select", "add", "multiply",
-                                                      "convert", "scatter", "gather"):
-      category = "BatchNorm/elementwise"
-    else:
-      category = "other"
+    category = _category(instr, kinds, compute, bool(called),
+                         lambda body=body: any(is_optimizer(i) for i in body))
     moved = _bytes(instr.shape) + sum(_bytes(shapes.get(o, "")) for o in dict.fromkeys(
         instr.operands))
     costs.append(OpCost(instr.name, instr.opcode, category, flops, moved, flop_dtype))
   return costs
+
+
+def _category(instr: _Instr, kinds: set, compute: list, calls: bool,
+              in_optimizer: Callable[[], bool]) -> str:
+  """The category (one of :data:`CATEGORIES`) of a top-level instruction: by the kinds of
+  FLOPs in its body, whether it comes from the optimizer's code, and what its body computes."""
+  if "conv" in kinds:
+    return "convolution"
+  if "dot" in kinds:
+    return "matmul"
+  if in_optimizer():
+    return "optimizer update"
+  if instr.opcode in ("copy", "transpose", "copy-start", "copy-done") or (
+      calls and instr.opcode == "fusion" and not compute):
+    return "copy/transpose"
+  if instr.opcode == "fusion" and all(i.opcode == "convert" for i in compute):
+    return "dtype casts"
+  if instr.opcode == "fusion" or instr.opcode in ("reduce", "select", "add", "multiply",
+                                                  "convert", "scatter", "gather"):
+    return "BatchNorm/elementwise"
+  return "other"
 
 
 def _op_seconds(op: OpCost, peaks: ChipPeaks) -> float:
