@@ -5,7 +5,7 @@ compute unit, and the inputs of mask methods (the prunable-leaf filter, initial 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -17,13 +17,13 @@ from prunejax import masks
 Rows = list[dict]
 
 
-def replicates(ctx: Context):
+def replicates(ctx: Context) -> Iterator[tuple[int, np.ndarray, np.ndarray | None, int]]:
   """``(r, train ids, held-out ids or None, seed)`` of each replicate."""
   for r in range(ctx.num_replicates):
     yield (r,) + ctx.replicate_split(r)
 
 
-def split_and_seed(ctx: Context, r: int):
+def split_and_seed(ctx: Context, r: int) -> tuple[np.ndarray, int]:
   """(train ids, seed) of replicate ``r``."""
   ids, _, seed = ctx.replicate_split(r)
   return ids, seed
