@@ -26,7 +26,8 @@ import os
 import jax
 import numpy as np
 
-from experiments import common
+from experiments.context import Context
+from experiments.files import save_npz
 from prunejax import audit as audit_lib
 from prunejax import data, dedup
 from prunejax.errors import ConfigError
@@ -39,7 +40,7 @@ FIRST_STEPS = ("off", "exact", "exact_and_leakage", "semantic", "audit")
 AUDIT_REMOVE = ("label", "exact_duplicate", "near_duplicate", "leakage")
 
 
-def add_label_noise(ctx: common.Context) -> common.Context:
+def add_label_noise(ctx: Context) -> Context:
   """``ctx`` with ``dataset.label_noise`` of its training labels flipped (seeded by ``seed``)."""
   frac = float(ctx.config.dataset.get("label_noise", 0.0) or 0.0)
   if frac <= 0:
@@ -47,7 +48,7 @@ def add_label_noise(ctx: common.Context) -> common.Context:
   train = ctx.ds.train
   noisy, flipped = data.flip_labels(train.ids, train.labels(), frac,
                                     num_classes=ctx.ds.num_classes, seed=int(ctx.config.seed))
-  common.save_npz(os.path.join(ctx.workdir, "label_noise.npz"), flipped_ids=flipped,
+  save_npz(os.path.join(ctx.workdir, "label_noise.npz"), flipped_ids=flipped,
                   true_labels=train.labels(flipped), noisy_labels=noisy[train.index.rows(flipped)])
   log.info("label noise: flipped %d of %d training labels (ids saved to label_noise.npz)",
            len(flipped), len(train))
@@ -71,9 +72,9 @@ def _exact(ctx, with_leakage: bool) -> tuple[np.ndarray, dict]:
   redundant = dedup.redundant_ids(groups)
   leak_tr, leak_te = dedup.leakage(tr_ids, tr_h, te_ids, te_h)
   out = os.path.join(ctx.workdir, "dedup")
-  common.save_npz(os.path.join(out, "exact_duplicates.npz"), removed_ids=redundant,
+  save_npz(os.path.join(out, "exact_duplicates.npz"), removed_ids=redundant,
                   group_sizes=np.asarray([len(g) for g in groups], np.int64))
-  common.save_npz(os.path.join(out, "leakage.npz"), train_ids=leak_tr, test_ids=leak_te)
+  save_npz(os.path.join(out, "leakage.npz"), train_ids=leak_tr, test_ids=leak_te)
   removed = np.union1d(redundant, leak_tr) if with_leakage else redundant
   summary = {"exact_duplicate_groups": len(groups), "exact_duplicates_removed": len(redundant),
              "leaked_train_examples": int(len(np.unique(leak_tr))),
@@ -90,14 +91,14 @@ def _semantic(ctx) -> tuple[np.ndarray, dict]:
   res = dedup.semdedup(emb, ids_N=ids, num_clusters=min(cfg.num_clusters, len(ids)),
                        key=jax.random.key(int(ctx.config.seed)), keep=cfg.keep)
   removed = res.removed_ids(cfg.eps)
-  common.save_npz(os.path.join(ctx.workdir, "dedup", "semantic.npz"), ids=res.ids,
+  save_npz(os.path.join(ctx.workdir, "dedup", "semantic.npz"), ids=res.ids,
                   max_similarity=res.max_similarity, duplicate_of=res.duplicate_of,
                   removed_ids=removed)
   return removed, {"semantic_removed": len(removed), "eps": cfg.eps, "compute": compute}
 
 
 def _audit(ctx) -> tuple[np.ndarray, dict]:
-  from experiments import reporting, scoring
+  from experiments import audit_report, scoring
   cfg = ctx.config.dedup
   seed = int(ctx.config.seed)
   ids = np.sort(ctx.ds.train.ids)
@@ -108,7 +109,7 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
   def compute_inputs() -> dict:
     emb, emb_compute = scoring.embeddings(ctx, ids, seed, "audit embeddings")
     probs, probs_compute = scoring.out_of_fold_probs(ctx, ids, seed, desc="audit fold")
-    common.save_npz(inputs, ids=ids, embeddings=emb, probs=probs)
+    save_npz(inputs, ids=ids, embeddings=emb, probs=probs)
     return {"compute": emb_compute + probs_compute}
 
   # A unit of work: rerunning the same workdir reads the embeddings and K-fold probabilities back.
@@ -136,7 +137,7 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
         f"embedding model longer (data_pruning.score_epochs), or leave a type out of "
         f"dedup.audit_remove; the audit's table is in dedup/audit.npz")
   texts = ctx.ds.texts or {}
-  section = reporting.audit_section(
+  section = audit_report.audit_section(
       ctx.workdir, result, kind=ctx.ds.kind,
       read_x=(lambda i: ctx.ds.train.read(i)["x"]) if ctx.ds.kind == "image" else None,
       texts=texts.get("train"), test_texts=texts.get("test"),
@@ -152,7 +153,7 @@ def _audit(ctx) -> tuple[np.ndarray, dict]:
   return removed, summary
 
 
-def deduplicate(ctx: common.Context) -> common.Context:
+def deduplicate(ctx: Context) -> Context:
   """``ctx`` whose training split lost what ``dedup.first`` removes (see the module doc)."""
   step = ctx.config.dedup.get("first", "off")
   if step == "off":
@@ -174,7 +175,7 @@ def deduplicate(ctx: common.Context) -> common.Context:
   return dataclasses.replace(ctx, ds=ds, cleaning=summary)
 
 
-def notes(ctx: common.Context) -> list[str]:
+def notes(ctx: Context) -> list[str]:
   """What was done to the data before the strategies, as report lines."""
   out = []
   if ctx.corrupted_ids is not None:

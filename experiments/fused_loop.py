@@ -174,61 +174,93 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
   ``steps_per_dispatch`` is the scan length K of every dispatch; runs with the same K, model,
   optimizer and pruner share one compiled program whatever their length (give every run of an
   experiment the same K). 0: ``epoch_steps`` (a whole epoch of the full split), or 1 where the step
-  is slow inside control flow (:func:`prunejax.fused.control_flow_is_slow`: convolutions on CPU). ``mark(plan) -> plan`` adds per-example columns to each epoch's plan
-  (label-noise flags).
+  is slow inside control flow (:func:`prunejax.fused.control_flow_is_slow`: convolutions on CPU).
+  ``mark(plan) -> plan`` adds per-example columns to each epoch's plan (label-noise flags).
   """
-  n_rep = len(states)
-  group = n_rep > 1
-  sharding = fused.replica_sharding(n_rep) if group else None
-  if group:
-    state = fused.stack(states)
-    pstate = fused.stack([pruner.init(i) for i in ids_list])
-    if sharding is not None:
-      state, pstate = jax.device_put((state, pstate), sharding)
-      data = jax.device_put(data, jax.sharding.NamedSharding(sharding.mesh,
-                                                             jax.sharding.PartitionSpec()))
-  else:
-    state, pstate = states[0], parallel.replicate(pruner.init(ids_list[0]), mesh)
-  runner = _runner(pruner, group, None if group else mesh)
-  k = steps_per_dispatch or (1 if _slow_in_control_flow(pruner, states[0], ids_list[0], data,
+  loop = _FusedLoop(data, index, ids_list, seeds, epochs, pruner, states, runs, batch_size,
+                    checkpoint, rewind_step, desc, mark, mesh)
+  k = steps_per_dispatch or (1 if _slow_in_control_flow(pruner, states[0], ids_list[0], loop.data,
                                                          batch_size) else epoch_steps)
-  rewind = None
-  resumed = checkpoint.resume(runs, state, pstate)
+  resumed = checkpoint.resume(runs, loop.state, loop.pstate)
   if resumed is not None:
-    state, pstate = resumed[0], resumed[1]
-    if sharding is not None:
-      state, pstate = jax.device_put((state, pstate), sharding)
-    elif not group:
-      state, pstate = parallel.replicate((state, pstate), mesh)
-    rewind = resumed[6]
+    loop.restore(resumed[0], resumed[1], resumed[6])
   start_epoch = resumed[2] if resumed else 0
-  t_start = None  # the clock starts at the first dispatch, as the host loop's after its first step
-  zeros = None
   global_done = runs[0].steps  # steps finished before the next epoch's first step
-  # An epoch's flags and sums come back while the next epoch runs (one host sync per epoch, not a
-  # stall): ``pending`` is finished after the next epoch's first dispatch, and before anything
-  # that reads the runs' counters (a checkpoint, a stop, on_epoch, the end).
-  pending = []
-
-  def finish():
-    while pending:
-      ep, fl, mt, ers_ep, done = pending.pop(0)
-      fl, mt = jax.device_get((fl, mt))  # the epoch's one host sync
-      _check_flags(fl, ers_ep, desc, ep, group)
-      for r, run in enumerate(runs):
-        run.add_epoch(ep, mt if not group else jax.tree.map(lambda a, r=r: a[r], mt), done)
-
   for epoch in range(start_epoch, epochs):
     if resumed is not None and epoch == start_epoch:
       start, plans, metrics = resumed[3], resumed[4], resumed[5]
     else:
-      host_p = jax.device_get(pstate)
-      plans = [mark(pruner.plan(host_p if not group else jax.tree.map(lambda a, r=r: a[r], host_p),
-                                ids_list[r], seed=seeds[r], epoch=epoch, num_epochs=epochs))
-               for r in range(n_rep)]
-      start, metrics = 0, None
-    ers = [fused.epoch_rows(index, p.ids, batch_size=batch_size, seed=seeds[r], epoch=epoch,
-                            columns=p.columns) for r, p in enumerate(plans)]
+      start, plans, metrics = 0, loop.plans(epoch), None
+    global_done = loop.epoch(epoch, plans, start, metrics, global_done, k)
+    if on_epoch is not None and not loop.group:
+      loop.finish()
+      on_epoch(epoch, loop.state)
+  loop.finish()
+  return loop.results()
+
+
+class _FusedLoop:
+  """One call of :func:`run_fused`: the replicas' state on the device between dispatches, and what
+  every epoch shares (the compiled runner, the pruner, the checkpoint, the runs to fill)."""
+
+  def __init__(self, data, index, ids_list, seeds, epochs, pruner, states, runs, batch_size,
+               checkpoint, rewind_step, desc, mark, mesh):
+    self.index, self.ids_list, self.seeds, self.epochs = index, ids_list, seeds, epochs
+    self.pruner, self.runs, self.batch_size, self.checkpoint = pruner, runs, batch_size, checkpoint
+    self.rewind_step, self.desc, self.mark, self.mesh = rewind_step, desc, mark, mesh
+    self.n_rep = len(states)
+    self.group = self.n_rep > 1
+    self.sharding = fused.replica_sharding(self.n_rep) if self.group else None
+    if self.group:
+      state = fused.stack(states)
+      pstate = fused.stack([pruner.init(i) for i in ids_list])
+      if self.sharding is not None:
+        state, pstate = jax.device_put((state, pstate), self.sharding)
+        data = jax.device_put(data, jax.sharding.NamedSharding(self.sharding.mesh,
+                                                               jax.sharding.PartitionSpec()))
+    else:
+      state, pstate = states[0], parallel.replicate(pruner.init(ids_list[0]), mesh)
+    self.data, self.state, self.pstate = data, state, pstate
+    self.runner = _runner(pruner, self.group, None if self.group else mesh)
+    self.rewind = None
+    self.zeros = None
+    self.t_start = None  # the clock starts at the first dispatch (the host loop: its first step)
+    self.compile_before = 0.0
+    # An epoch's flags and sums come back while the next epoch runs (one host sync per epoch, not a
+    # stall): ``pending`` is finished after the next epoch's first dispatch, and before anything
+    # that reads the runs' counters (a checkpoint, a stop, on_epoch, the end).
+    self.pending = []
+
+  def restore(self, state, pstate, rewind) -> None:
+    """Continues from a saved run's state, pruner state and rewind point, placed as at the start."""
+    if self.sharding is not None:
+      state, pstate = jax.device_put((state, pstate), self.sharding)
+    elif not self.group:
+      state, pstate = parallel.replicate((state, pstate), self.mesh)
+    self.state, self.pstate, self.rewind = state, pstate, rewind
+
+  def finish(self) -> None:
+    """Fetches the pending epochs' flags and sums (their one host sync) into the runs."""
+    while self.pending:
+      ep, fl, mt, ers_ep, done = self.pending.pop(0)
+      fl, mt = jax.device_get((fl, mt))  # the epoch's one host sync
+      _check_flags(fl, ers_ep, self.desc, ep, self.group)
+      for r, run in enumerate(self.runs):
+        run.add_epoch(ep, mt if not self.group else jax.tree.map(lambda a, r=r: a[r], mt), done)
+
+  def plans(self, epoch: int) -> list[online.EpochPlan]:
+    """Each replica's plan of ``epoch`` from the pruner's state."""
+    host_p = jax.device_get(self.pstate)
+    return [self.mark(self.pruner.plan(
+        host_p if not self.group else jax.tree.map(lambda a, r=r: a[r], host_p),
+        self.ids_list[r], seed=self.seeds[r], epoch=epoch, num_epochs=self.epochs))
+            for r in range(self.n_rep)]
+
+  def epoch(self, epoch: int, plans, start: int, metrics, global_done: int, k: int) -> int:
+    """Dispatches ``epoch`` from its batch ``start`` in chunks of up to ``k`` steps (a chunk ends at
+    the rewind step and at every checkpoint step); returns the global steps done after it."""
+    ers = [fused.epoch_rows(self.index, p.ids, batch_size=self.batch_size, seed=self.seeds[r],
+                            epoch=epoch, columns=p.columns) for r, p in enumerate(plans)]
     steps = ers[0].steps
     if any(er.steps != steps for er in ers):
       raise ValueError("replicas of one program need equal epoch lengths; got "
@@ -237,60 +269,72 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
     cols = {c: np.stack([er.columns[c] for er in ers]) for c in ers[0].columns}
     base = global_done - start  # global steps before this epoch's first step
     breaks = []
-    if rewind_step is not None and rewind is None:
-      breaks.append(rewind_step - base)
-    if checkpoint.every:
-      breaks += [j for j in range(start + 1, steps) if (base + j) % checkpoint.every == 0]
+    if self.rewind_step is not None and self.rewind is None:
+      breaks.append(self.rewind_step - base)
+    if self.checkpoint.every:
+      breaks += [j for j in range(start + 1, steps) if (base + j) % self.checkpoint.every == 0]
     flags = []
     for s, n in fused.chunks(steps - start, k, tuple(b - start for b in breaks)):
       s += start
-      rows_k = np.stack([fused.pad_steps(rows[r], s, n, k, -1) for r in range(n_rep)])
-      cols_k = {c: np.stack([fused.pad_steps(v[r], s, n, k, 0) for r in range(n_rep)])
-                for c, v in cols.items()}
-      if not group:
-        rows_k, cols_k = rows_k[0], {c: v[0] for c, v in cols_k.items()}
-      if metrics is None:  # the epoch's sums start at zero (one program for every chunk)
-        if zeros is None:
-          shapes = jax.eval_shape(runner, state, pstate, data, rows_k, cols_k, 0, 0, None)
-          zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes.metrics)
-        metrics = zeros  # never donated: one zero tree serves every epoch
-      args = (state, pstate, data, rows_k, cols_k, np.int32(epoch), np.int32(n), metrics)
-      fn = _compiled(runner, args)
-      if t_start is None:
-        t_start, compile_before = time.perf_counter(), _COMPILE_SECONDS[0]
-      res = fn(*args)
-      state, pstate, metrics = res.state, res.pruner_state, res.metrics
-      flags.append((s, res.flags))
-      finish()  # the previous epoch, now that this one is queued
+      metrics = self._dispatch(epoch, rows, cols, s, n, k, metrics, flags)
       global_step = base + s + n
-      if rewind_step is not None and rewind is None and global_step == rewind_step:
-        rewind = save_rewind_point(global_step, state.params, state.opt_state)
+      if (self.rewind_step is not None and self.rewind is None
+          and global_step == self.rewind_step):
+        self.rewind = save_rewind_point(global_step, self.state.params, self.state.opt_state)
       stop = stop_at_step(n)
-      if checkpoint.due(global_step) or (stop and checkpoint.ckpt is not None):
-        checkpoint.save(runs, state, pstate, plans, metrics, epoch, s + n, global_step, rewind)
+      ckpt = self.checkpoint
+      if ckpt.due(global_step) or (stop and ckpt.ckpt is not None):
+        ckpt.save(self.runs, self.state, self.pstate, plans, metrics, epoch, s + n, global_step,
+                  self.rewind)
       if stop:
-        raise interrupted_at_step(global_step, saved=checkpoint.ckpt is not None)
-    pending.append((epoch, flags, metrics, ers, steps - start))
-    global_done = base + steps
-    if on_epoch is not None and not group:
-      finish()
-      on_epoch(epoch, state)
-  finish()
-  jax.block_until_ready(state.params)
-  finals = fused.unstack(state, n_rep) if group else [state]
-  points = [None] * n_rep
-  if rewind is not None and group:
-    opt = (fused.unstack(rewind.opt_state, n_rep) if rewind.opt_state is not None
-           else [None] * n_rep)
-    points = [RewindPoint(rewind.step, p, o)
-              for p, o in zip(fused.unstack(rewind.params, n_rep), opt)]
-  elif rewind is not None:
-    points = [rewind]
-  wall = (0.0 if t_start is None else
-          time.perf_counter() - t_start - (_COMPILE_SECONDS[0] - compile_before))
-  for run in runs:
-    run.wall = wall / n_rep
-  return finals, points
+        raise interrupted_at_step(global_step, saved=ckpt.ckpt is not None)
+    self.pending.append((epoch, flags, metrics, ers, steps - start))
+    return base + steps
+
+  def _dispatch(self, epoch: int, rows, cols, s: int, n: int, k: int, metrics, flags: list):
+    """Runs steps ``s .. s + n`` of the epoch in one dispatch (padded to ``k``); returns the epoch's
+    metric sums so far and appends the chunk's fault flags to ``flags``."""
+    n_rep = self.n_rep
+    rows_k = np.stack([fused.pad_steps(rows[r], s, n, k, -1) for r in range(n_rep)])
+    cols_k = {c: np.stack([fused.pad_steps(v[r], s, n, k, 0) for r in range(n_rep)])
+              for c, v in cols.items()}
+    if not self.group:
+      rows_k, cols_k = rows_k[0], {c: v[0] for c, v in cols_k.items()}
+    if metrics is None:  # the epoch's sums start at zero (one program for every chunk)
+      if self.zeros is None:
+        shapes = jax.eval_shape(self.runner, self.state, self.pstate, self.data, rows_k, cols_k,
+                                0, 0, None)
+        self.zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes.metrics)
+      metrics = self.zeros  # never donated: one zero tree serves every epoch
+    args = (self.state, self.pstate, self.data, rows_k, cols_k, np.int32(epoch), np.int32(n),
+            metrics)
+    fn = _compiled(self.runner, args)
+    if self.t_start is None:
+      self.t_start, self.compile_before = time.perf_counter(), _COMPILE_SECONDS[0]
+    res = fn(*args)
+    self.state, self.pstate, metrics = res.state, res.pruner_state, res.metrics
+    flags.append((s, res.flags))
+    self.finish()  # the previous epoch, now that this one is queued
+    return metrics
+
+  def results(self) -> tuple[list, list]:
+    """(final states, rewind points or None), one per replica; sets each run's wall time."""
+    n_rep, rewind = self.n_rep, self.rewind
+    jax.block_until_ready(self.state.params)
+    finals = fused.unstack(self.state, n_rep) if self.group else [self.state]
+    points = [None] * n_rep
+    if rewind is not None and self.group:
+      opt = (fused.unstack(rewind.opt_state, n_rep) if rewind.opt_state is not None
+             else [None] * n_rep)
+      points = [RewindPoint(rewind.step, p, o)
+                for p, o in zip(fused.unstack(rewind.params, n_rep), opt)]
+    elif rewind is not None:
+      points = [rewind]
+    wall = (0.0 if self.t_start is None else
+            time.perf_counter() - self.t_start - (_COMPILE_SECONDS[0] - self.compile_before))
+    for run in self.runs:
+      run.wall = wall / n_rep
+    return finals, points
 
 
 def _check_flags(flags, ers, desc, epoch, group) -> None:

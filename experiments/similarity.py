@@ -20,13 +20,14 @@ and target example per checkpoint.
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import numpy as np
 import optax
 
 from experiments import trainer
+from experiments.slices import (  # noqa: F401 - re-exported: they lived here
+    NEGATION_WORDS, _rotten_tomatoes_texts, slice_accuracy, slice_ids)
 from prunejax import scores as scores_lib
 from prunejax import select
 from prunejax.errors import ConfigError
@@ -34,14 +35,6 @@ from prunejax.errors import ConfigError
 SCORES = ("less", "less_targeted")
 """The static scores this module computes (high = kept)."""
 
-NEGATION_WORDS = ("not", "no", "never", "n't", "nothing", "none", "nobody", "neither", "nor",
-                  "without")
-
-
-@functools.lru_cache(maxsize=1)
-def _rotten_tomatoes_texts() -> tuple[str, ...]:
-  from prunejax.data import read_rotten_tomatoes
-  return tuple(read_rotten_tomatoes()[0])
 
 
 def check_config(config) -> None:
@@ -62,22 +55,6 @@ def check_config(config) -> None:
   if "less_targeted" in config.strategies and not lc.slice_words:
     raise ConfigError("less.slice_words is empty; strategy 'less_targeted' needs the words that "
                       "define its slice")
-
-
-def slice_ids(ctx, ids: np.ndarray, words) -> np.ndarray:
-  """The ids (of either split: Rotten Tomatoes ids are rows of one file) whose text contains one
-  of ``words`` as a word, case-insensitively (``n't`` also as a suffix: "isn't", with a straight
-  or a curly apostrophe)."""
-  if ctx.config.dataset.name != "rotten_tomatoes":
-    raise ConfigError(f"less.slice_words needs the texts; only dataset rotten_tomatoes keeps them, "
-                      f"not {ctx.config.dataset.name!r}")
-  texts = _rotten_tomatoes_texts()
-  alts = "|".join(re.escape(w) for w in words if w != "n't")
-  pattern = re.compile(r"\b(?:" + alts + r")\b" + ("|n't\\b" if "n't" in words else ""),
-                       re.IGNORECASE)
-  ids = np.asarray(ids, np.int64)
-  found = [bool(pattern.search(texts[i].replace("\u2019", "'"))) for i in ids]
-  return ids[np.array(found, bool)]
 
 
 def _variables_like(variables, tree):
@@ -178,12 +155,3 @@ def less_scores(ctx, ids: np.ndarray, seed: int, *, targeted: bool = False
   # Each strategy is charged its whole recipe, also when it reused another's warm-up.
   compute = run_compute + 3.0 * num_checkpoints * (len(ids) + len(target))
   return np.asarray(s, np.float32), compute
-
-
-def slice_accuracy(ctx, state) -> float | None:
-  """Test accuracy on the slice ``less.slice_words`` (None when the config has no slice)."""
-  lc = ctx.config.get("less")
-  if lc is None or not lc.get("slice_words"):
-    return None
-  ids = slice_ids(ctx, ctx.ds.test.ids, tuple(lc.slice_words))
-  return trainer.evaluate(ctx, state, np.sort(ids)) if len(ids) else None

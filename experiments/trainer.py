@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import fused_loop
+from experiments import fused_loop, slices
 from prunejax import online, parallel, train
 from prunejax.checkpoint import interrupted_at_step, stop_at_step
 from prunejax.errors import ConfigError
@@ -236,6 +236,12 @@ def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
     _postfix(bar, run)
     if on_epoch is not None:
       on_epoch(epoch, state)
+  return _finished(run, state, ck, t0)
+
+
+def _finished(run: Run, state: train.TrainState, ck: _Checkpointing, t0: float) -> Run:
+  """``run`` with its final state and wall time, once the device is done; its mid-run checkpoint
+  is dropped."""
   jax.block_until_ready(state.params)
   # Wall time of the steps after the first: the first step of a run pays for compilation when no
   # earlier run compiled the same program, which would make the first strategy look slow.
@@ -388,8 +394,7 @@ def result_row(ctx, strategy: str, r: int, run: Run, held_out: np.ndarray | None
          "history": [{k: round(v, 6) for k, v in h.items()} for h in run.history]}
   if held_out is not None:
     row["val_accuracy"] = evaluate(ctx, run.state, held_out, split="train")
-  from experiments import similarity
-  slice_acc = similarity.slice_accuracy(ctx, run.state)
+  slice_acc = slices.slice_accuracy(ctx, run.state)
   if slice_acc is not None:  # the test slice the targeted selection aims at
     row["slice_test_accuracy"] = slice_acc
   if ctx.corrupted_ids is not None:  # label noise: the share of corrupted back-propagated examples

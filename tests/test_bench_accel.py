@@ -1,5 +1,5 @@
-"""The one-shot accelerator script (experiments/bench_accel.py) and the input benchmark
-(experiments/bench_input.py).
+"""The one-shot accelerator script (experiments/bench/accel.py) and the input benchmark
+(experiments/bench/input.py).
 
 Fast tests drive ``bench_accel.run`` with stand-in sections and a fake clock: priority order, caps
 shared by what is left, skipped measurements recorded, a failing section recorded while the next
@@ -21,7 +21,7 @@ import types
 
 import pytest
 
-from experiments import bench_accel
+from experiments.bench import accel as bench_accel
 
 
 class FakeClock:
@@ -136,13 +136,14 @@ def test_no_time_left_skips_whole_sections(tmp_path, clock, monkeypatch):
 
 
 def test_fused_section_with_and_without_bench_sweep(tmp_path, clock, monkeypatch):
-  monkeypatch.setitem(sys.modules, "experiments.bench_sweep", None)  # import fails
+  monkeypatch.delattr(sys.modules["experiments.bench"], "sweep", raising=False)
+  monkeypatch.setitem(sys.modules, "experiments.bench.sweep", None)  # import fails
   bench_accel.run(["fused"], True, 100.0, str(tmp_path / "a"), start=clock(), watchdog=False)
   [fig] = [f for f in _figures(tmp_path / "a") if f["section"] == "fused"
            and f["name"] != "section time"]
   assert fig["unit"] == "skipped: bench_sweep.accel_figures not available"
 
-  monkeypatch.setitem(sys.modules, "experiments.bench_sweep", types.ModuleType("bench_sweep"))
+  monkeypatch.setitem(sys.modules, "experiments.bench.sweep", types.ModuleType("bench_sweep"))
   bench_accel.run(["fused"], True, 100.0, str(tmp_path / "b"), start=clock(), watchdog=False)
   assert _figures(tmp_path / "b")[0]["unit"] == "skipped: bench_sweep.accel_figures not available"
 
@@ -155,8 +156,8 @@ def test_fused_section_with_and_without_bench_sweep(tmp_path, clock, monkeypatch
 
   fake = types.ModuleType("bench_sweep")
   fake.accel_figures = accel_figures
-  monkeypatch.setitem(sys.modules, "experiments.bench_sweep", fake)
-  monkeypatch.setattr(sys.modules["experiments"], "bench_sweep", fake, raising=False)
+  monkeypatch.setitem(sys.modules, "experiments.bench.sweep", fake)
+  monkeypatch.setattr(sys.modules["experiments.bench"], "sweep", fake, raising=False)
   bench_accel.run(["fused"], True, 100.0, str(tmp_path / "c"), start=clock(), watchdog=False)
   assert calls == [(True, pytest.approx(bench_accel._CAP_MARGIN * 100.0))]
   figs = [(f["section"], f["name"], f["value"]) for f in _figures(tmp_path / "c")]

@@ -1,11 +1,11 @@
-"""Smoke test of the scores benchmark (experiments/bench_scores.py): ``measure`` returns one row per
+"""Smoke test of the scores benchmark (experiments/bench/scores.py): ``measure`` returns one row per
 model and function, importable by another script (the one-shot accelerator benchmark)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from experiments import bench_scores
+from experiments.bench import scores as bench_scores
 
 
 def test_measure_rows():

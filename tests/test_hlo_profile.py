@@ -1,4 +1,4 @@
-"""The HLO profile of experiments/hlo_profile.py: FLOPs of convolutions and dots against hand
+"""The HLO profile of experiments/bench/hlo_profile.py: FLOPs of convolutions and dots against hand
 counts and XLA's own cost analysis, categories of a real train step, the GPU forms (cuDNN and cuBLAS
 custom calls) on hand-written HLO, and the roofline arithmetic."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import hlo_profile
+from experiments.bench import hlo_profile
 
 
 def _conv(x, w, padding="VALID", stride=1):

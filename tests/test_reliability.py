@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import common, run, strategies, trainer
+from experiments import common, files, run, strategies, trainer
 from experiments.configs import imp as imp_config
 from prunejax.train import NumericalError
 
@@ -257,7 +257,7 @@ def test_a_rerun_after_a_code_change_recomputes_every_unit(tmp_path, monkeypatch
   w = str(tmp_path / "w")
   rows = _rows_of(run.run(cfg, w))
   before = _unit_mtimes(w)
-  monkeypatch.setattr(common, "code_version", lambda: "a-fixed-version")
+  monkeypatch.setattr(files, "code_version", lambda: "a-fixed-version")
   assert _rows_of(run.run(cfg, w)) == rows  # same numbers here, but computed again
   after = _unit_mtimes(w)
   assert after["dense_r0.json"] != before["dense_r0.json"]
