@@ -311,6 +311,8 @@ class _FusedLoop:
     fn = _compiled(self.runner, args)
     if self.t_start is None:
       self.t_start, self.compile_before = time.perf_counter(), _COMPILE_SECONDS[0]
+      for run in self.runs:
+        run.clock = self.seconds
     res = fn(*args)
     self.state, self.pstate, metrics = res.state, res.pruner_state, res.metrics
     flags.append((s, res.flags))
@@ -330,11 +332,14 @@ class _FusedLoop:
                 for p, o in zip(fused.unstack(rewind.params, n_rep), opt)]
     elif rewind is not None:
       points = [rewind]
-    wall = (0.0 if self.t_start is None else
-            time.perf_counter() - self.t_start - (_COMPILE_SECONDS[0] - self.compile_before))
+    wall = 0.0 if self.t_start is None else self.seconds()
     for run in self.runs:
-      run.wall = wall / n_rep
+      run.wall = wall / n_rep - run.eval_seconds
     return finals, points
+
+  def seconds(self) -> float:
+    """Seconds since the first dispatch, compilation left out."""
+    return time.perf_counter() - self.t_start - (_COMPILE_SECONDS[0] - self.compile_before)
 
 
 def _check_flags(flags, ers, desc, epoch, group) -> None:

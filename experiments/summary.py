@@ -150,6 +150,35 @@ def reference_rows(rows: list[dict]) -> tuple[str, dict[int, dict]]:
   return "", {}
 
 
+def time_to_reference(rows: list[dict], ref: dict[int, dict]) -> dict:
+  """How fast ``rows`` (one setting's replicates) reach the reference's final mean test accuracy,
+  from their per-epoch test accuracy (``history``, ``train.eval_every_epoch``): the training seconds
+  and steps at the first epoch at or above it, over the reference's whole run (mean wall time and
+  steps), averaged over the replicates that reach it. This is how RHO-LOSS and InfoBatch state
+  their speed-ups. All None without per-epoch accuracies or a reference.
+
+  Returns:
+    ``target_accuracy``, ``reached`` (replicates that reach it), ``time_to_reference`` and
+    ``steps_to_reference`` (ratios; None when no replicate reaches it).
+  """
+  curves = [[h for h in r.get("history") or [] if "test_accuracy" in h] for r in rows]
+  none = {"target_accuracy": None, "reached": None, "time_to_reference": None,
+          "steps_to_reference": None}
+  if not ref or not rows or not all(curves):
+    return none
+  target = float(np.mean([b["test_accuracy"] for b in ref.values()]))
+  # History values are rounded to 6 decimals; accuracies differ by at least 1 / (test examples).
+  hits = [next((h for h in c if h["test_accuracy"] >= target - 1e-6), None) for c in curves]
+  got = [h for h in hits if h is not None]
+  wall = float(np.mean([b["wall_time"] for b in ref.values()]))
+  steps = float(np.mean([b["steps"] for b in ref.values()]))
+  ratio = lambda key, whole: (float(np.mean([h[key] for h in got])) / whole
+                              if got and whole > 0 else None)
+  return {"target_accuracy": target, "reached": len(got),
+          "time_to_reference": ratio("train_seconds", wall),
+          "steps_to_reference": ratio("steps", steps)}
+
+
 def _fields(prefix: str, e: Estimate | None) -> dict:
   if e is None:
     return {f"{prefix}_mean": None, f"{prefix}_std": None, f"{prefix}_low": None,
@@ -176,7 +205,8 @@ def summarize(rows: list[dict], baseline_compute: float,
     reference (:func:`reference_rows`) over the replicates both ran; ``relative_compute``,
     ``relative_scoring_compute``; ``relative_wall_time`` (mean over replicates of the wall time over
     the reference's of the same replicate), ``wall_time`` (mean seconds); ``replicates`` (n) and
-    ``replicate_ids``. None where a value does not apply.
+    ``replicate_ids``; with per-epoch test accuracies, :func:`time_to_reference`'s fields. None
+    where a value does not apply.
   """
   if not baseline_compute > 0:
     raise DataError(f"baseline_compute={baseline_compute!r}: expected the positive example passes "
@@ -211,7 +241,8 @@ def summarize(rows: list[dict], baseline_compute: float,
                                                    for r in rs])) / baseline_compute,
         "relative_wall_time": float(np.mean(walls)) if len(walls) == len(rs) else None,
         "wall_time": float(np.mean([r["wall_time"] for r in rs])),
-        "replicates": len(rs), "replicate_ids": sorted(int(r["replicate"]) for r in rs)}
+        "replicates": len(rs), "replicate_ids": sorted(int(r["replicate"]) for r in rs),
+        **time_to_reference(rs, ref)}
     if entry["family"] == "iterative":  # the round's kept fraction is the schedule's, not measured
       entry["setting"] += f", keep {entry['fraction_kept']:.2f}"
     out.append(entry)

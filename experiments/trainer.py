@@ -42,6 +42,8 @@ class Run:
   corrupted: float = 0.0  # back-propagated examples whose label was corrupted (label noise)
   history: list = dataclasses.field(default_factory=list)  # per epoch: train loss and accuracy
   first_step_end: float | None = None  # perf_counter after the first step (compile included)
+  eval_seconds: float = 0.0  # per-epoch evaluation (train.eval_every_epoch): outside the wall time
+  clock: Callable[[], float] | None = None  # the training loop's seconds so far (what wall counts)
 
   @property
   def compute(self) -> float:
@@ -219,6 +221,8 @@ def train_model(ctx, ids: np.ndarray, *, seed: int, epochs: int | None = None,
   start_epoch = resumed[2] if resumed else 0
   step = pruner.step()
   t0 = time.perf_counter()
+  run.clock = lambda: time.perf_counter() - (run.first_step_end or t0)
+  on_epoch = with_epoch_eval(ctx, run, on_epoch)
   bar = _progress(cfg, desc, epochs, start_epoch)
   for epoch in range(start_epoch, epochs):
     if resumed and epoch == start_epoch:
@@ -245,10 +249,35 @@ def _finished(run: Run, state: train.TrainState, ck: _Checkpointing, t0: float) 
   jax.block_until_ready(state.params)
   # Wall time of the steps after the first: the first step of a run pays for compilation when no
   # earlier run compiled the same program, which would make the first strategy look slow.
-  run.wall = time.perf_counter() - (run.first_step_end or t0)
+  run.wall = time.perf_counter() - (run.first_step_end or t0) - run.eval_seconds
   run.state = state
   ck.finish()
   return run
+
+
+def with_epoch_eval(ctx, run: Run, on_epoch: Callable | None) -> Callable | None:
+  """``on_epoch`` that, with ``train.eval_every_epoch``, first adds to the epoch's history entry
+  the test accuracy and the training seconds and steps so far (``train_seconds``, ``steps``): the
+  report's time to dense accuracy. The device is waited on and the evaluation is outside the
+  clock (``run.eval_seconds`` leaves the wall time), so the figures are the training's own."""
+  if not ctx.config.train.get("eval_every_epoch", False):
+    return on_epoch
+  before = []  # training seconds of a resumed run's earlier process (from its saved history)
+
+  def hook(epoch: int, state: train.TrainState) -> None:
+    jax.block_until_ready(state.params)
+    t = time.perf_counter()
+    if not run.history or run.history[-1]["epoch"] != epoch:  # an epoch without steps
+      run.history.append({"epoch": epoch})
+    if not before:
+      before.append(max([h.get("train_seconds", 0.0) for h in run.history[:-1]], default=0.0))
+    seconds = before[0] + run.clock() - run.eval_seconds
+    run.history[-1].update(test_accuracy=evaluate(ctx, state), train_seconds=seconds,
+                           steps=run.steps)
+    run.eval_seconds += time.perf_counter() - t
+    if on_epoch is not None:
+      on_epoch(epoch, state)
+  return hook
 
 
 def groupable(ctx, sizes: list[int], pruner: online.OnlinePruner | None = None) -> bool:
@@ -262,6 +291,7 @@ def groupable(ctx, sizes: list[int], pruner: online.OnlinePruner | None = None) 
   vmap = {"on": True, "off": False,  # "auto": measured slower than one run after another on CPU
           "auto": jax.default_backend() != "cpu"}[cfg.train.get("vmap_replicas", "auto")]
   return (len(sizes) > 1 and ctx.device_data() is not None and vmap
+          and not cfg.train.get("eval_every_epoch", False)  # evaluated one run at a time
           and pruner.fixed_epoch_length
           and len({pruner.steps_per_epoch(n, cfg.train.batch_size) for n in sizes}) == 1)
 
@@ -297,6 +327,8 @@ def train_models(ctx, ids_list: list[np.ndarray], seeds: list[int], *, epochs: i
   tc = cfg.train
   ck = fused_loop.FusedCheckpoint(ctx, checkpoint)
   runs = [Run(s) for s in states]
+  if n == 1:
+    on_epoch = with_epoch_eval(ctx, runs[0], on_epoch)
   finals, points = fused_loop.run_fused(
       data=data, index=ctx.ds.train.index, ids_list=ids_list, seeds=list(seeds), epochs=epochs,
       pruner=pruner, states=states, runs=runs, batch_size=cfg.train.batch_size,

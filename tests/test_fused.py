@@ -301,3 +301,35 @@ def test_imp_seeds_in_one_program_equal_one_after_another(tmp_path):
         b["replicate"], b["round"], b["sparsity"], b["steps"])
     assert abs(a["history"][-1]["loss"] - b["history"][-1]["loss"]) < 1e-5
     assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 1 / 359 + 1e-9  # at most one example
+
+
+@pytest.mark.parametrize("fused_path", [False, True])
+def test_eval_every_epoch_records_each_epochs_test_accuracy_outside_the_clock(tmp_path, fused_path):
+  """``train.eval_every_epoch``: each epoch's history gets the test accuracy of that epoch's
+  state (checked against the caller's own on_epoch, which still runs, on the same state), the steps
+  so far and nondecreasing training seconds; the training itself is unchanged; replicas then train
+  one by one."""
+  ctx = _ctx(tmp_path / "a", fused=fused_path, eval_every_epoch=True)
+  ids = ctx.ds.train.ids
+  seen = []  # the states are donated to the next epoch: evaluate them here
+  run = trainer.train_model(ctx, ids, seed=3, pruner=online.InfoBatch(0.5, 0.67),
+                            on_epoch=lambda e, s: seen.append((e, trainer.evaluate(ctx, s))))
+  assert [h["epoch"] for h in run.history] == [0, 1, 2]
+  steps = [h["steps"] for h in run.history]
+  assert steps[-1] == run.steps and steps == sorted(steps) and len(set(steps)) == 3
+  secs = [h["train_seconds"] for h in run.history]
+  assert all(0 <= a <= b for a, b in zip(secs, secs[1:])) and run.eval_seconds > 0
+  assert secs[-1] <= run.wall + 1e-6 + run.eval_seconds
+  assert [e for e, _ in seen] == [0, 1, 2]
+  for h, (_, acc) in zip(run.history, seen):
+    assert h["test_accuracy"] == acc
+  assert run.history[-1]["test_accuracy"] == pytest.approx(trainer.evaluate(ctx, run.state))
+  # the same run without evaluation: the same steps and parameters
+  plain = _ctx(tmp_path / "b", fused=fused_path)
+  again = trainer.train_model(plain, ids, seed=3, pruner=online.InfoBatch(0.5, 0.67))
+  assert again.steps == run.steps and "test_accuracy" not in again.history[-1]
+  _leaves_close(again.state.params, run.state.params, 0)
+  # with per-epoch evaluation, replicas are never grouped into one program
+  grouped = _ctx(tmp_path / "c", vmap_replicas="on", eval_every_epoch=True)
+  assert not trainer.groupable(grouped, [150, 150])
+  assert trainer.groupable(_ctx(tmp_path / "d", vmap_replicas="on"), [150, 150])

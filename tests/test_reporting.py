@@ -331,3 +331,77 @@ def test_audit_section_shows_snippets_and_image_grids(tmp_path):
                                   read_x=lambda ids: images[[order.index(i) for i in ids]])
   assert "![exact_duplicate](audit/exact_duplicate.png)" in lines
   assert (tmp_path / "audit" / "exact_duplicate.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Time to dense accuracy (train.eval_every_epoch).
+# ----------------------------------------------------------------------------------------------
+
+
+def _curve(accs, seconds, steps):
+  return [{"epoch": e, "loss": 1.0, "accuracy": 0.5, "test_accuracy": a, "train_seconds": t,
+           "steps": s} for e, (a, t, s) in enumerate(zip(accs, seconds, steps))]
+
+
+def _timed_rows():
+  # dense: final accuracies 0.96 and 0.98 (target 0.97); seed 0 never reaches 0.97 itself
+  rows = [_row("dense", 0, 0.96, wall=10.0, steps=100,
+               history=_curve([0.90, 0.95, 0.96], [3.0, 6.0, 10.0], [33, 66, 100])),
+          _row("dense", 1, 0.98, wall=12.0, steps=100,
+               history=_curve([0.91, 0.97, 0.98], [4.0, 8.0, 12.0], [33, 66, 100]))]
+  # InfoBatch: seed 0 reaches 0.97 at epoch 1 (4.0 s, 40 steps), seed 1 at epoch 2 (7.0 s, 64)
+  rows += [_row("semi_batch", 0, 0.975, wall=6.0, steps=64, nominal_fraction=-1.0,
+                history=_curve([0.92, 0.97, 0.975], [2.0, 4.0, 6.0], [20, 40, 64])),
+           _row("semi_batch", 1, 0.972, wall=7.0, steps=64, nominal_fraction=-1.0,
+                history=_curve([0.93, 0.96, 0.972], [2.5, 4.5, 7.0], [21, 42, 64]))]
+  # random per epoch: only seed 1 reaches it (epoch 2: 9.0 s, 90 steps)
+  rows += [_row("random_dynamic", 0, 0.95, wall=9.0, steps=90, nominal_fraction=0.5,
+                history=_curve([0.90, 0.93, 0.95], [3.0, 6.0, 9.0], [30, 60, 90])),
+           _row("random_dynamic", 1, 0.97, wall=9.0, steps=90, nominal_fraction=0.5,
+                history=_curve([0.90, 0.95, 0.97], [3.0, 6.0, 9.0], [30, 60, 90]))]
+  return rows
+
+
+def test_time_to_dense_accuracy_by_hand():
+  summary = reporting.summarize(_timed_rows(), BASE)
+  by = {s["strategy"]: s for s in summary}
+  dense_wall, dense_steps = 11.0, 100.0
+  assert by["dense"]["target_accuracy"] == pytest.approx(0.97)
+  assert by["dense"]["reached"] == 1  # seed 1 at epoch 1: 8.0 s, 66 steps
+  assert by["dense"]["time_to_reference"] == pytest.approx(8.0 / dense_wall)
+  assert by["semi_batch"]["reached"] == 2
+  assert by["semi_batch"]["time_to_reference"] == pytest.approx((4.0 + 7.0) / 2 / dense_wall)
+  assert by["semi_batch"]["steps_to_reference"] == pytest.approx((40 + 64) / 2 / dense_steps)
+  assert by["random_dynamic"]["reached"] == 1
+  assert by["random_dynamic"]["time_to_reference"] == pytest.approx(9.0 / dense_wall)
+  # the table's last column, and the headline names the setting that reaches it in every seed
+  table = reporting.table(summary)
+  assert table.splitlines()[0].endswith("to dense acc: wall / steps (reached) |")
+  line = [l for l in table.splitlines() if l.startswith("| semi_batch")][0]
+  assert line.rstrip(" |").endswith(f"{5.5 / 11:.2f}x / {0.52:.2f}x (2/2)")
+  time_line = _line(reporting.headline(summary), "- Time to dense's final test accuracy")
+  assert "(97.00%)" in time_line and "semi_batch" in time_line
+  assert f"{5.5 / 11:.2f}x the wall time and 0.52x the steps" in time_line
+  assert "dense itself 0.73x / 0.66x (1/2)" in time_line
+
+
+def test_time_to_dense_accuracy_is_absent_without_per_epoch_accuracy_and_row_order_free():
+  rows = _timed_rows()
+  plain = [{k: v for k, v in r.items() if k != "history"} for r in rows]
+  summary = reporting.summarize(plain, BASE)
+  assert all(s["reached"] is None for s in summary)
+  assert "to dense acc" not in reporting.table(summary)
+  assert not [l for l in reporting.headline(summary) if l.startswith("- Time to")]
+  # one setting without per-epoch accuracy: no figure for it, the others keep theirs
+  rows[-1] = plain[-1]
+  by = {s["strategy"]: s for s in reporting.summarize(rows, BASE)}
+  assert by["random_dynamic"]["reached"] is None and by["semi_batch"]["reached"] == 2
+  # the rows' order does not matter
+  shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+  again = {s["strategy"]: s for s in reporting.summarize(shuffled, BASE)}
+  for k in by:
+    assert again[k]["time_to_reference"] == by[k]["time_to_reference"]
+  # nobody but dense reaches it in every seed: the headline says so
+  slow = [r for r in _timed_rows() if r["strategy"] != "semi_batch"]
+  time_line = _line(reporting.headline(reporting.summarize(slow, BASE)), "- Time to")
+  assert "no other setting reaches it in every replicate" in time_line

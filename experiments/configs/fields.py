@@ -227,6 +227,9 @@ FIELDS: tuple[Field, ...] = (
     F("train.batch_size", 32, int, PositiveInt(), doc="rule batch_fits"),
     F("train.eval_batch_size", 256, int),
     F("train.progress", True, bool),
+    F("train.eval_every_epoch", False, bool,
+      doc="test accuracy after every epoch, outside the clock: the report's time to dense "
+          "accuracy (replicas then train one by one)"),
     F("train.checkpoint_every_steps", 0, int,
       doc="mid-run checkpoints (a killed run resumes at the batch where it stopped); 0 = off"),
     F("train.checkpoint_minutes", 10.0, float),
