@@ -7,7 +7,12 @@
 * :mod:`~prunejax.masks.structured`: neurons, channels, heads, N:M, in any kernel layout.
 * :mod:`~prunejax.masks.compact`: structured-pruned models rebuilt smaller.
 * :mod:`~prunejax.masks.lottery`: rewind points for lottery-ticket experiments.
-* :mod:`~prunejax.masks.posttraining`: Wanda and SparseGPT from a calibration set, no retraining.
+* :mod:`~prunejax.masks.masked_state`: the mask inside an optimizer state (for
+  :mod:`prunejax.optim`).
+* :mod:`~prunejax.masks.posttraining`: Wanda and SparseGPT from a calibration set, no retraining
+  (:mod:`~prunejax.masks.wanda`, :mod:`~prunejax.masks.sparsegpt`, their calibration statistics in
+  :mod:`~prunejax.masks.calibration`, layers and stages in :mod:`~prunejax.masks.pt_layers`, the
+  shared driver in :mod:`~prunejax.masks.pt_driver`).
 * :mod:`~prunejax.masks.methods`: :data:`METHODS`, the registry of mask methods under one contract.
 """
 
