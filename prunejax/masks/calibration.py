@@ -35,10 +35,8 @@ from prunejax.masks.pt_layers import (LinearLayer, _analyse, _Analysis, _stage_f
                                       _stages)
 from prunejax.types import ApplyFn, Batch, FilterFn, Params, batch_mask
 
-
 MAX_STATS_BYTES = 1 << 28
 """Default bound on the statistics held at once with ``sequential=False`` (256 MiB)."""
-
 
 _HIGHEST = lax.Precision.HIGHEST
 

@@ -23,7 +23,6 @@ from prunejax.masks.pt_layers import (_analyse, _Analysis, _block_stages, _order
                                       _stages, _write_back)
 from prunejax.types import ApplyFn, Batch, FilterFn, Mask, Params
 
-
 SCOPES = ("row", "layerwise", "global")
 """Where a sparsity applies: each output row of each layer, each layer, or all layers together."""
 

@@ -44,11 +44,9 @@ from prunejax.errors import ConfigError, DataError, check_choice
 from prunejax.masks.core import make_filter_fn, nothing_selected_error, path_str
 from prunejax.types import ApplyFn, FilterFn, Mask, Params, PyTree
 
-
 linear_filter_fn: FilterFn = make_filter_fn(embeddings=False)
 """The default prunable leaves of :func:`wanda` and :func:`sparsegpt`: weight matrices and conv
 kernels (the classifier head included), not embeddings, biases, norms or position tables."""
-
 
 _KINDS = ("dense", "conv")
 
