@@ -1,10 +1,12 @@
 """Model pruning masks: pure functions from parameter pytrees to bool masks of the same structure.
 
-* :mod:`~prunejax.masks.core`: filters, :func:`threshold_mask` (exact, sort-free), applying and
-  measuring masks.
+* :mod:`~prunejax.masks.core`: :func:`threshold_mask` (exact, sort-free), applying and measuring
+  masks; it re-exports :mod:`~prunejax.masks.filters` (key paths, ``filter_fn`` filters) and
+  :mod:`~prunejax.masks.sharding` (explicit mesh axes, ``shard_map``).
 * :mod:`~prunejax.masks.unstructured`: magnitude, random, SNIP, GraSP, SynFlow, movement.
 * :mod:`~prunejax.masks.distributions`: uniform, ERK and custom per-layer sparsities.
-* :mod:`~prunejax.masks.structured`: neurons, channels, heads, N:M, in any kernel layout.
+* :mod:`~prunejax.masks.structured`: neurons, channels, heads, N:M, in any kernel layout
+  (:mod:`~prunejax.masks.layouts`).
 * :mod:`~prunejax.masks.compact`: structured-pruned models rebuilt smaller.
 * :mod:`~prunejax.masks.lottery`: rewind points for lottery-ticket experiments.
 * :mod:`~prunejax.masks.masked_state`: the mask inside an optimizer state (for
