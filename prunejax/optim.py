@@ -1,12 +1,14 @@
 """Masked optimizers: an optax transformation that keeps pruned weights at exactly zero.
 
 The mask rides in the optimizer state (:class:`MaskedState`), so it is checkpointed and sharded with
-it, and can be recomputed on a sparsity schedule inside a jitted train step.
+it, and can be recomputed on a sparsity schedule inside a jitted train step. The state and its
+accessors (:func:`get_mask`, :func:`set_mask`) are defined in :mod:`prunejax.masks.masked_state`
+and re-exported here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,18 +16,11 @@ import optax
 
 from prunejax.errors import ConfigError
 from prunejax.masks.core import check_mask, ones_mask, reshard_like
+from prunejax.masks.masked_state import MaskedState, get_mask, set_mask  # re-exported
 from prunejax.schedules import Schedule
 from prunejax.types import Mask, Params
 
 MaskFn = Callable[[Params, jax.Array], Mask]
-
-
-class MaskedState(NamedTuple):
-  """State of :func:`masked`: the inner optimizer's state, the mask and the number of updates."""
-
-  inner_state: optax.OptState
-  mask: Mask
-  count: jax.Array
 
 
 def masked(tx: optax.GradientTransformation, mask: Mask | None = None, *,
@@ -102,28 +97,3 @@ def _masked_update(tx, mask_fn, schedule, updates, state: MaskedState, params):
       lambda u, p, k: jnp.where(reshard_like(k, u), u, -p).astype(u.dtype), inner_updates,
       params, m)
   return new_updates, MaskedState(inner_state, m, state.count + 1)
-
-
-def _is_masked_state(x: Any) -> bool:
-  return isinstance(x, MaskedState)
-
-
-def get_mask(opt_state: optax.OptState) -> Mask | None:
-  """The mask of the first :class:`MaskedState` inside ``opt_state`` (None if there is none)."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_masked_state) if _is_masked_state(s)]
-  return found[0].mask if found else None
-
-
-def set_mask(opt_state: optax.OptState, mask: Mask) -> optax.OptState:
-  """``opt_state`` with the mask of every :class:`MaskedState` inside it replaced by ``mask``.
-
-  Raises:
-    ConfigError: ``mask`` does not have the structure and leaf shapes of the mask it replaces.
-  """
-  def replace(s):
-    if not _is_masked_state(s):
-      return s
-    check_mask(mask, s.mask, "set_mask: mask")
-    return s._replace(mask=jax.tree.map(reshard_like, mask, s.mask))
-
-  return jax.tree.map(replace, opt_state, is_leaf=_is_masked_state)

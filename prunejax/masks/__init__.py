@@ -1,13 +1,20 @@
 """Model pruning masks: pure functions from parameter pytrees to bool masks of the same structure.
 
-* :mod:`~prunejax.masks.core`: filters, :func:`threshold_mask` (exact, sort-free), applying and
-  measuring masks.
+* :mod:`~prunejax.masks.core`: :func:`threshold_mask` (exact, sort-free), applying and measuring
+  masks; it re-exports :mod:`~prunejax.masks.filters` (key paths, ``filter_fn`` filters) and
+  :mod:`~prunejax.masks.sharding` (explicit mesh axes, ``shard_map``).
 * :mod:`~prunejax.masks.unstructured`: magnitude, random, SNIP, GraSP, SynFlow, movement.
 * :mod:`~prunejax.masks.distributions`: uniform, ERK and custom per-layer sparsities.
-* :mod:`~prunejax.masks.structured`: neurons, channels, heads, N:M, in any kernel layout.
+* :mod:`~prunejax.masks.structured`: neurons, channels, heads, N:M, in any kernel layout
+  (:mod:`~prunejax.masks.layouts`).
 * :mod:`~prunejax.masks.compact`: structured-pruned models rebuilt smaller.
 * :mod:`~prunejax.masks.lottery`: rewind points for lottery-ticket experiments.
-* :mod:`~prunejax.masks.posttraining`: Wanda and SparseGPT from a calibration set, no retraining.
+* :mod:`~prunejax.masks.masked_state`: the mask inside an optimizer state (for
+  :mod:`prunejax.optim`).
+* :mod:`~prunejax.masks.posttraining`: Wanda and SparseGPT from a calibration set, no retraining
+  (:mod:`~prunejax.masks.wanda`, :mod:`~prunejax.masks.sparsegpt`, their calibration statistics in
+  :mod:`~prunejax.masks.calibration`, layers and stages in :mod:`~prunejax.masks.pt_layers`, the
+  shared driver in :mod:`~prunejax.masks.pt_driver`).
 * :mod:`~prunejax.masks.methods`: :data:`METHODS`, the registry of mask methods under one contract.
 """
 

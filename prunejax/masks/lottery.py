@@ -13,6 +13,7 @@ import jax
 import optax
 
 from prunejax.masks.core import apply_mask
+from prunejax.masks.masked_state import set_mask
 from prunejax.errors import ConfigError
 from prunejax.types import Mask, Params
 
@@ -48,12 +49,11 @@ def rewind(point: RewindPoint, mask: Mask, tx: optax.GradientTransformation | No
 
   Returns:
     ``(params, opt_state)``. If the optimizer state holds a
-    :class:`prunejax.optim.MaskedState`, its mask is set to ``mask``.
+    :class:`prunejax.masks.masked_state.MaskedState`, its mask is set to ``mask``.
 
   References:
     Frankle et al. 2020, "Linear Mode Connectivity and the Lottery Ticket Hypothesis".
   """
-  from prunejax import optim  # optim imports the masks package.
   params = apply_mask(point.params, mask)
   if reset_optimizer:
     if tx is None:
@@ -62,7 +62,7 @@ def rewind(point: RewindPoint, mask: Mask, tx: optax.GradientTransformation | No
   else:
     state = point.opt_state if point.opt_state is not None else opt_state
   if state is not None:
-    state = optim.set_mask(state, mask)
+    state = set_mask(state, mask)
   return params, state
 
 
