@@ -114,9 +114,10 @@ def test_remat_gives_the_same_outputs_and_gradients_and_stores_less(name, comput
   assert jax.tree.structure(init_variables(remat, jax.random.key(1), x)) == jax.tree.structure(v)
   y = jnp.arange(6) % 5
   loss_p, loss_r = _loss_fn(plain, v, x, y), _loss_fn(remat, v, x, y)
-  g_plain, g_remat = jax.grad(loss_p)(v["params"]), jax.grad(loss_r)(v["params"])
-  np.testing.assert_allclose(make_apply_fn(plain)(v, x), make_apply_fn(remat)(v, x), rtol=1e-6,
-                             atol=1e-6)
+  # Compiled, as training runs them (op by op, ResNet-20's gradients took minutes on a small CPU).
+  g_plain, g_remat = (jax.jit(jax.grad(loss))(v["params"]) for loss in (loss_p, loss_r))
+  np.testing.assert_allclose(jax.jit(make_apply_fn(plain))(v, x),
+                             jax.jit(make_apply_fn(remat))(v, x), rtol=1e-6, atol=1e-6)
   _tree_close(g_plain, g_remat, rtol=1e-5, atol=1e-6)
   # The backward pass keeps fewer bytes of activations (the residuals of the VJP).
   assert _residual_bytes(loss_r, v["params"]) < 0.7 * _residual_bytes(loss_p, v["params"])
