@@ -449,7 +449,10 @@ def test_grand_and_el2n_in_bfloat16_within_1_percent_of_float32(name):
   v = init_variables(m32, jax.random.key(1), x)
   batch = {"x": x, "y": jnp.arange(6) % 5, "mask": jnp.array([True] * 5 + [False])}
   for score in (scores.grand, scores.el2n):
-    s32 = np.asarray(score(make_apply_fn(m32), v, batch), np.float64)
+    # The float32 reference compiled (op by op, ResNet-20's GraNd took over a minute); the
+    # bfloat16 scores op by op, as before (compiled, XLA fuses across the bfloat16 roundings and
+    # ResNet-20's GraNd lands 1.2% from float32: this bound is for the op-by-op path).
+    s32 = np.asarray(jax.jit(lambda v, b: score(make_apply_fn(m32), v, b))(v, batch), np.float64)
     s16_arr = score(make_apply_fn(m16), v, batch)
     assert s16_arr.dtype == jnp.float32
     s16 = np.asarray(s16_arr, np.float64)
