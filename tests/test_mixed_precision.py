@@ -50,14 +50,16 @@ def test_bfloat16_model_computes_in_bfloat16_with_float32_params_and_logits(name
   v16 = init_variables(m16, jax.random.key(1), x)
   assert jax.tree.structure(v16) == jax.tree.structure(v)
   assert {l.dtype for l in jax.tree.leaves(v16)} == {jnp.dtype(jnp.float32)}
-  logits32, logits16 = make_apply_fn(m32)(v, x), make_apply_fn(m16)(v, x)
+  # Compiled (op by op, the GPT's first call took most of a minute on a small CPU).
+  logits32, logits16 = jax.jit(make_apply_fn(m32))(v, x), jax.jit(make_apply_fn(m16))(v, x)
   assert logits16.dtype == jnp.float32
   # bfloat16 has an 8-bit mantissa: close to float32, but not equal (it did compute in bf16).
   scale = float(jnp.abs(logits32).max())
   assert 0 < float(jnp.abs(logits16 - logits32).max()) < 0.05 * scale + 0.02
-  # The matrix multiplies (Dense layers) return bfloat16.
-  _, state = m16.apply(v, x, capture_intermediates=lambda mdl, _: isinstance(mdl, nn_dense()),
-                       mutable=["intermediates"])
+  # The matrix multiplies (Dense layers) return bfloat16 (their dtypes: traced, not run).
+  _, state = jax.eval_shape(lambda v, x: m16.apply(
+      v, x, capture_intermediates=lambda mdl, _: isinstance(mdl, nn_dense()),
+      mutable=["intermediates"]), v, x)
   outs = jax.tree.leaves(state["intermediates"])
   assert outs and all(o.dtype == jnp.bfloat16 for o in outs)
 
