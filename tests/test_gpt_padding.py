@@ -183,6 +183,7 @@ def test_out_of_range_ids_and_long_sequences_are_one_line_errors(ckpt):
   v = model.vocab_size
   assert v == TINY["vocab_size"]  # the eos pads: no new row
   ids = np.full((2, 8), 3, np.int32)
+  flagged = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["flags"]))  # one compile
   for bad in (v, v + 5, -1):
     ids_bad = ids.copy()
     ids_bad[1, 4] = bad
@@ -192,8 +193,7 @@ def test_out_of_range_ids_and_long_sequences_are_one_line_errors(ckpt):
         model.apply({"params": params}, x)
       assert "\n" not in str(e.value)
     # Under jit ids cannot raise: no NaN, and the row's flag is set.
-    out, flags = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["flags"]))(
-        params, ids_bad)
+    out, flags = flagged(params, ids_bad)
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_array_equal(flags["flags"]["bad_token_ids"][0], [False, True])
     with pytest.raises(DataError, match=f"token id {bad}"):
