@@ -91,18 +91,21 @@ def kill_point(kind: str, count: int = 1) -> None:
   """Fault injection for tests of resumption: with ``PRUNEJAX_KILL_AT=KIND:N`` in the environment
   (``step:N`` or ``unit:N``) the process kills itself with SIGKILL once it has completed N training
   steps (at the end of the dispatch that reaches N, when steps run in chunks), or right after the
-  N-th unit record it writes. A test then knows
+  N-th unit record it writes. ``KIND:N:SIGNAME`` (``step:3:SIGTERM``) sends that signal instead, as
+  a user or a scheduler would. A test then knows
   exactly where the run died, however fast or slow the machine is. Unset: does nothing."""
   spec = os.environ.get(KILL_AT_ENV)
   if not spec:
     return
-  want, _, n = spec.partition(":")
-  if want not in _KILL_COUNTS or not n.isdigit():
-    raise ValueError(f"{KILL_AT_ENV}={spec!r}; expected 'step:N' or 'unit:N'")
+  want, n, *name = spec.split(":") + ([""] if ":" not in spec else [])
+  if (want not in _KILL_COUNTS or not n.isdigit() or len(name) > 1
+      or name and name[0] not in signal.Signals.__members__):
+    raise ValueError(f"{KILL_AT_ENV}={spec!r}; expected 'step:N' or 'unit:N', optionally "
+                     "followed by ':SIGNAME'")
   before = _KILL_COUNTS[kind]
   _KILL_COUNTS[kind] += count
   if kind == want and before < int(n) <= _KILL_COUNTS[kind]:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.Signals[name[0]] if name else signal.SIGKILL)
 
 
 def interrupted_at_step(step: int, saved: bool) -> Interrupted:

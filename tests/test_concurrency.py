@@ -4,10 +4,8 @@ and exit codes 143 / 130, and rerunning resumes to the results of an uninterrupt
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -40,9 +38,10 @@ def _args(workdir, **more):
       for k, v in {**OVERRIDES, **more}.items()]
 
 
-def _start(args, extra=()):
+def _start(args, extra=(), env=None):
   return subprocess.Popen([sys.executable, "-m", "experiments.run"] + args + list(extra),
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 def _finish(proc, timeout=300):
@@ -109,34 +108,30 @@ def test_runs_started_together_on_one_workdir_never_mix_crash_or_hang(tmp_path, 
   assert any(75 in c for c in outcomes), f"no race overlapped: {outcomes}"
 
 
-def _wait_for(path, proc, timeout=120):
-  t0 = time.monotonic()
-  while not os.path.exists(path):
-    if proc.poll() is not None:
-      pytest.fail(f"the run ended before {path} appeared: {proc.stderr.read()[-3000:]}")
-    if time.monotonic() - t0 > timeout:
-      pytest.fail(f"{path} never appeared")
-    time.sleep(0.05)
-
-
 def test_sigterm_and_sigint_stop_at_the_next_step_and_resume_to_the_same_results(tmp_path, ref):
+  """The signals come at known steps (``PRUNEJAX_KILL_AT=step:N:SIGNAME``, sent by the run to
+  itself, :func:`prunejax.checkpoint.kill_point`), so where the run stops does not depend on how
+  fast the machine is: the dense run has 2 steps, IMP's round 0 follows."""
+  from prunejax.checkpoint import KILL_AT_ENV
   w = tmp_path / "w"
-  # SIGTERM while the dense run trains (its mid-run checkpoint folder appears when it starts).
-  proc = _start(_args(w))
-  _wait_for(w / "checkpoints" / "runs" / "dense_r0", proc)
-  proc.send_signal(signal.SIGTERM)
+  # SIGTERM after the dense run's first step: it stops there and saves that step.
+  proc = _start(_args(w), env={KILL_AT_ENV: "step:1:SIGTERM"})
   code, err = _finish(proc)
   assert code == 143, err[-3000:]
   (line,) = _error_lines(err)
   assert line.startswith("interrupted by SIGTERM: ") and "rerun the same command to resume" in line
-  # SIGINT (Ctrl-C) in the rerun, while IMP trains round 0.
-  proc = _start(_args(w))
-  _wait_for(w / "checkpoints" / "imp_r0", proc)
-  proc.send_signal(signal.SIGINT)
+  assert "saved the training run in progress at step 1;" in line
+  assert (w / "checkpoints" / "runs" / "dense_r0").is_dir() and not list(w.glob("units/*.json"))
+  # SIGINT (Ctrl-C) in the rerun, while IMP trains round 0: the rerun's step 1 finishes the dense
+  # run (resumed at step 1), its step 2 is IMP's first.
+  proc = _start(_args(w), env={KILL_AT_ENV: "step:2:SIGINT"})
   code, err = _finish(proc)
   assert code == 130, err[-3000:]
   (line,) = _error_lines(err)
   assert line.startswith("interrupted by SIGINT: ") and "rerun the same command to resume" in line
+  assert " at step 1 " in line
+  assert (w / "checkpoints" / "imp_r0").is_dir()
+  assert [p.name for p in w.glob("units/*.json")] == ["dense_r0.json"]
   code, err = _finish(_start(_args(w)))
   assert code == 0, err[-3000:]
   assert _rows(w) == ref(0)
@@ -149,7 +144,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, tmp_path, tag, **more):
+def _two_processes(workdir, tmp_path, tag, envs=({}, {}), **more):
   addr = f"127.0.0.1:{_free_port()}"
   procs = []
   for i in range(2):
@@ -158,7 +153,8 @@ def _two_processes(workdir, tmp_path, tag, **more):
     procs.append((subprocess.Popen(
         [sys.executable, "-m", "experiments.run"] + _args(workdir, **more) +
         [f"--coordinator_address={addr}", "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True), err))
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True,
+        env={**os.environ, **envs[i]}), err))
   return procs
 
 
@@ -181,12 +177,14 @@ def _wait_all(procs, timeout=300):
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   """A preemption notice (SIGTERM) to one process of a multi-process run: JAX's preemption service
-  makes both stop after the same step and save it together; two new processes resume."""
+  makes both stop after the same step and save it together; two new processes resume.
+
+  Process 1 sends itself the SIGTERM after its second step (``PRUNEJAX_KILL_AT=step:2:SIGTERM``),
+  so the notice comes at a known step however fast the machine is."""
+  from prunejax.checkpoint import KILL_AT_ENV
   more = {"strategies": ("dense",), "dataset.num_train": 256, "train.epochs": 2}
   w = tmp_path / "w"
-  procs = _two_processes(w, tmp_path, "first", **more)
-  _wait_for(w / "checkpoints" / "runs" / "dense_r0" / "2", procs[1][0], timeout=240)
-  procs[1][0].send_signal(signal.SIGTERM)
+  procs = _two_processes(w, tmp_path, "first", envs=({}, {KILL_AT_ENV: "step:2:SIGTERM"}), **more)
   results = _wait_all(procs)
   lines = [_error_lines(text) for _, text in results]
   assert [c for c, _ in results] == [143, 143], results

@@ -3,12 +3,14 @@
 import csv
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import once_per_run
 
 from experiments import common, run
 from prunejax.errors import ConfigError
@@ -59,11 +61,15 @@ def _strip(rows):
   return [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
 
 
-def run_twice(cfg, tmp_path):
+def run_twice(cfg, tmp_path, first=None):
   """Runs ``cfg`` in two fresh workdirs and checks that scores, kept ids, masks and every result
-  (but wall time) are bitwise identical; returns the first workdir."""
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  run.run(cfg, a)
+  (but wall time) are bitwise identical; returns the first workdir.
+
+  ``first``: the workdir of a run of ``cfg`` made elsewhere (a run shared with other tests, perhaps
+  in another process); then only the second run is made here, and compared with it."""
+  a, b = first or str(tmp_path / "a"), str(tmp_path / "b")
+  if first is None:
+    run.run(cfg, a)
   run.run(cfg, b)
   ra = json.load(open(os.path.join(a, "results.json")))["rows"]
   rb = json.load(open(os.path.join(b, "results.json")))["rows"]
@@ -77,9 +83,21 @@ def run_twice(cfg, tmp_path):
   return a
 
 
-def test_main_job_quick_runs_every_strategy_deterministically(tmp_path):
+def shared_quick_run(tmp_path_factory, name):
+  """The workdir of one in-process run of ``name``'s quick config, made once per test run and
+  shared by the tests that read it (the determinism check and the kill test's clean run)."""
+  def make(d):
+    run.run(_config(name), str(d / "w"))
+    return str(d / "w")
+  return once_per_run(tmp_path_factory, f"quick_{name}", make)[1]
+
+
+def test_main_job_quick_runs_every_strategy_deterministically(tmp_path, main_job_cli):
+  """The main job's command line (shared with test_reporting's console test) and a run here, in
+  another process, give the same bits."""
   cfg = _config("digits")
-  tmp_path = run_twice(cfg, tmp_path)
+  assert main_job_cli["returncode"] == 0, main_job_cli["stderr"][-3000:]
+  tmp_path = run_twice(cfg, tmp_path, first=main_job_cli["workdir"])
   rows = _check_outputs(str(tmp_path), cfg.strategies)
   by = {r["strategy"]: r for r in rows}
   dense_fwd = float(by["dense"]["forward_examples"])
@@ -108,9 +126,9 @@ def test_main_job_quick_runs_every_strategy_deterministically(tmp_path):
 
 @pytest.mark.parametrize("name", ["static_pruning", "iterative_data_pruning", "dynamic_pruning",
                                   "imp", "prune_at_init", "data_and_weights", "rotten_tomatoes"])
-def test_experiment_quick_configs_run_deterministically(name, tmp_path):
+def test_experiment_quick_configs_run_deterministically(name, tmp_path, tmp_path_factory):
   cfg = _config(name)
-  workdir = run_twice(cfg, tmp_path)
+  workdir = run_twice(cfg, tmp_path, first=shared_quick_run(tmp_path_factory, name))
   rows = _check_outputs(workdir, cfg.strategies)
   assert rows
 
@@ -225,16 +243,16 @@ def test_cli_workdir_that_is_a_file(tmp_path):
   assert proc.returncode == 2 and "is a file" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_killed_run_resumes_to_the_same_results(tmp_path):
+def test_killed_run_resumes_to_the_same_results(tmp_path, tmp_path_factory):
   """SIGKILL a run at three known points (mid-way through a training run, right after a unit is
-  written, mid-way through a later run); each rerun resumes; results equal a clean run.
+  written, mid-way through a later run); each rerun resumes; results equal a clean run (the imp
+  quick run that test_experiment_quick_configs_run_deterministically also reads).
 
   The kills come from the run itself (``PRUNEJAX_KILL_AT``, :func:`prunejax.checkpoint.kill_point`),
   so where the run dies does not depend on how fast the machine is."""
   from prunejax.checkpoint import KILL_AT_ENV
   args = ["--config=experiments/configs/imp.py:quick"]
-  clean = tmp_path / "clean"
-  assert _cli(args + [f"--workdir={clean}"], ROOT).returncode == 0
+  clean = pathlib.Path(shared_quick_run(tmp_path_factory, "imp"))
   killed = tmp_path / "killed"
   resumable = args + [f"--workdir={killed}", "--config.train.checkpoint_every_steps=4"]
   units = lambda: sorted(p.name for p in (killed / "units").glob("*.json"))

@@ -51,7 +51,8 @@ def _rel(a, b):
 
 
 def _unpadded_logits(model, params, seqs):
-  return np.stack([np.asarray(model.apply({"params": params}, {
+  apply = jax.jit(model.apply)  # one compile per length; op-by-op dispatch is ~4x slower here
+  return np.stack([np.asarray(apply({"params": params}, {
       "input_ids": np.asarray([s], np.int32), "attention_mask": np.ones((1, len(s)), bool)}))[0]
                    for s in seqs])
 
@@ -87,15 +88,15 @@ def test_padded_batches_give_the_unpadded_logits(ckpt, side, pad):
 
 def test_padding_does_not_change_a_real_tokens_hidden_states(ckpt):
   model, params = models.load_gpt2_classifier(ckpt[0], 2, key=jax.random.key(0), pad_id=EOS)
-  features = models.make_features_fn(model)
+  features = jax.jit(models.make_features_fn(model), static_argnames="hidden_states")
   seqs = _seqs()
   with jax.default_matmul_precision("highest"):
     for side in ("left", "right"):
       ids, mask = _pad(seqs, side, EOS)
-      hs = np.asarray(jax.jit(features, static_argnames="hidden_states")(
-          params, {"input_ids": ids, "attention_mask": mask}, hidden_states=True)["hidden_states"])
+      hs = np.asarray(features(params, {"input_ids": ids, "attention_mask": mask},
+                               hidden_states=True)["hidden_states"])
       assert hs.shape == (TINY["n_layer"] + 1, len(seqs), 16, TINY["n_embd"])
-      for r, s in enumerate(seqs):
+      for r, s in enumerate(seqs):  # each row alone, unpadded (compiled once per length)
         one = np.asarray(features(params, np.asarray([s], np.int32), np.ones((1, len(s)), bool),
                                   hidden_states=True)["hidden_states"])[:, 0]
         assert _rel(hs[:, r][:, mask[r]], one) <= 1e-5, (side, r)
@@ -118,11 +119,11 @@ def test_pooling_matches_numpy_reference(ckpt, pooling):
   seqs[2] = seqs[2] + [EOS]
   seqs[3] = [EOS] + list(rng.integers(0, EOS, 4)) + [EOS] + [7, 8]
   ids, mask = _pad(seqs, "left", EOS + 1)
-  feats = models.make_features_fn(model)
+  feats = jax.jit(models.make_features_fn(model), static_argnames="hidden_states")
   with jax.default_matmul_precision("highest"):
     pooled = np.asarray(feats(params, {"input_ids": ids, "attention_mask": mask})["pooled"])
-    logits = np.asarray(model.apply({"params": params}, {"input_ids": ids,
-                                                          "attention_mask": mask}))
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, {"input_ids": ids,
+                                                                   "attention_mask": mask}))
   ref = []
   for s in seqs:
     h = _reference_states(tensors, s)
@@ -151,7 +152,8 @@ def test_grand_and_el2n_of_padded_rows_equal_the_unpadded_ones(ckpt):
 
   def example_grad_norm(s, yi):
     x = {"input_ids": jnp.asarray([s], jnp.int32), "attention_mask": jnp.ones((1, len(s)), bool)}
-    g = jax.grad(lambda p: -jax.nn.log_softmax(apply_fn(p, x))[0, yi])(params)
+    # Compiled: op-by-op, the six lengths' backward passes take ~4x longer.
+    g = jax.jit(jax.grad(lambda p: -jax.nn.log_softmax(apply_fn(p, x))[0, yi]))(params)
     return float(jnp.sqrt(sum(jnp.sum(jnp.square(l.astype(jnp.float64 if jax.config.jax_enable_x64
                                                              else jnp.float32)))
                               for l in jax.tree.leaves(g))))
@@ -161,14 +163,18 @@ def test_grand_and_el2n_of_padded_rows_equal_the_unpadded_ones(ckpt):
     logits = _unpadded_logits(model, params, seqs)
     p = jax.nn.softmax(jnp.asarray(logits, jnp.float32))
     ref_el2n = np.linalg.norm(np.asarray(p) - np.eye(3)[y], axis=1)
+    # One compiled function per score, called on both sides (same shapes: no second compile).
+    grand = {method: jax.jit(lambda p, b, method=method: scores.grand(apply_fn, p, b,
+                                                                       method=method))
+             for method in ("ghost", "vmap")}
+    el2n = jax.jit(lambda p, b: scores.el2n(apply_fn, p, b))
     for side in ("left", "right"):
       ids, mask = _pad(seqs, side, EOS)
       batch = {"x": {"input_ids": ids, "attention_mask": mask}, "y": y, "mask": np.ones(6, bool)}
       for method in ("ghost", "vmap"):
-        got = np.asarray(jax.jit(lambda p, b: scores.grand(apply_fn, p, b, method=method))(
-            params, batch))
+        got = np.asarray(grand[method](params, batch))
         assert _rel(got, ref_grand) <= 1e-5, (side, method, got, ref_grand)
-      got = np.asarray(jax.jit(lambda p, b: scores.el2n(apply_fn, p, b))(params, batch))
+      got = np.asarray(el2n(params, batch))
       assert _rel(got, ref_el2n) <= 1e-5, side
 
 
@@ -177,6 +183,7 @@ def test_out_of_range_ids_and_long_sequences_are_one_line_errors(ckpt):
   v = model.vocab_size
   assert v == TINY["vocab_size"]  # the eos pads: no new row
   ids = np.full((2, 8), 3, np.int32)
+  flagged = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["flags"]))  # one compile
   for bad in (v, v + 5, -1):
     ids_bad = ids.copy()
     ids_bad[1, 4] = bad
@@ -186,8 +193,7 @@ def test_out_of_range_ids_and_long_sequences_are_one_line_errors(ckpt):
         model.apply({"params": params}, x)
       assert "\n" not in str(e.value)
     # Under jit ids cannot raise: no NaN, and the row's flag is set.
-    out, flags = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["flags"]))(
-        params, ids_bad)
+    out, flags = flagged(params, ids_bad)
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_array_equal(flags["flags"]["bad_token_ids"][0], [False, True])
     with pytest.raises(DataError, match=f"token id {bad}"):

@@ -50,14 +50,16 @@ def test_bfloat16_model_computes_in_bfloat16_with_float32_params_and_logits(name
   v16 = init_variables(m16, jax.random.key(1), x)
   assert jax.tree.structure(v16) == jax.tree.structure(v)
   assert {l.dtype for l in jax.tree.leaves(v16)} == {jnp.dtype(jnp.float32)}
-  logits32, logits16 = make_apply_fn(m32)(v, x), make_apply_fn(m16)(v, x)
+  # Compiled (op by op, the GPT's first call took most of a minute on a small CPU).
+  logits32, logits16 = jax.jit(make_apply_fn(m32))(v, x), jax.jit(make_apply_fn(m16))(v, x)
   assert logits16.dtype == jnp.float32
   # bfloat16 has an 8-bit mantissa: close to float32, but not equal (it did compute in bf16).
   scale = float(jnp.abs(logits32).max())
   assert 0 < float(jnp.abs(logits16 - logits32).max()) < 0.05 * scale + 0.02
-  # The matrix multiplies (Dense layers) return bfloat16.
-  _, state = m16.apply(v, x, capture_intermediates=lambda mdl, _: isinstance(mdl, nn_dense()),
-                       mutable=["intermediates"])
+  # The matrix multiplies (Dense layers) return bfloat16 (their dtypes: traced, not run).
+  _, state = jax.eval_shape(lambda v, x: m16.apply(
+      v, x, capture_intermediates=lambda mdl, _: isinstance(mdl, nn_dense()),
+      mutable=["intermediates"]), v, x)
   outs = jax.tree.leaves(state["intermediates"])
   assert outs and all(o.dtype == jnp.bfloat16 for o in outs)
 
@@ -114,9 +116,10 @@ def test_remat_gives_the_same_outputs_and_gradients_and_stores_less(name, comput
   assert jax.tree.structure(init_variables(remat, jax.random.key(1), x)) == jax.tree.structure(v)
   y = jnp.arange(6) % 5
   loss_p, loss_r = _loss_fn(plain, v, x, y), _loss_fn(remat, v, x, y)
-  g_plain, g_remat = jax.grad(loss_p)(v["params"]), jax.grad(loss_r)(v["params"])
-  np.testing.assert_allclose(make_apply_fn(plain)(v, x), make_apply_fn(remat)(v, x), rtol=1e-6,
-                             atol=1e-6)
+  # Compiled, as training runs them (op by op, ResNet-20's gradients took minutes on a small CPU).
+  g_plain, g_remat = (jax.jit(jax.grad(loss))(v["params"]) for loss in (loss_p, loss_r))
+  np.testing.assert_allclose(jax.jit(make_apply_fn(plain))(v, x),
+                             jax.jit(make_apply_fn(remat))(v, x), rtol=1e-6, atol=1e-6)
   _tree_close(g_plain, g_remat, rtol=1e-5, atol=1e-6)
   # The backward pass keeps fewer bytes of activations (the residuals of the VJP).
   assert _residual_bytes(loss_r, v["params"]) < 0.7 * _residual_bytes(loss_p, v["params"])
@@ -240,13 +243,14 @@ def test_accumulated_gradient_matches_an_explicit_per_example_loop():
   new, _, _ = jax.jit(train.train_step_with_losses)(state, batch)
   model, params = state.model, state.params
 
-  def ce_one(p, i):
-    logits = model.apply({"params": p}, batch["x"][i:i + 1])
-    return -jax.nn.log_softmax(logits[0])[batch["y"][i]]
+  def ce_one(p, x_1, y):
+    logits = model.apply({"params": p}, x_1)
+    return -jax.nn.log_softmax(logits[0])[y]
 
+  grad_one = jax.jit(jax.grad(ce_one))  # one compile for the nine examples (one shape)
   grads64 = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
   for i in range(9):
-    g = jax.grad(ce_one)(params, i)
+    g = grad_one(params, batch["x"][i:i + 1], batch["y"][i])
     grads64 = jax.tree.map(lambda acc, gi: acc + float(batch["weight"][i]) * np.asarray(gi, float),
                            grads64, g)
   expected = jax.tree.map(lambda p, g: np.asarray(p, np.float64) - g / 9, params, grads64)
@@ -448,7 +452,10 @@ def test_grand_and_el2n_in_bfloat16_within_1_percent_of_float32(name):
   v = init_variables(m32, jax.random.key(1), x)
   batch = {"x": x, "y": jnp.arange(6) % 5, "mask": jnp.array([True] * 5 + [False])}
   for score in (scores.grand, scores.el2n):
-    s32 = np.asarray(score(make_apply_fn(m32), v, batch), np.float64)
+    # The float32 reference compiled (op by op, ResNet-20's GraNd took over a minute); the
+    # bfloat16 scores op by op, as before (compiled, XLA fuses across the bfloat16 roundings and
+    # ResNet-20's GraNd lands 1.2% from float32: this bound is for the op-by-op path).
+    s32 = np.asarray(jax.jit(lambda v, b: score(make_apply_fn(m32), v, b))(v, batch), np.float64)
     s16_arr = score(make_apply_fn(m16), v, batch)
     assert s16_arr.dtype == jnp.float32
     s16 = np.asarray(s16_arr, np.float64)

@@ -6,8 +6,6 @@ import logging
 import math
 import os
 import re
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
@@ -275,17 +273,15 @@ def test_third_party_info_is_filtered_and_verbosity_lifts_the_filter():
     root.removeHandler(handler)
 
 
-def test_main_job_console_is_short_and_ends_with_headline_table_and_paths(tmp_path):
+def test_main_job_console_is_short_and_ends_with_headline_table_and_paths(main_job_cli):
   """The main job's CLI (quick variant: the same strategies and log paths) prints at most 60 lines
   besides the table, no third-party INFO, the headline computed from its results, and absolute
-  paths to the report, the plots and the TensorBoard events."""
-  workdir = str(tmp_path / "w")
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.run([sys.executable, "-m", "experiments.run",
-                         "--config=experiments/configs/digits.py:quick", f"--workdir={workdir}"],
-                        capture_output=True, text=True, timeout=900, cwd=env["PYTHONPATH"], env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = (proc.stdout + proc.stderr).splitlines()
+  paths to the report, the plots and the TensorBoard events. (The run is shared with
+  test_experiments' main-job test: conftest.main_job_cli.)"""
+  proc = main_job_cli
+  workdir = proc["workdir"]
+  assert proc["returncode"] == 0, proc["stderr"][-3000:]
+  lines = (proc["stdout"] + proc["stderr"]).splitlines()
   table = [l for l in lines if l.startswith("|")]
   assert len(lines) - len(table) <= 60, "\n".join(lines)
   assert not [l for l in lines if re.search(r"(orbax|checkpoint_manager|async_checkpointer|"
@@ -297,7 +293,7 @@ def test_main_job_console_is_short_and_ends_with_headline_table_and_paths(tmp_pa
                                 reporting.setting_descriptions(config))
   expected = reporting.headline(summary)
   assert len(expected) >= 5 and results["headline"] == expected
-  out = proc.stdout.splitlines()
+  out = proc["stdout"].splitlines()
   start = out.index(expected[0])
   assert out[start:start + len(expected)] == expected
   assert len(table) == 2 + len(summary)
