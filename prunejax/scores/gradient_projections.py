@@ -124,19 +124,13 @@ FEATURES = {"dense": _dense_features, "conv": _conv_features, "embed": _embed_fe
 
 
 def _vmap_grads(apply_fn, params, x, y_B, w_B, leaf_ids, chunk_size) -> dict[int, jax.Array]:
-  leaves, treedef = jax.tree.flatten(params)
+  leaves = jax.tree.leaves(params)
   ids = list(leaf_ids)
+  grads_of = grand_lib.example_grads(apply_fn, params, ids)
 
   def example(x1, y1, w1):
-    def loss_fn(selected):
-      vals = list(leaves)
-      for i, v in zip(ids, selected):
-        vals[i] = v
-      logits_1xC = apply_fn(jax.tree.unflatten(treedef, vals), jax.tree.map(lambda a: a[None], x1))
-      return grand_lib._example_losses(logits_1xC, y1[None], w1[None])[0]
-
-    g = jax.grad(loss_fn)([leaves[i] for i in ids])
-    return jnp.concatenate([a.reshape(-1).astype(ghost_norms.norm_dtype(a.dtype)) for a in g])
+    return jnp.concatenate([a.reshape(-1).astype(ghost_norms.norm_dtype(a.dtype))
+                            for a in grads_of(x1, y1, w1)])
 
   flat_BxP = grand_lib._map_chunks(example, chunk_size, x, y_B, w_B)
   out, start = {}, 0

@@ -129,10 +129,23 @@ def _is_float(leaf: Any) -> bool:
 def _vmap_sq_norms(apply_fn: ApplyFn, params: Params, x: Any, y_B: jax.Array, w_B: jax.Array,
                    chunk_size: int | None, leaf_ids: tuple[int, ...] | None = None) -> jax.Array:
   """``vmap(grad)`` of the one-example loss with respect to ``leaf_ids`` (all float leaves)."""
-  leaves, treedef = jax.tree.flatten(params)
+  leaves = jax.tree.leaves(params)
   ids = [i for i, l in enumerate(leaves) if _is_float(l)] if leaf_ids is None else list(leaf_ids)
+  grads_of = example_grads(apply_fn, params, ids)
 
   def example(x1, y1, w1):
+    return sum((jnp.sum(jnp.square(g.astype(ghost_norms.norm_dtype(g.dtype))))
+                for g in grads_of(x1, y1, w1)), 0.0)
+
+  return _map_chunks(example, chunk_size, x, y_B, w_B)
+
+
+def example_grads(apply_fn: ApplyFn, params: Params, ids: list[int]):
+  """``(x1, y1, w1) -> [grad]``: the gradients of one example's loss with respect to the leaves
+  ``ids`` of ``params`` (in ``jax.tree.leaves`` order), for ``vmap``."""
+  leaves, treedef = jax.tree.flatten(params)
+
+  def grads(x1, y1, w1):
     def loss_fn(selected):
       vals = list(leaves)
       for i, v in zip(ids, selected):
@@ -140,11 +153,8 @@ def _vmap_sq_norms(apply_fn: ApplyFn, params: Params, x: Any, y_B: jax.Array, w_
       logits_1xC = apply_fn(jax.tree.unflatten(treedef, vals), jax.tree.map(lambda a: a[None], x1))
       return _example_losses(logits_1xC, y1[None], w1[None])[0]
 
-    grads = jax.grad(loss_fn)([leaves[i] for i in ids])
-    return sum((jnp.sum(jnp.square(g.astype(ghost_norms.norm_dtype(g.dtype)))) for g in grads),
-               0.0)
-
-  return _map_chunks(example, chunk_size, x, y_B, w_B)
+    return jax.grad(loss_fn)([leaves[i] for i in ids])
+  return grads
 
 
 # ----------------------------------------------------------------------------------------------
