@@ -22,14 +22,13 @@ CPU. Timings on a CPU say little: XLA's CPU backend has no fast bfloat16 matrix 
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 import optax
 
+from experiments.bench.masks import median_time
 from prunejax import scores, train
 from prunejax.models import build_model, make_apply_fn
 
@@ -71,16 +70,6 @@ def compiled_bytes(compiled) -> int:
              - m.alias_size_in_bytes)
 
 
-def _time(call: Callable[[], Any], repeats: int) -> float:
-  jax.block_until_ready(call())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def bench_train_step(name: str, compute_dtype: str, remat: bool, quick: bool, repeats: int,
                      batch_size: int | None = None) -> tuple[dict, Any]:
   """The train-step row of one model variant, and its compiled step (for its HLO)."""
@@ -96,7 +85,7 @@ def bench_train_step(name: str, compute_dtype: str, remat: bool, quick: bool, re
     return metrics
 
   row = {"model": name, "fn": "train step", "dtype": compute_dtype, "remat": remat, "batch": b,
-         "examples_per_s": b / _time(train_call, repeats), "peak_mb": compiled_bytes(step) / 2**20}
+         "examples_per_s": b / median_time(train_call, repeats), "peak_mb": compiled_bytes(step) / 2**20}
   return row, step
 
 
@@ -109,7 +98,7 @@ def bench_grand(name: str, compute_dtype: str, remat: bool, quick: bool, repeats
   apply_fn = make_apply_fn(model)
   grand = jax.jit(lambda v, bt: scores.grand(apply_fn, v, bt)).lower(variables, batch).compile()
   return {"model": name, "fn": "grand", "dtype": compute_dtype, "remat": remat,
-          "examples_per_s": b / _time(lambda: grand(variables, batch), repeats),
+          "examples_per_s": b / median_time(lambda: grand(variables, batch), repeats),
           "peak_mb": compiled_bytes(grand) / 2**20}
 
 

@@ -40,17 +40,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments.bench.masks import median_time
+
 SECTIONS = ("one_run", "sweep", "main_job", "moonshot")
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-  fn()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _ctx(config, workdir: str, **train):
@@ -117,9 +109,9 @@ def one_run(repeats: int, quick: bool) -> list[dict]:
     fused_ctx = _ctx(digits.get_config("quick" if quick else ""), f"{tmp}/f")
     host_ctx = _ctx(digits.get_config("quick" if quick else ""), f"{tmp}/h", fused=False)
     ids = fused_ctx.ds.train.ids
-    t_fused = _median_time(lambda: trainer.train_model(fused_ctx, ids, seed=0).state.params,
+    t_fused = median_time(lambda: trainer.train_model(fused_ctx, ids, seed=0).state.params,
                            repeats)
-    t_host = _median_time(lambda: trainer.train_model(host_ctx, ids, seed=0).state.params,
+    t_host = median_time(lambda: trainer.train_model(host_ctx, ids, seed=0).state.params,
                           repeats)
     src = fused_ctx.ds.train
     got = src.read(ids)
@@ -128,7 +120,7 @@ def one_run(repeats: int, quick: bool) -> list[dict]:
     tx = train.make_optimizer(cfg.optimizer, steps, epochs)
     hand = hand_scan_run(x, jnp.asarray(got["y"]), epochs=epochs, batch_size=cfg.train.batch_size,
                          seed=0, model=fused_ctx.model(), tx=tx)
-    t_hand = _median_time(hand, repeats)
+    t_hand = median_time(hand, repeats)
   for name, t in (("hand-written lax.scan loop", t_hand), ("prunejax fused", t_fused),
                   ("prunejax host loop", t_host)):
     rows.append({"run": name, "seconds": t, "vs_hand_scan": t / t_hand})
