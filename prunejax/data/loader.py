@@ -106,7 +106,7 @@ class _EpochBatches:
 
   def __init__(self, source: Source, ids: np.ndarray, rows: np.ndarray, order: np.ndarray,
                batch_size: int, lo: int, local: int, columns: dict[str, np.ndarray], epoch: int):
-    self.source, self.order = source, order
+    self.source = source
     # Once per epoch, so a batch's ids and source rows are slices: no id lookup per batch, whether
     # the ids are dense (a table) or sparse (a sorted search).
     self.ordered_ids = ids[order]
