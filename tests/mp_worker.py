@@ -9,7 +9,8 @@ import os
 import sys
 
 coordinator, nproc, pid, ndev, out_path = sys.argv[1:6]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                           f"--xla_force_host_platform_device_count={ndev}")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import functools  # noqa: E402

@@ -86,11 +86,12 @@ def test_chunks_end_at_k_steps_and_at_every_break():
 @pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])
 @pytest.mark.parametrize("sched,extra,exact", [
     ("constant", {}, True), ("step", dict(step_epochs=(1.0, 2.5, 2.5)), True),
-    ("step", dict(warmup_epochs=1.0, step_epochs=(2.0,)), True), ("cosine", {}, False),
+    ("step", dict(warmup_epochs=1.0, step_epochs=(2.0,)), False), ("cosine", {}, False),
     ("cosine", dict(warmup_epochs=0.5), False)])
 def test_traced_schedule_equals_the_static_one(name, sched, extra, exact):
-  """Bitwise for constant, step and warmup; cosine to 1 ulp of the learning rate (XLA compiles a
-  division by a constant differently from a division by a variable)."""
+  """Bitwise for constant and step; warmup and cosine to 1 ulp of the learning rate (both divide by
+  the schedule's length, and XLA may compile a division by a constant differently from a division
+  by a variable: whether it does depends on the backend's optimization level)."""
   cfg = ml_collections.ConfigDict(dict(name=name, lr=0.1, schedule=sched, momentum=0.9,
                                        nesterov=True, weight_decay=1e-3, warmup_epochs=0.0,
                                        step_epochs=(), step_factor=0.1, b1=0.9, b2=0.999))
