@@ -31,9 +31,14 @@ def _model(name, **fields):
   return build_model(name, 5, **kw, **fields), make_x(jax.random.key(0))
 
 
-def _tree_close(a, b, **tol):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float64),
-                                                       np.asarray(v, np.float64), **tol), a, b)
+def _tree_close(a, b, *, rtol, atol, atol_of_scale=False):
+  """``atol_of_scale``: ``atol`` is relative to each leaf's largest magnitude (float32 rounding of
+  the leaf's own scale, which differs between two compilations of the same sums)."""
+  def close(u, v):
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    scale = max(1.0, float(np.abs(u).max(initial=0.0))) if atol_of_scale else 1.0
+    np.testing.assert_allclose(u, v, rtol=rtol, atol=atol * scale)
+  jax.tree.map(close, a, b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +125,9 @@ def test_remat_gives_the_same_outputs_and_gradients_and_stores_less(name, comput
   g_plain, g_remat = (jax.jit(jax.grad(loss))(v["params"]) for loss in (loss_p, loss_r))
   np.testing.assert_allclose(jax.jit(make_apply_fn(plain))(v, x),
                              jax.jit(make_apply_fn(remat))(v, x), rtol=1e-6, atol=1e-6)
-  _tree_close(g_plain, g_remat, rtol=1e-5, atol=1e-6)
+  # 1e-6 of each leaf's scale: a GPT gradient leaf of magnitude 14 is summed in another order once
+  # rematerialized (3e-6 apart in an entry of 0.14 with XLA:CPU's elemental emitters).
+  _tree_close(g_plain, g_remat, rtol=1e-5, atol=1e-6, atol_of_scale=True)
   # The backward pass keeps fewer bytes of activations (the residuals of the VJP).
   assert _residual_bytes(loss_r, v["params"]) < 0.7 * _residual_bytes(loss_p, v["params"])
   remats = lambda loss: sum(e.primitive.name in ("checkpoint", "remat2") for e in _equations(

@@ -11,8 +11,8 @@ bare convolution, dot or copy) is one kernel; it is put in one category:
 * ``matmul``: a dot, a cuBLAS call, or a fusion that contains a dot;
 * ``optimizer update``: an instruction whose source stack runs through optax's transforms or
   ``apply_updates`` (HLO metadata, ``stack_frame_id``);
-* ``dtype casts``: a fusion that only converts (and moves) data, such as float32 params cast to
-  bfloat16 each step;
+* ``dtype casts``: a convert, or a fusion that only converts (and moves) data, such as float32
+  params cast to bfloat16 each step;
 * ``copy/transpose``: a copy, a transpose, or a fusion that only moves data;
 * ``BatchNorm/elementwise``: every other fusion (normalization, activations, reductions, the
   loss);
@@ -331,10 +331,12 @@ def _category(instr: _Instr, kinds: set, compute: list, calls: bool,
   if instr.opcode in ("copy", "transpose", "copy-start", "copy-done") or (
       calls and instr.opcode == "fusion" and not compute):
     return "copy/transpose"
-  if instr.opcode == "fusion" and all(i.opcode == "convert" for i in compute):
+  # A lone convert too: XLA:CPU's elemental emitters leave it unfused at the top level.
+  if instr.opcode == "convert" or (instr.opcode == "fusion"
+                                   and all(i.opcode == "convert" for i in compute)):
     return "dtype casts"
   if instr.opcode == "fusion" or instr.opcode in ("reduce", "select", "add", "multiply",
-                                                  "convert", "scatter", "gather"):
+                                                  "scatter", "gather"):
     return "BatchNorm/elementwise"
   return "other"
 
