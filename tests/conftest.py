@@ -30,6 +30,13 @@ if (os.environ.get("PRUNEJAX_TEST_XLA_DEFAULTS", "0") in ("", "0")
 FAST_COMPILE = _TEST_XLA_FLAGS in os.environ.get("XLA_FLAGS", "")
 
 
+def _run_root(tmp_path_factory: pytest.TempPathFactory):
+  """This test run's temporary folder, the same in every xdist worker (each worker's base folder is
+  a child of it)."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
   """Share compiled XLA programs within one test run: every program, in one cache folder under the
@@ -44,10 +51,7 @@ def pytest_configure(config):
   """
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
-  root = config._tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the workers' base folders share this parent, one per test run
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax-cache")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_run_root(config._tmp_path_factory) / "jax-cache")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   if "jax" in sys.modules:  # imported by a plugin: its config read the environment already
     import jax
@@ -86,9 +90,7 @@ def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> t
   the same directory. A run that raises is retried by the next test that asks (which then fails the
   same way). Returns ``(dir, value)``.
   """
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the workers' base folders share this parent, one per test run
+  root = _run_root(tmp_path_factory)
   out = root / f"shared-{name}"
   done = root / f"shared-{name}.json"
   with open(root / f"shared-{name}.lock", "w") as lock:

@@ -44,16 +44,9 @@ def _donated_step(fn: Callable, state: Any, batch: Any) -> tuple[Callable[[], An
 
 def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
   """Median seconds of each call, after a warm-up, timed in rounds (one call of each per round)
-  so that background load weighs on all alike."""
-  for call in calls.values():
-    jax.block_until_ready(call())
-  times: dict[str, list[float]] = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, call in calls.items():
-      t = time.perf_counter()
-      jax.block_until_ready(call())
-      times[k].append(time.perf_counter() - t)
-  return {k: statistics.median(v) for k, v in times.items()}
+  so that background load weighs on all alike (:func:`experiments.bench.masks.alternate_times`)."""
+  from experiments.bench import masks as bench_masks
+  return {k: statistics.median(v) for k, v in bench_masks.alternate_times(calls, repeats).items()}
 
 
 def _goal(ok: bool) -> str:

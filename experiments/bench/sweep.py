@@ -17,9 +17,10 @@ Sections (each prints its table as soon as it is measured):
 * ``main_job``: ``python -m experiments.run`` end to end, the host loop (``train.fused=False``)
   against the default fused path, alternating, each in a fresh process (wall time of the process).
 * ``moonshot``: ``mnist5k_cnn.py`` (2 seeds): today's dense run (host loop) against InfoBatch on the
-  fused path (r = 0.5, the paper's default, and 0.7); wall time, steps and test accuracy, and the time and steps each needs to reach dense's
-  final test accuracy (time-to-accuracy, as RHO-LOSS and InfoBatch report their speed-ups; the
-  per-epoch evaluation that measures it is left out of the clock).
+  fused path (r = 0.5, the paper's default, and 0.7); wall time, steps and test accuracy, and the
+  time and steps each needs to reach dense's final test accuracy (time-to-accuracy, as RHO-LOSS and
+  InfoBatch report their speed-ups; the per-epoch evaluation that measures it is left out of the
+  clock).
 
 :func:`accel_figures` is the ``fused`` section of ``experiments/bench/accel.py``.
 """
