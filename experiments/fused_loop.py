@@ -37,12 +37,49 @@ _COMPILED: dict = {}
 _COMPILE_SECONDS = [0.0]  # spent in _compiled, subtracted from the runs' wall time
 
 
-def _compiled(fn, args):
-  """``fn`` compiled ahead of time for ``args``' shapes, dtypes and shardings (cached), so a run's
-  wall time does not include compilation and runs of one shape share the program."""
+_CANONICAL: dict = {}
+
+
+def _canonical(sharding, ndim: int):
+  """One representative of the shardings equivalent to ``sharding`` for an ``ndim`` array: a
+  program compiled for one of them runs on all (a fresh zero placed on the one device and the same
+  value returned by a program on a 1-device mesh are equivalent, and were two compiles)."""
+  if sharding is None:
+    return None
+  key = (sharding, ndim)
+  if key not in _CANONICAL:
+    same = [s for (s, n), c in _CANONICAL.items() if n == ndim and s is c
+            and s.is_equivalent_to(sharding, ndim)]
+    _CANONICAL[key] = same[0] if same else sharding
+  return _CANONICAL[key]
+
+
+def _key(fn, args) -> tuple:
+  """``fn`` and what a program of it is compiled for: ``args``' structure, shapes, dtypes and
+  (canonical) shardings."""
   leaves, treedef = jax.tree.flatten(args)
-  key = (fn, treedef, tuple((np.shape(l), getattr(l, "dtype", None) or np.result_type(l),
-                             getattr(l, "sharding", None)) for l in leaves))
+  return (fn, treedef, tuple((np.shape(l), getattr(l, "dtype", None) or np.result_type(l),
+                              _canonical(getattr(l, "sharding", None), np.ndim(l)))
+                             for l in leaves))
+
+
+_ZEROS: dict = {}
+
+
+def _zero_metrics(fn, args):
+  """The zero metric sums that start an epoch for ``fn(*args, None)``: their structure is traced
+  once per program (cached), not once per run."""
+  key = _key(fn, args)
+  if key not in _ZEROS:
+    _ZEROS[key] = jax.eval_shape(fn, *args, None).metrics
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), _ZEROS[key])
+
+
+def _compiled(fn, args):
+  """``fn`` compiled ahead of time for ``args``' shapes, dtypes and shardings (cached, equivalent
+  shardings sharing a program), so a run's wall time does not include compilation and runs of one
+  shape share the program."""
+  key = _key(fn, args)
   if key not in _COMPILED:
     t0 = time.perf_counter()
     _COMPILED[key] = fn.lower(*args).compile()
@@ -302,9 +339,8 @@ class _FusedLoop:
       rows_k, cols_k = rows_k[0], {c: v[0] for c, v in cols_k.items()}
     if metrics is None:  # the epoch's sums start at zero (one program for every chunk)
       if self.zeros is None:
-        shapes = jax.eval_shape(self.runner, self.state, self.pstate, self.data, rows_k, cols_k,
-                                0, 0, None)
-        self.zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes.metrics)
+        self.zeros = _zero_metrics(self.runner, (self.state, self.pstate, self.data, rows_k,
+                                                 cols_k, np.int32(0), np.int32(0)))
       metrics = self.zeros  # never donated: one zero tree serves every epoch
     args = (self.state, self.pstate, self.data, rows_k, cols_k, np.int32(epoch), np.int32(n),
             metrics)
