@@ -16,11 +16,14 @@ import pytest
 # compiling small programs that then run for milliseconds. Level 0 skips LLVM's optimizations, and
 # the older elemental emitters (instead of the MLIR fusion emitters) lower fusions with less work:
 # together they compile a CNN, ResNet-20 and MLP gradient and per-example gradient 4.6x faster
-# (10.1 s -> 2.2 s here). The HLO passes (fusion, simplification) still run, so what is computed is
-# the same program; only the machine code is less tuned. Set before jax is imported (the test
+# (10.1 s -> 2.2 s here); emitting each program as one LLVM module instead of splitting it into 32
+# for parallel code generation (which this 2-core machine cannot use) saves another 13-20% on a
+# ResNet-20, GPT or CNN train step. The HLO passes (fusion, simplification) still run, so what is
+# computed is the same program; only the machine code is less tuned. Set before jax is imported (the test
 # modules import it at collection); subprocesses inherit it. PRUNEJAX_TEST_XLA_DEFAULTS=1 runs the
 # suite with XLA's defaults instead, as the experiments compile (slower; the same tests must pass).
-_TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+_TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                   "--xla_cpu_parallel_codegen_split_count=1")
 if (os.environ.get("PRUNEJAX_TEST_XLA_DEFAULTS", "0") in ("", "0")
     and _TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", "")):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_TEST_XLA_FLAGS}".strip()
