@@ -66,13 +66,13 @@ def _key(fn, args) -> tuple:
 _ZEROS: dict = {}
 
 
-def _zero_metrics(fn, args):
-  """The zero metric sums that start an epoch for ``fn(*args, None)``: their structure is traced
-  once per program (cached), not once per run."""
-  key = _key(fn, args)
+def _zero_metrics(runner, step_fn, group: bool, args) -> dict:
+  """The zero metric sums that start an epoch of ``runner`` (of ``step_fn``) on ``args`` (the
+  chunk's first five): made once per program (cached; never donated), not once per run."""
+  key = _key(runner, args)
   if key not in _ZEROS:
-    _ZEROS[key] = jax.eval_shape(fn, *args, None).metrics
-  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), _ZEROS[key])
+    _ZEROS[key] = fused.zero_metrics(step_fn, *args, replicas=group)
+  return _ZEROS[key]
 
 
 def _compiled(fn, args):
@@ -339,8 +339,8 @@ class _FusedLoop:
       rows_k, cols_k = rows_k[0], {c: v[0] for c, v in cols_k.items()}
     if metrics is None:  # the epoch's sums start at zero (one program for every chunk)
       if self.zeros is None:
-        self.zeros = _zero_metrics(self.runner, (self.state, self.pstate, self.data, rows_k,
-                                                 cols_k, np.int32(0), np.int32(0)))
+        self.zeros = _zero_metrics(self.runner, self.pruner.train_step, self.group,
+                                   (self.state, self.pstate, self.data, rows_k, cols_k))
       metrics = self.zeros  # never donated: one zero tree serves every epoch
     args = (self.state, self.pstate, self.data, rows_k, cols_k, np.int32(epoch), np.int32(n),
             metrics)

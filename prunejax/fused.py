@@ -200,10 +200,6 @@ def _runner(step_fn: StepFn, replicas: bool, mesh: Mesh | None):
         batch = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
       return step_fn(state, pstate, batch)
 
-    shapes = jax.eval_shape(run, 0, state, pstate, rows_KxB[0], {k: v[0] for k, v in
-                                                                  columns_KxB.items()})
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
-
     def body(carry, xs):
       state, pstate, total = carry
       i, rows_B, columns_B = xs
@@ -228,7 +224,12 @@ def _runner(step_fn: StepFn, replicas: bool, mesh: Mesh | None):
       return ChunkResult(state, pstate, total, (m["nonfinite"] + m["grad_nonfinite"])[None])
     if metrics is None:
       # The first step's metrics start the sum (0 + m is m exactly, as the host loop's first).
-      metrics = zeros
+      shapes = jax.eval_shape(run, 0, state, pstate, rows_KxB[0],
+                              {c: v[0] for c, v in columns_KxB.items()})
+      metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
+    # A skipped step adds zeros of the sums' structure: the step is traced once, inside the cond
+    # (tracing a large model's step is as slow as compiling it at a low optimization level).
+    zeros = jax.tree.map(jnp.zeros_like, metrics)
     (state, pstate, total), flags_K = jax.lax.scan(
         body, (state, pstate, metrics), (jnp.arange(k), rows_KxB, columns_KxB))
     return ChunkResult(state, pstate, total, flags_K)
@@ -236,8 +237,23 @@ def _runner(step_fn: StepFn, replicas: bool, mesh: Mesh | None):
   if replicas:
     # num_live is shared: the replicas of one program step together, so a skipped step stays a
     # cond (skipped for all) instead of becoming a select that computes it anyway.
-    chunk = jax.vmap(chunk, in_axes=(0, 0, None, 0, 0, None, None, 0))
+    vchunk = jax.vmap(chunk, in_axes=(0, 0, None, 0, 0, None, None, 0))
+
+    def chunk(state, pstate, data, rows_KxB, columns_KxB, epoch, num_live, metrics=None):
+      return vchunk(state, pstate, data, rows_KxB, columns_KxB, epoch, num_live, metrics)
   return jax.jit(chunk, donate_argnums=(0, 1))
+
+
+def zero_metrics(step_fn: StepFn, state, pstate, data: DeviceData, rows_KxB, columns_KxB, *,
+                 replicas: bool = False) -> dict:
+  """Zero sums of ``step_fn``'s metrics, to pass as the ``metrics`` that start an epoch of a
+  :func:`make_runner` chunk: then every chunk of the epoch calls one program (with ``None``, the
+  first chunk is a program of its own). Takes the chunk's first five arguments; traces one step."""
+  def one(state, pstate, rows_KxB, columns_KxB):
+    batch = gather_batch(data, rows_KxB[0], {c: v[0] for c, v in columns_KxB.items()}, 0)
+    return step_fn(state, pstate, batch)[2]
+  shapes = jax.eval_shape(jax.vmap(one) if replicas else one, state, pstate, rows_KxB, columns_KxB)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def control_flow_is_slow(step_fn: StepFn, *args) -> bool:

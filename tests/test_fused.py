@@ -167,6 +167,54 @@ def test_steps_per_dispatch_does_not_change_the_run(tmp_path):
     _leaves_close(runs[0].state.params, r.state.params, 1e-6)
 
 
+def test_an_experiments_chunks_share_one_program_and_one_zero_tree(tmp_path, monkeypatch):
+  """Every chunk of every epoch of two runs (5 steps an epoch in chunks of 2, 2 and a padded 1) is
+  one compiled program: the epoch's fresh zero sums (placed on the one device) and the sums the
+  program returns (on a 1-device mesh) are equivalent shardings, not two programs; and the zero
+  sums' structure is traced once, not once per run."""
+  for cache in ("_COMPILED", "_ZEROS", "_CANONICAL"):
+    monkeypatch.setattr(fused_loop, cache, {})
+  ctx = _ctx(tmp_path, steps_per_dispatch=2)
+  runs = [trainer.train_model(ctx, ctx.ds.train.ids, seed=s) for s in (0, 1)]
+  assert [r.steps for r in runs] == [15, 15]
+  assert len(fused_loop._COMPILED) == 1 and len(fused_loop._ZEROS) == 1
+  # The control: telling equivalent shardings apart, the same run is two programs.
+  monkeypatch.setattr(fused_loop, "_COMPILED", {})
+  monkeypatch.setattr(fused_loop, "_canonical", lambda sharding, ndim: sharding)
+  again = trainer.train_model(ctx, ctx.ds.train.ids, seed=0)
+  assert len(fused_loop._COMPILED) == 2 and again.history == runs[0].history
+
+
+@pytest.mark.parametrize("replicas", [False, True])
+def test_zero_metrics_start_an_epoch_as_none_does(tmp_path, replicas):
+  """``fused.zero_metrics``: zeros of the structure, shapes and dtypes of the sums a chunk started
+  from None returns; a chunk started from them returns those sums bitwise."""
+  ctx = _ctx(tmp_path)
+  pr = online.BatchTopK(0.5, "loss", 32)
+  ids = ctx.ds.train.ids
+  st = trainer.initial_state(ctx, ids, seed=0, epochs=1, pruner=pr)
+  ps = pr.init(ids)
+  plan = pr.plan(jax.device_get(ps), ids, seed=0, epoch=0, num_epochs=1)
+  er = fused.epoch_rows(ctx.ds.train.index, plan.ids, batch_size=32, seed=0, epoch=0,
+                        columns=plan.columns)
+  rows, cols = er.rows_SxB[:3], {c: v[:3] for c, v in er.columns.items()}
+  if replicas:
+    st, ps = fused.stack([st, st]), fused.stack([ps, ps])
+    rows, cols = np.stack([rows, rows]), {c: np.stack([v, v]) for c, v in cols.items()}
+  data = ctx.device_data()
+  zeros = fused.zero_metrics(pr.train_step, st, ps, data, rows, cols, replicas=replicas)
+  run = fused.make_runner(pr.train_step, replicas=replicas)
+  copy = lambda t: jax.tree.map(jnp.array, t)
+  from_none = run(copy(st), copy(ps), data, rows, cols, np.int32(0), np.int32(3)).metrics
+  from_zeros = run(copy(st), copy(ps), data, rows, cols, np.int32(0), np.int32(3), zeros).metrics
+  assert jax.tree.structure(zeros) == jax.tree.structure(from_none)
+  for z, a, b in zip(jax.tree.leaves(zeros), jax.tree.leaves(from_none),
+                     jax.tree.leaves(from_zeros)):
+    assert z.shape == a.shape and z.dtype == a.dtype and not np.any(np.asarray(z))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(np.sum(from_none["count"])) > 0
+
+
 def test_replicas_in_one_program_equal_their_sequential_runs(tmp_path):
   """Three seeds (and two subsets of equal size) vmapped: each replica equals its own fused run
   to float32 rounding (a batched matmul reduces in another order than R separate ones)."""
