@@ -46,6 +46,7 @@ def get_config(variant: str = "mnist5k"):
     c.data_pruning.label_quality_folds = 2
     c.data_pruning.label_quality_epochs = 1
     c.dedup.num_clusters = 8
+    c.model.update(dict(features=(8, 16), dense=32))  # the same code paths, a quarter the width
   return c
 
 
