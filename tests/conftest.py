@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 
 import pytest
 
@@ -63,21 +65,73 @@ def pytest_configure(config):
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+# One Python per xdist worker with the forced devices runs every snippet in turn (a fresh
+# ``__main__`` module each, as ``python -c`` would): each of ten snippets used to start its own
+# interpreter and import jax, flax and prunejax again (2 s each), and compile again what another had.
+_SERVER = r"""
+import contextlib, io, json, sys, traceback, types
+reply_to = sys.stdout
+main = sys.modules["__main__"]
+for line in sys.stdin:
+  module = types.ModuleType("__main__")
+  sys.modules["__main__"] = module
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      exec(compile(json.loads(line), "<run_on_devices>", "exec"), module.__dict__)
+    reply = {"ok": True, "stdout": out.getvalue()}
+  except BaseException:
+    reply = {"ok": False, "stdout": out.getvalue(), "error": traceback.format_exc()}
+  finally:
+    sys.modules["__main__"] = main
+  reply_to.write(json.dumps(reply) + "\n")
+  reply_to.flush()
+"""
+_SERVERS: dict = {}
+
+
+def _device_server(num_devices: int):
+  """This process's Python with ``num_devices`` forced CPU devices (started on first use, and again
+  if it died), and the file its stderr goes to."""
+  proc, log = _SERVERS.get(num_devices, (None, None))
+  if proc is None or proc.poll() is not None:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
+                        f"--xla_force_host_platform_device_count={num_devices}")
+    env["JAX_PLATFORMS"] = "cpu"
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER], env=env, cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    _SERVERS[num_devices] = (proc, log)
+  return proc, log
+
+
 def run_on_devices(code: str, num_devices: int = 8, timeout: int = 600) -> dict:
-  """Runs ``code`` in a fresh Python with ``num_devices`` forced CPU devices.
+  """Runs ``code`` in a Python with ``num_devices`` forced CPU devices (XLA_FLAGS must be set
+  before jax is imported, hence another process; one per xdist worker serves every call).
 
   The code must print one JSON object as its last line of stdout; that object is returned.
-  XLA_FLAGS must be set before jax is imported, hence the subprocess.
   """
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
-                      f"--xla_force_host_platform_device_count={num_devices}")
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                        text=True, timeout=timeout)
-  if proc.returncode != 0:
-    raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  proc, log = _device_server(num_devices)
+  got = []
+  reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+  proc.stdin.write(json.dumps(textwrap.dedent(code)) + "\n")
+  proc.stdin.flush()
+  reader.start()
+  reader.join(timeout)
+  if not got or not got[0]:
+    proc.kill()
+    proc.wait()
+    log.seek(0)
+    what = "timed out" if not got else f"died ({proc.returncode})"
+    raise AssertionError(f"the {num_devices}-device Python {what}:\n{log.read()[-4000:]}")
+  reply = json.loads(got[0])
+  if not reply["ok"]:
+    raise AssertionError(f"the snippet failed:\n{reply['error'][-4000:]}")
+  return json.loads(reply["stdout"].strip().splitlines()[-1])
 
 
 @pytest.fixture
@@ -105,8 +159,6 @@ def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> t
       done.write_text(json.dumps(value))
   return out, json.loads(done.read_text())
 
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 @pytest.fixture(scope="session")
