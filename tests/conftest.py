@@ -123,10 +123,11 @@ def run_on_devices(code: str, num_devices: int = 8, timeout: int = 600) -> dict:
   reader.start()
   reader.join(timeout)
   if not got or not got[0]:
+    timed_out = not got
     proc.kill()
     proc.wait()
     log.seek(0)
-    what = "timed out" if not got else f"died ({proc.returncode})"
+    what = "timed out" if timed_out else f"died ({proc.returncode})"
     raise AssertionError(f"the {num_devices}-device Python {what}:\n{log.read()[-4000:]}")
   reply = json.loads(got[0])
   if not reply["ok"]:
