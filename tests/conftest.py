@@ -109,6 +109,20 @@ def _device_server(num_devices: int):
   return proc, log
 
 
+def pytest_unconfigure(config):
+  """Ends this worker's device Pythons (end of input, then a kill if one does not exit), so the
+  worker exits at once."""
+  for proc, log in _SERVERS.values():
+    proc.stdin.close()
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+    log.close()
+  _SERVERS.clear()
+
+
 def run_on_devices(code: str, num_devices: int = 8, timeout: int = 600) -> dict:
   """Runs ``code`` in a Python with ``num_devices`` forced CPU devices (XLA_FLAGS must be set
   before jax is imported, hence another process; one per xdist worker serves every call).
