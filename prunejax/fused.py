@@ -175,7 +175,8 @@ def make_runner(step_fn: StepFn, *, replicas: bool = False, mesh: Mesh | None = 
   """A jitted ``chunk(state, pruner_state, data, rows_KxB, columns_KxB, epoch, num_live,
   metrics=None)`` that runs the first ``num_live`` of ``K`` steps of ``step_fn`` in one
   ``lax.scan``, adding each step's metrics to ``metrics`` (the epoch's running sums; None: start
-  from zero) one after another, so the sums do not depend on where chunks end and equal the host
+  from zero, a program of its own; :func:`zero_metrics` starts from zero in the same program as
+  every later chunk) one after another, so the sums do not depend on where chunks end and equal the host
   loop's step-by-step sums.
 
   ``step_fn(state, pruner_state, batch) -> (state, pruner_state, summed metrics)`` is any pure step
