@@ -1,7 +1,6 @@
 """Sources keep stable ids and read lazily; batches visit each id once and pad with mask=False; the
 on-device augmentation of an example depends only on (key, epoch, id)."""
 
-import json
 import os
 
 import jax

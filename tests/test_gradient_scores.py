@@ -399,13 +399,13 @@ def _spearman(a, b):
 
 
 def gpt_case(b=32, tokens=16, width=32, vocab=512, seed=0):
-  from prunejax.models import build_model, make_apply_fn
+  from prunejax.models import build_model, init_variables, make_apply_fn
   model = build_model("gpt", 2, vocab_size=vocab, context=tokens, depth=2, width=width,
                       num_heads=2)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.integers(1, vocab, size=(2 * b, tokens)).astype(np.int32))
   y = jnp.asarray(rng.integers(0, 2, size=2 * b).astype(np.int32))
-  variables = model.init(jax.random.key(seed), x[:1])
+  variables = init_variables(model, jax.random.key(seed), x[:1])
   train = {"x": x[:b], "y": y[:b], "mask": jnp.ones(b, bool)}
   val = {"x": x[b:], "y": y[b:], "mask": jnp.ones(b, bool)}
   return make_apply_fn(model), variables, train, val

@@ -12,7 +12,7 @@ import pytest
 
 from prunejax import layer_rows, layer_taps, scores
 from prunejax.errors import ConfigError
-from prunejax.models import build_model, make_apply_fn
+from prunejax.models import build_model, init_variables, make_apply_fn
 
 B = 3
 
@@ -61,7 +61,7 @@ def test_conv_rows_reproduce_the_conv(name):
 def _mlp_case():
   model = build_model("mlp", 3, hidden=(8,))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(B, 4, 4, 1)), jnp.float32)
-  variables = model.init(jax.random.key(0), x[:1])
+  variables = init_variables(model, jax.random.key(0), x[:1])
   return model, make_apply_fn(model), variables, x
 
 

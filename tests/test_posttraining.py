@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from prunejax import masks
+from prunejax.models import init_variables
 from prunejax.errors import ConfigError, DataError
 from prunejax.masks import posttraining as pt
 
@@ -300,7 +301,7 @@ def _not_pad(x):
 def test_calibration_statistics_equal_intercepted_dense_inputs():
   model = _gpt()
   batches = _gpt_batches()
-  params = model.init(jax.random.key(0), batches[0]["x"])["params"]
+  params = init_variables(model, jax.random.key(0), batches[0]["x"])["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   cal = pt.calibrate(apply_fn, params, batches, token_mask_fn=_not_pad)
   seen = {}
@@ -335,7 +336,7 @@ def test_one_example_batches_calibrate_the_gpt_as_one_batch_does():
   model = _gpt()
   (big,) = _gpt_batches(num=1, rows=3)
   big["mask"][:] = True
-  params = model.init(jax.random.key(0), big["x"])["params"]
+  params = init_variables(model, jax.random.key(0), big["x"])["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   ones = [{k: v[i:i + 1] for k, v in big.items()} for i in range(3)]
   ones[1]["mask"][:] = False  # a padding row alone: counts nothing
@@ -457,7 +458,7 @@ def test_bad_input_gives_one_line_errors():
   # A chosen leaf that is not a dense or conv weight: an embedding, a weight used twice.
   model = _gpt()
   gpt_batches = _gpt_batches(num=1)
-  gpt_params = model.init(jax.random.key(0), gpt_batches[0]["x"])["params"]
+  gpt_params = init_variables(model, jax.random.key(0), gpt_batches[0]["x"])["params"]
   with pytest.raises(ConfigError, match=r"wte/embedding is an embedding lookup.*filter_fn"):
     pt.wanda(lambda p, x: model.apply({"params": p}, x), gpt_params, gpt_batches, 0.5,
              filter_fn=masks.make_filter_fn())
@@ -556,10 +557,10 @@ def test_sharded_over_8_devices_equals_one_device(on_devices):
       sys.path.insert(0, {repr(__file__.rsplit('/', 1)[0])})
       from prunejax import parallel
       from prunejax.masks import posttraining as pt
-      from test_posttraining import _gpt, _gpt_batches, _not_pad
+      from test_posttraining import _gpt, _gpt_batches, _not_pad, init_variables
       model = _gpt()
       batches = _gpt_batches(num=2, rows=16)
-      params = model.init(jax.random.key(0), batches[0]["x"])["params"]
+      params = init_variables(model, jax.random.key(0), batches[0]["x"])["params"]
       apply_fn = lambda p, x: model.apply({{"params": p}}, x)
       one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
       out = {{}}

@@ -9,7 +9,7 @@ from test_posttraining import recon_error, sparsegpt_ref
 
 from prunejax.errors import ConfigError
 from prunejax.masks import posttraining as pt
-from prunejax.models import GPTClassifier
+from prunejax.models import GPTClassifier, init_variables
 
 BLOCKSIZE = 8
 
@@ -74,7 +74,7 @@ def _block_reference(apply_fn, params, batches, sparsity):
 def test_block_sequential_sparsegpt_equals_the_reference_ordering():
   model = _gpt()
   batches = _batches()
-  params = model.init(jax.random.key(0), batches[0]["x"])["params"]
+  params = init_variables(model, jax.random.key(0), batches[0]["x"])["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   with jax.default_matmul_precision("highest"):
     ref_mask, ref_params = _block_reference(apply_fn, params, batches, 0.5)
@@ -99,7 +99,7 @@ def test_block_sequential_sparsegpt_equals_the_reference_ordering():
 def test_block_sequential_wanda_equals_the_reference_ordering():
   model = _gpt()
   batches = _batches(seed=1)
-  params = model.init(jax.random.key(1), batches[0]["x"])["params"]
+  params = init_variables(model, jax.random.key(1), batches[0]["x"])["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   mask = pt.wanda(apply_fn, params, batches, 0.5, sequential="block", token_mask_fn=_not_pad)
   # Wanda updates no weight: each block is calibrated on the model with the earlier blocks masked.
@@ -122,7 +122,7 @@ def test_block_sequential_wanda_equals_the_reference_ordering():
 def test_block_order_errors_are_one_line():
   model = _gpt()
   batches = _batches(num=1)
-  params = model.init(jax.random.key(0), batches[0]["x"])["params"]
+  params = init_variables(model, jax.random.key(0), batches[0]["x"])["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   with pytest.raises(ConfigError, match="sequential='blocks' is not allowed"):
     pt.wanda(apply_fn, params, batches, 0.5, sequential="blocks")
@@ -146,7 +146,7 @@ def test_block_order_errors_are_one_line():
 def test_calibration_takes_the_attention_mask_and_padding_on_either_side():
   model = _gpt()
   right = _batches(seed=2)
-  params = model.init(jax.random.key(2), right[0]["x"])["params"]
+  params = init_variables(model, jax.random.key(2), right[0]["x"])["params"]
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   ref = pt.calibrate(apply_fn, params, right, token_mask_fn=_not_pad)
   for side in ("right", "left"):
