@@ -176,8 +176,8 @@ def make_runner(step_fn: StepFn, *, replicas: bool = False, mesh: Mesh | None = 
   metrics=None)`` that runs the first ``num_live`` of ``K`` steps of ``step_fn`` in one
   ``lax.scan``, adding each step's metrics to ``metrics`` (the epoch's running sums; None: start
   from zero, a program of its own; :func:`zero_metrics` starts from zero in the same program as
-  every later chunk) one after another, so the sums do not depend on where chunks end and equal the host
-  loop's step-by-step sums.
+  every later chunk) one after another, so the sums do not depend on where chunks end and equal
+  the host loop's step-by-step sums.
 
   ``step_fn(state, pruner_state, batch) -> (state, pruner_state, summed metrics)`` is any pure step
   whose metrics include ``nonfinite`` and ``grad_nonfinite`` (:func:`prunejax.train.train_step`
@@ -225,9 +225,7 @@ def _runner(step_fn: StepFn, replicas: bool, mesh: Mesh | None):
       return ChunkResult(state, pstate, total, (m["nonfinite"] + m["grad_nonfinite"])[None])
     if metrics is None:
       # The first step's metrics start the sum (0 + m is m exactly, as the host loop's first).
-      shapes = jax.eval_shape(run, 0, state, pstate, rows_KxB[0],
-                              {c: v[0] for c, v in columns_KxB.items()})
-      metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
+      metrics = zero_metrics(step_fn, state, pstate, data, rows_KxB, columns_KxB)
     # A skipped step adds zeros of the sums' structure: the step is traced once, inside the cond
     # (tracing a large model's step is as slow as compiling it at a low optimization level).
     zeros = jax.tree.map(jnp.zeros_like, metrics)

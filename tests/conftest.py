@@ -21,8 +21,8 @@ import pytest
 # (10.1 s -> 2.2 s here); emitting each program as one LLVM module instead of splitting it into 32
 # for parallel code generation (which this 2-core machine cannot use) saves another 13-20% on a
 # ResNet-20, GPT or CNN train step. The HLO passes (fusion, simplification) still run, so what is
-# computed is the same program; only the machine code is less tuned. Set before jax is imported (the test
-# modules import it at collection); subprocesses inherit it. PRUNEJAX_TEST_XLA_DEFAULTS=1 runs the
+# computed is the same program; only the machine code is less tuned. Set before jax is imported
+# (the test modules import it at collection); subprocesses inherit it. PRUNEJAX_TEST_XLA_DEFAULTS=1 runs the
 # suite with XLA's defaults instead, as the experiments compile (slower; the same tests must pass).
 _TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
                    "--xla_cpu_parallel_codegen_split_count=1")
@@ -70,7 +70,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 # One Python per xdist worker with the forced devices runs every snippet in turn (a fresh
 # ``__main__`` module each, as ``python -c`` would): each of ten snippets used to start its own
-# interpreter and import jax, flax and prunejax again (2 s each), and compile again what another had.
+# interpreter and import jax, flax and prunejax again (2 s each), and compile again what another
+# had.
 _SERVER = r"""
 import contextlib, io, json, sys, traceback, types
 reply_to = sys.stdout
@@ -173,7 +174,6 @@ def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> t
       value = make(out)
       done.write_text(json.dumps(value))
   return out, json.loads(done.read_text())
-
 
 
 @pytest.fixture(scope="session")
