@@ -90,23 +90,36 @@ def _compiled(fn, args):
 _SLOW: dict = {}
 
 
-def _slow_in_control_flow(pruner, state, ids, data, batch_size) -> bool:
-  key = (pruner, state.model, state.preprocess)
+def _slow_in_control_flow(pruner, loop, batch_size) -> bool:
+  """:func:`prunejax.fused.control_flow_is_slow` on one replica of ``loop``, traced on the inputs
+  the loop's chunks pass (so the chunk and its zero sums reuse this trace of the step)."""
+  key = (pruner, loop.state.model, loop.state.preprocess)
   if key not in _SLOW:
-    rows = np.zeros((batch_size,), np.int32)
-    batch = jax.eval_shape(lambda d: fused.gather_batch(d, jnp.asarray(rows), {}, 0), data)
-    plan = pruner.plan(jax.device_get(pruner.init(ids)), ids, seed=0, epoch=0, num_epochs=1)
-    cols = {c: jax.ShapeDtypeStruct((batch_size,) + np.shape(v)[1:], np.asarray(v).dtype)
+    state, pstate = loop.state, loop.pstate
+    if loop.group:  # one replica's types
+      state, pstate = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                                   (state, pstate))
+    plan = pruner.plan(jax.device_get(pruner.init(loop.ids_list[0])), loop.ids_list[0], seed=0,
+                       epoch=0, num_epochs=1)
+    rows = np.zeros((1, batch_size), np.int32)
+    cols = {c: np.zeros((1, batch_size) + np.shape(v)[1:], np.asarray(v).dtype)
             for c, v in plan.columns.items()}
-    _SLOW[key] = fused.control_flow_is_slow(pruner.train_step, state, pruner.init(ids),
-                                            {**batch, **cols})
+    _SLOW[key] = fused.control_flow_is_slow(_step(pruner), state, pstate, loop.data, rows, cols)
   return _SLOW[key]
 
 
 @functools.lru_cache(maxsize=64)
+def _step(pruner: online.OnlinePruner):
+  """``pruner``'s train step, one bound method for equal pruners (a bound method compares by its
+  instance's identity): the runner, its zero sums and the control-flow check pass the same step
+  and so share its one trace (:func:`prunejax.fused.zero_metrics`)."""
+  return pruner.train_step
+
+
+@functools.lru_cache(maxsize=64)
 def _runner(pruner: online.OnlinePruner, group: bool, mesh):
-  # Keyed on the pruner (equal settings, one program): its bound method compares by identity.
-  return fused.make_runner(pruner.train_step, replicas=group, mesh=mesh)
+  # Keyed on the pruner (equal settings, one program).
+  return fused.make_runner(_step(pruner), replicas=group, mesh=mesh)
 
 
 def _stack_plans(plans: list[online.EpochPlan]) -> tuple[np.ndarray, dict, list[int]]:
@@ -216,8 +229,7 @@ def run_fused(*, data: fused.DeviceData, index, ids_list: list[np.ndarray], seed
   """
   loop = _FusedLoop(data, index, ids_list, seeds, epochs, pruner, states, runs, batch_size,
                     checkpoint, rewind_step, desc, mark, mesh)
-  k = steps_per_dispatch or (1 if _slow_in_control_flow(pruner, states[0], ids_list[0], loop.data,
-                                                         batch_size) else epoch_steps)
+  k = steps_per_dispatch or (1 if _slow_in_control_flow(pruner, loop, batch_size) else epoch_steps)
   resumed = checkpoint.resume(runs, loop.state, loop.pstate)
   if resumed is not None:
     loop.restore(resumed[0], resumed[1], resumed[6])
@@ -339,7 +351,7 @@ class _FusedLoop:
       rows_k, cols_k = rows_k[0], {c: v[0] for c, v in cols_k.items()}
     if metrics is None:  # the epoch's sums start at zero (one program for every chunk)
       if self.zeros is None:
-        self.zeros = _zero_metrics(self.runner, self.pruner.train_step, self.group,
+        self.zeros = _zero_metrics(self.runner, _step(self.pruner), self.group,
                                    (self.state, self.pstate, self.data, rows_k, cols_k))
       metrics = self.zeros  # never donated: one zero tree serves every epoch
     args = (self.state, self.pstate, self.data, rows_k, cols_k, np.int32(epoch), np.int32(n),

@@ -199,7 +199,7 @@ def _runner(step_fn: StepFn, replicas: bool, mesh: Mesh | None):
       batch = gather_batch(data, rows_B, columns_B, epoch)
       if shard:
         batch = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
-      return step_fn(state, pstate, batch)
+      return _traced_once(step_fn)(state, pstate, batch)
 
     def body(carry, xs):
       state, pstate, total = carry
@@ -248,22 +248,43 @@ def zero_metrics(step_fn: StepFn, state, pstate, data: DeviceData, rows_KxB, col
   """Zero sums of ``step_fn``'s metrics, to pass as the ``metrics`` that start an epoch of a
   :func:`make_runner` chunk: then every chunk of the epoch calls one program (with ``None``, the
   first chunk is a program of its own). Takes the chunk's first five arguments; traces one step."""
-  def one(state, pstate, rows_KxB, columns_KxB):
-    batch = gather_batch(data, rows_KxB[0], {c: v[0] for c, v in columns_KxB.items()}, 0)
-    return step_fn(state, pstate, batch)[2]
+  first = _first_step(step_fn, data)
+  one = lambda *args: first(*args)[2]
   shapes = jax.eval_shape(jax.vmap(one) if replicas else one, state, pstate, rows_KxB, columns_KxB)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def control_flow_is_slow(step_fn: StepFn, *args) -> bool:
+def control_flow_is_slow(step_fn: StepFn, state, pstate, data: DeviceData, rows_KxB,
+                         columns_KxB) -> bool:
   """Whether the step should not run inside ``lax.scan`` / ``lax.cond`` on this backend: on CPU,
   XLA runs convolutions inside control flow about 10x slower than at the top level of a program
   (measured: a ResNet-18 step 0.09 s alone, 0.83 s inside a scan or a cond, no XLA flag helps),
-  so a step with a convolution runs one per dispatch there. GPUs and TPUs have no such penalty."""
+  so a step with a convolution runs one per dispatch there. GPUs and TPUs have no such penalty.
+  Takes the chunk's first five arguments (one replica's) and traces one step, the trace that
+  :func:`zero_metrics` and the chunk then reuse."""
   if jax.default_backend() != "cpu":
     return False
-  jaxpr = jax.make_jaxpr(step_fn)(*args)
+  jaxpr = jax.make_jaxpr(_first_step(step_fn, data))(state, pstate, rows_KxB, columns_KxB)
   return "conv_general_dilated" in str(jaxpr)
+
+
+def _first_step(step_fn: StepFn, data: DeviceData) -> Callable:
+  """``(state, pstate, rows_KxB, columns_KxB) -> step_fn's outputs`` on the chunk's first batch,
+  gathered as the chunk gathers it (so the step sees the same input types, shardings included)."""
+  def first(state, pstate, rows_KxB, columns_KxB):
+    batch = gather_batch(data, rows_KxB[0], {c: v[0] for c, v in columns_KxB.items()}, 0)
+    return _traced_once(step_fn)(state, pstate, batch)
+  return first
+
+
+@functools.lru_cache(maxsize=64)
+def _traced_once(step_fn: StepFn) -> StepFn:
+  """``step_fn`` under ``jit``, one per step: JAX caches a jitted function's trace by its input
+  types, so :func:`control_flow_is_slow`, :func:`zero_metrics` and the chunk (inside its scan and
+  cond, or under ``vmap``) trace the step once between them rather than once each. Tracing a Flax
+  ResNet or GPT step costs about as much as compiling it at a low optimization level. The nested
+  ``jit`` is inlined when XLA compiles the chunk: the program is the same."""
+  return jax.jit(step_fn)
 
 
 def check_steps_per_dispatch(k: int) -> int:

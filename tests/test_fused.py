@@ -324,12 +324,13 @@ def test_auto_choices_on_cpu(tmp_path):
   unless train.vmap_replicas="on"."""
   from prunejax.models import build_model
   assert jax.default_backend() == "cpu"
-  batch = {"x": jnp.zeros((4, 8, 8, 1)), "y": jnp.zeros(4, jnp.int32), "mask": jnp.ones(4, bool)}
+  data = fused.DeviceData(jnp.zeros((6, 8, 8, 1)), jnp.zeros(6, jnp.int32), jnp.arange(6))
+  rows = np.zeros((1, 4), np.int32)
   slow = {}
   for name, kw in (("cnn", dict(features=(4,), dense=8)), ("mlp", dict(hidden=(8,)))):
     state = train.create_train_state(build_model(name, 3, **kw), optax.sgd(0.1),
-                                     jax.random.key(0), batch["x"])
-    slow[name] = fused.control_flow_is_slow(online.FullData().train_step, state, (), batch)
+                                     jax.random.key(0), data.x[:4])
+    slow[name] = fused.control_flow_is_slow(online.FullData().train_step, state, (), data, rows, {})
   assert slow == {"cnn": True, "mlp": False}
   ctx = _ctx(tmp_path)
   assert not trainer.groupable(ctx, [150, 150])
