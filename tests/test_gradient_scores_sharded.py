@@ -11,7 +11,7 @@ import functools, json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from prunejax import parallel, scores
-from prunejax.models import build_model, make_apply_fn
+from prunejax.models import build_model, init_variables, make_apply_fn
 
 assert jax.device_count() == 8
 rng = np.random.default_rng(0)
@@ -19,7 +19,7 @@ B = 16
 mask = np.arange(B) < 13
 model = build_model("gpt", 3, vocab_size=50, context=8, depth=1, width=16, num_heads=2)
 x = rng.integers(1, 50, (B, 8)).astype(np.int32)
-variables = model.init(jax.random.key(0), jnp.asarray(x[:1]))
+variables = init_variables(model, jax.random.key(0), jnp.asarray(x[:1]))
 apply_fn = make_apply_fn(model)
 host = {"x": x, "y": rng.integers(0, 3, B).astype(np.int32), "mask": mask}
 target = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), variables)
