@@ -215,6 +215,38 @@ def test_zero_metrics_start_an_epoch_as_none_does(tmp_path, replicas):
   assert float(np.sum(from_none["count"])) > 0
 
 
+@pytest.mark.parametrize("replicas", [False, True])
+def test_the_check_the_zero_sums_and_the_chunk_trace_the_step_once(replicas):
+  """``control_flow_is_slow``, ``zero_metrics`` and the chunk's compilation (the step inside its
+  scan and cond, ``vmap``-ed with replicas) share one trace of the step; another step function
+  is traced anew (the control: the count sees every trace)."""
+  from prunejax.models import build_model
+  traces = []
+
+  def counted(tag):
+    def step(state, pstate, batch):
+      traces.append(tag)
+      return online.FullData().train_step(state, pstate, batch)
+    return step
+
+  data = fused.DeviceData(jnp.zeros((6, 8, 8, 1)), jnp.arange(6, dtype=jnp.int32) % 3,
+                          jnp.arange(6, dtype=jnp.int32))
+  st = train.create_train_state(build_model("mlp", 3, hidden=(8,)), optax.sgd(0.1),
+                                jax.random.key(0), data.x[:2])
+  rows = np.array([[0, 1], [2, 3], [4, -1]], np.int32)  # K = 3 steps of B = 2
+  step = counted("a")
+  assert not fused.control_flow_is_slow(step, st, (), data, rows, {})
+  args = (st, (), data, rows, {})
+  if replicas:
+    args = (fused.stack([st, st]), (), data, np.stack([rows, rows]), {})
+  zeros = fused.zero_metrics(step, *args, replicas=replicas)
+  fused.make_runner(step, replicas=replicas).lower(*args, np.int32(0), np.int32(3), zeros)
+  assert traces == ["a"]
+  other = counted("b")
+  fused.zero_metrics(other, *args, replicas=replicas)
+  assert traces == ["a", "b"]
+
+
 def test_replicas_in_one_program_equal_their_sequential_runs(tmp_path):
   """Three seeds (and two subsets of equal size) vmapped: each replica equals its own fused run
   to float32 rounding (a batched matmul reduces in another order than R separate ones)."""
