@@ -185,6 +185,31 @@ def test_an_experiments_chunks_share_one_program_and_one_zero_tree(tmp_path, mon
   assert len(fused_loop._COMPILED) == 2 and again.history == runs[0].history
 
 
+def test_runs_with_equal_pruners_trace_their_step_once_per_state_type(tmp_path, monkeypatch):
+  """An unmasked run then a masked one (another optimizer state), each with its own but equal
+  pruner (the cached runner holds the first one's step): two traces of the step, one per state
+  type, the control-flow check, the zero sums and the chunk sharing each."""
+  from prunejax import masks
+  for cache in ("_COMPILED", "_ZEROS", "_SLOW", "_CANONICAL"):
+    monkeypatch.setattr(fused_loop, cache, {})
+  for cached in (fused_loop._step, fused_loop._runner, fused._traced_once):
+    cached.cache_clear()
+  traces = []
+  step = online.BatchTopK.train_step
+
+  def counted(self, state, pstate, batch):
+    traces.append(type(state.opt_state).__name__)
+    return step(self, state, pstate, batch)
+  monkeypatch.setattr(online.BatchTopK, "train_step", counted)
+  ctx = _ctx(tmp_path, steps_per_dispatch=2)
+  ids = ctx.ds.train.ids
+  first = trainer.train_model(ctx, ids, seed=0, epochs=1, pruner=online.BatchTopK(0.5, "loss", 32))
+  mask = masks.ones_mask(first.state.params)
+  trainer.train_model(ctx, ids, seed=0, epochs=1, pruner=online.BatchTopK(0.5, "loss", 32),
+                      mask=mask)
+  assert len(traces) == 2 and traces[0] != traces[1], traces
+
+
 @pytest.mark.parametrize("replicas", [False, True])
 def test_zero_metrics_start_an_epoch_as_none_does(tmp_path, replicas):
   """``fused.zero_metrics``: zeros of the structure, shapes and dtypes of the sums a chunk started
