@@ -408,6 +408,22 @@ def test_rotten_tomatoes_tokenized_with_cached_bpe(tmp_path):
   np.testing.assert_array_equal(_x(again.train), x)
 
 
+def test_rotten_tomatoes_rows_equal_pandas_and_each_read_is_its_own():
+  """The snippets read once per process: texts and labels equal pandas' reading of the file, in
+  file order, and a caller that changes its list or labels changes no later read."""
+  import pandas as pd
+  from prunejax.data.datasets import rotten_tomatoes_path
+  frame = pd.read_csv(rotten_tomatoes_path())
+  frame = frame[frame["category"].isin(["fresh", "rotten"])]
+  texts, labels = data.read_rotten_tomatoes()
+  assert texts == frame["text"].tolist()
+  np.testing.assert_array_equal(labels, (frame["category"] == "fresh").to_numpy(np.int32))
+  texts[0], labels[0] = "changed", 1 - labels[0]
+  again_texts, again_labels = data.read_rotten_tomatoes()
+  assert again_texts == frame["text"].tolist() and again_texts is not texts
+  np.testing.assert_array_equal(again_labels, (frame["category"] == "fresh").to_numpy(np.int32))
+
+
 def test_encode_truncates_keeping_eos(tmp_path):
   tok = text.train_bpe(["a b c d e f g h"] * 20, 300, name="t", cache_dir=str(tmp_path))
   out = text.encode(tok, ["a b c d e f g h", "a"], max_len=4)

@@ -145,15 +145,24 @@ def rotten_tomatoes_path() -> str:
 
 
 def read_rotten_tomatoes() -> tuple[list[str], np.ndarray]:
-  """Texts and labels (1 = fresh, 0 = rotten) of the critics' snippets, in file order."""
-  with bz2.open(rotten_tomatoes_path(), "rt", encoding="utf-8") as f:
+  """Texts and labels (1 = fresh, 0 = rotten) of the critics' snippets, in file order (the file is
+  parsed once per process; each call returns its own list and array)."""
+  texts, labels = _rotten_tomatoes_rows(rotten_tomatoes_path())
+  return list(texts), labels.copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _rotten_tomatoes_rows(path: str) -> tuple[tuple[str, ...], np.ndarray]:
+  with bz2.open(path, "rt", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   texts, labels = [], []
   for row in rows:
     if row["category"] in ("fresh", "rotten"):
       texts.append(row["text"])
       labels.append(1 if row["category"] == "fresh" else 0)
-  return texts, np.asarray(labels, np.int32)
+  labels = np.asarray(labels, np.int32)
+  labels.flags.writeable = False
+  return tuple(texts), labels
 
 
 def _text_dataset(name: str, texts_tr: list[str], texts_te: list[str], y_tr, y_te, ids_tr, ids_te,
