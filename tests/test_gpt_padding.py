@@ -150,19 +150,24 @@ def test_grand_and_el2n_of_padded_rows_equal_the_unpadded_ones(ckpt):
   y = np.array([0, 1, 2, 1, 0, 2], np.int32)
   apply_fn = lambda p, x: model.apply({"params": p}, x)
 
-  def example_grad_norm(s, yi):
-    x = {"input_ids": jnp.asarray([s], jnp.int32), "attention_mask": jnp.ones((1, len(s)), bool)}
-    # Compiled: op-by-op, the six lengths' backward passes take ~4x longer.
-    g = jax.jit(jax.grad(lambda p: -jax.nn.log_softmax(apply_fn(p, x))[0, yi]))(params)
-    return float(jnp.sqrt(sum(jnp.sum(jnp.square(l.astype(jnp.float64 if jax.config.jax_enable_x64
-                                                             else jnp.float32)))
-                              for l in jax.tree.leaves(g))))
+  @jax.jit  # one compile per length gives the gradient and the logits (op by op: ~4x longer)
+  def example_grad_and_logits(p, x, yi):
+    def loss(p):
+      logits = apply_fn(p, x)
+      return -jax.nn.log_softmax(logits)[0, yi], logits[0]
+    return jax.grad(loss, has_aux=True)(p)
 
   with jax.default_matmul_precision("highest"):
-    ref_grand = np.array([example_grad_norm(s, yi) for s, yi in zip(seqs, y)])
-    logits = _unpadded_logits(model, params, seqs)
-    p = jax.nn.softmax(jnp.asarray(logits, jnp.float32))
-    ref_el2n = np.linalg.norm(np.asarray(p) - np.eye(3)[y], axis=1)
+    ref_grand, logits = [], []
+    for s, yi in zip(seqs, y):  # each example alone, unpadded
+      g, z = example_grad_and_logits(params, {"input_ids": np.asarray([s], np.int32),
+                                              "attention_mask": np.ones((1, len(s)), bool)}, yi)
+      ref_grand.append(np.sqrt(sum(np.sum(np.square(np.asarray(l, np.float64)))
+                                   for l in jax.tree.leaves(g))))
+      logits.append(np.asarray(z, np.float64))
+    ref_grand, logits = np.array(ref_grand), np.array(logits)
+    p = np.exp(logits - logits.max(1, keepdims=True))  # float64 softmax of the logits
+    ref_el2n = np.linalg.norm(p / p.sum(1, keepdims=True) - np.eye(3)[y], axis=1)
     # One compiled function per score, called on both sides (same shapes: no second compile).
     grand = {method: jax.jit(lambda p, b, method=method: scores.grand(apply_fn, p, b,
                                                                        method=method))
@@ -219,10 +224,14 @@ def test_out_of_range_ids_and_long_sequences_are_one_line_errors(ckpt):
     model.apply({"params": params}, {"input_ids": ids, "attention_mask": ids > 0}, False, ids > 0)
   with pytest.raises(ConfigError, match="pooling='max' is not allowed"):
     models.load_gpt2_classifier(ckpt[0], 2, key=jax.random.key(0), pooling="max")
-  # A row mask [B] (the trainer's) is accepted and changes nothing; an empty batch is empty.
-  np.testing.assert_array_equal(model.apply({"params": params}, ids, False, np.ones(2, bool)),
-                                model.apply({"params": params}, ids))
-  assert model.apply({"params": params}, np.zeros((0, 8), np.int32)).shape == (0, 2)
+  # A row mask [B] (the trainer's) is accepted and changes nothing; an empty batch is empty. One
+  # compiled program (op by op, ~140 single ops compiled: 2 s); the inputs are host arrays closed
+  # over, so the host checks of model.apply run on them as in an eager call.
+  with_row_mask, without, empty = jax.jit(lambda p: (
+      model.apply({"params": p}, ids, False, np.ones(2, bool)), model.apply({"params": p}, ids),
+      model.apply({"params": p}, np.zeros((0, 8), np.int32))))(params)
+  np.testing.assert_array_equal(with_row_mask, without)
+  assert empty.shape == (0, 2)
 
 
 def test_pad_and_vocab_agree_with_the_tokenizer_by_construction(tmp_path):
@@ -238,9 +247,12 @@ def test_pad_and_vocab_agree_with_the_tokenizer_by_construction(tmp_path):
     model, params = models.load_gpt2_classifier(d, 2, key=jax.random.key(0), tokenizer=tok)
     assert (model.vocab_size, model.pad_id, model.eos_id) == (tok.vocab_size, tok.pad_id,
                                                                tok.eos_id)
-    for side in ("right", "left"):
-      x = text.encode(tok, texts, 16, padding_side=side, return_mask=True)
-      outs.append(np.asarray(model.apply({"params": params}, x)))
+    xs = [text.encode(tok, texts, 16, padding_side=side, return_mask=True)
+          for side in ("right", "left")]
+    # Both sides in one compiled program (op by op, ~90 single ops compiled: 0.7 s); the encoded
+    # host arrays are closed over, so model.apply checks their ids and masks as in an eager call.
+    for out in jax.jit(lambda p: [model.apply({"params": p}, x) for x in xs])(params):
+      outs.append(np.asarray(out))
       assert np.isfinite(outs[-1]).all()
   # Both pads, both sides: one answer (the eos is real in every row, the pad never is).
   for o in outs[1:]:
@@ -312,17 +324,17 @@ def test_features_feed_semdedup_prototypes_knn_and_layer_taps_from_a_loaded_gpt2
   assert np.all(dist <= 1e-5)
   proto = np.asarray(scores.prototypes(emb, num_clusters=2, key=jax.random.key(0)))
   np.testing.assert_allclose(proto[:n], proto[n:], atol=1e-4)
-  # The layer taps (GraNd's ghost path, penultimate features) take the same inputs.
+  # The layer taps (GraNd's ghost path, penultimate features) take the same inputs. Compiled, once
+  # for both sides (op by op, the walk and SNIP's backward pass compiled ~280 single ops: 4 s).
   apply_fn = lambda p, x: model.apply({"params": p}, x)
-  pen_r = np.asarray(scores.penultimate(apply_fn, params, {"input_ids": right,
-                                                           "attention_mask": rmask})[0])
-  pen_l = np.asarray(scores.penultimate(apply_fn, params, {"input_ids": left,
-                                                           "attention_mask": lmask})[0])
+  penultimate = jax.jit(lambda p, x: scores.penultimate(apply_fn, p, x)[0])
+  pen_r = np.asarray(penultimate(params, {"input_ids": right, "attention_mask": rmask}))
+  pen_l = np.asarray(penultimate(params, {"input_ids": left, "attention_mask": lmask}))
   assert _rel(pen_r, e_r) <= 1e-5 and _rel(pen_l, e_r) <= 1e-5
   # SNIP's connection sensitivity of one batch: the same, padded left or right.
   y = np.array([0, 1, 1, 0, 1, 0], np.int32)
-  snip = [masks.snip_scores(apply_fn, params, {"x": {"input_ids": ids, "attention_mask": m},
-                                               "y": y})
+  snip_scores = jax.jit(lambda p, b: masks.snip_scores(apply_fn, p, b))
+  snip = [snip_scores(params, {"x": {"input_ids": ids, "attention_mask": m}, "y": y})
           for ids, m in ((right, rmask), (left, lmask))]
   # (The attention key bias has a zero gradient in exact arithmetic: a scale over all leaves.)
   scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(snip[0]))

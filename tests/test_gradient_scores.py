@@ -89,12 +89,12 @@ MODELS = {"mlp_layernorm": (mlp_apply, mlp_params, mlp_x),
 def _case(name, b=6, n_pad=2, seed=0, dtype=np.float32):
   apply_fn, make_params, make_x = MODELS[name]
   rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), make_params(rng))
+  params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, dtype)), make_params(rng))  # host cast
   x = make_x(rng, b)
-  x = jnp.asarray(x, dtype) if np.issubdtype(x.dtype, np.floating) else jnp.asarray(x)
+  x = jnp.asarray(x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x)
   y = rng.integers(0, C, size=b).astype(np.int32)
   mask = np.arange(b) < b - n_pad
-  target = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), dtype), params)
+  target = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape).astype(dtype)), params)
   return apply_fn, params, {"x": x, "y": jnp.asarray(y), "mask": jnp.asarray(mask)}, target
 
 
@@ -104,7 +104,13 @@ def _per_example_grads(apply_fn, params, batch):
   def loss(p, x_1, y):
     return -jax.nn.log_softmax(apply_fn(p, x_1))[0, y]
   grad = jax.jit(jax.grad(loss))
-  return [grad(params, batch["x"][i:i + 1], batch["y"][i]) for i in range(batch["y"].shape[0])]
+  x, y = np.asarray(batch["x"]), np.asarray(batch["y"])  # rows sliced on the host
+  return [grad(params, x[i:i + 1], y[i]) for i in range(y.shape[0])]
+
+
+def _dot_fn(apply_fn):
+  """gradient_dot compiled: op by op, a call compiled 100-200 single ops (1.5 s)."""
+  return jax.jit(lambda p, b, t: scores.gradient_dot(apply_fn, p, b, t))
 
 
 def _flat(tree):
@@ -119,15 +125,14 @@ def _flat(tree):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_gradient_dot_matches_float64_per_example_gradients(name):
   apply_fn, params, batch, target = _case(name)
-  got = np.asarray(jax.jit(lambda p, b, t: scores.gradient_dot(apply_fn, p, b, t))(
-      params, batch, target))
+  got = np.asarray(_dot_fn(apply_fn)(params, batch, target))
   with jax.enable_x64(True):
     p64, b64, t64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64))
                                  if np.issubdtype(np.asarray(a).dtype, np.floating)
                                  else jnp.asarray(a), (params, batch, target))
     grads = _per_example_grads(apply_fn, p64, b64)
     ref = np.array([_flat(g) @ _flat(t64) for g in grads])
-    exact64 = np.asarray(scores.gradient_dot(apply_fn, p64, b64, t64))
+    exact64 = np.asarray(_dot_fn(apply_fn)(p64, b64, t64))
   real = np.asarray(batch["mask"])
   np.testing.assert_allclose(exact64[real], ref[real], rtol=1e-6)   # the definition, in float64
   np.testing.assert_allclose(got[real], ref[real], rtol=2e-4, atol=1e-5 * np.abs(ref).max())
@@ -136,21 +141,21 @@ def test_gradient_dot_matches_float64_per_example_gradients(name):
 
 def test_gradient_dot_rows_in_another_order_padding_and_bad_labels():
   apply_fn, params, batch, target = _case("embed_attention", b=6, n_pad=0)
-  base = np.asarray(scores.gradient_dot(apply_fn, params, batch, target))
+  dot, batch = _dot_fn(apply_fn), jax.tree.map(np.asarray, batch)  # batches built on the host
+  base = np.asarray(dot(params, batch, target))
   perm = np.array([3, 0, 5, 1, 4, 2])
   shuffled = jax.tree.map(lambda a: a[perm], batch)
-  np.testing.assert_allclose(np.asarray(scores.gradient_dot(apply_fn, params, shuffled, target)),
-                             base[perm], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dot(params, shuffled, target)), base[perm], rtol=1e-5)
   # Padding on either side leaves every real row's answer unchanged and gives 0.
-  pad = lambda a, lo, hi: jnp.concatenate([jnp.zeros((lo,) + a.shape[1:], a.dtype), a,
-                                           jnp.zeros((hi,) + a.shape[1:], a.dtype)])
+  pad = lambda a, lo, hi: np.concatenate([np.zeros((lo,) + a.shape[1:], a.dtype), a,
+                                          np.zeros((hi,) + a.shape[1:], a.dtype)])
   padded = {k: pad(v, 2, 1) for k, v in batch.items()}
-  padded["mask"] = padded["mask"].at[2:8].set(True)
-  out = np.asarray(scores.gradient_dot(apply_fn, params, padded, target))
+  padded["mask"][2:8] = True
+  out = np.asarray(dot(params, padded, target))
   np.testing.assert_allclose(out[2:8], base, rtol=1e-5)
   assert np.all(out[[0, 1, 8]] == 0.0)
-  bad = dict(batch, y=batch["y"].at[1].set(C).at[2].set(-1))
-  out = np.asarray(scores.gradient_dot(apply_fn, params, bad, target))
+  bad = dict(batch, y=np.r_[batch["y"][:1], C, -1, batch["y"][3:]].astype(np.int32))
+  out = np.asarray(dot(params, bad, target))
   assert np.isnan(out[1]) and np.isnan(out[2])
   np.testing.assert_allclose(out[[0, 3, 4, 5]], base[[0, 3, 4, 5]], rtol=1e-5)
 
@@ -166,8 +171,8 @@ def test_gradient_dot_input_errors_name_the_field():
   with pytest.raises(DataError, match="batch\\['y'\\]"):
     scores.gradient_dot(apply_fn, params, dict(batch, y=batch["y"].astype(jnp.float32)), target)
   # A NaN in the target reaches every real row; padding stays 0.
-  out = np.asarray(scores.gradient_dot(apply_fn, params, batch,
-                                       dict(target, b2=target["b2"].at[0].set(jnp.nan))))
+  nan_b2 = np.where(np.arange(C) == 0, np.nan, target["b2"]).astype(np.float32)
+  out = np.asarray(_dot_fn(apply_fn)(params, batch, dict(target, b2=nan_b2)))
   assert np.all(np.isnan(out[:4])) and np.all(out[4:] == 0.0)
 
 
@@ -224,18 +229,18 @@ def test_projected_inner_products_are_unbiased_over_keys(name):
 
 def test_gradient_features_rows_in_another_order_padding_and_labels():
   apply_fn, params, batch, _ = _case("conv", b=6, n_pad=0)
-  fn = _features_fn(apply_fn, 40)
+  fn, batch = _features_fn(apply_fn, 40), jax.tree.map(np.asarray, batch)  # host-built batches
   key = jax.random.key(3)
   base = np.asarray(fn(params, batch, key))
   perm = np.array([5, 2, 0, 4, 1, 3])
   np.testing.assert_allclose(np.asarray(fn(params, jax.tree.map(lambda a: a[perm], batch), key)),
                              base[perm], rtol=1e-5, atol=1e-7)
-  padded = jax.tree.map(lambda a: jnp.concatenate([a[:1] * 0, a, a[:2] * 0]), batch)
-  padded["mask"] = jnp.asarray(np.r_[False, [True] * 6, False, False])
+  padded = jax.tree.map(lambda a: np.concatenate([a[:1] * 0, a, a[:2] * 0]), batch)
+  padded["mask"] = np.r_[False, [True] * 6, False, False]
   out = np.asarray(_features_fn(apply_fn, 40)(params, padded, key))
   np.testing.assert_allclose(out[1:7], base, rtol=1e-5, atol=1e-7)
   assert np.all(out[[0, 7, 8]] == 0.0)
-  bad = dict(batch, y=batch["y"].at[2].set(7))
+  bad = dict(batch, y=np.where(np.arange(6) == 2, 7, batch["y"]).astype(np.int32))
   out = np.asarray(fn(params, bad, key))
   assert np.all(np.isnan(out[2])) and np.all(np.isfinite(np.delete(out, 2, 0)))
 
@@ -316,13 +321,14 @@ def test_gradient_features_input_errors_name_the_field():
 def test_tracin_sums_learning_rate_weighted_influence_over_checkpoints():
   apply_fn, p0, batch, t0 = _case("embed_attention")
   _, p1, _, t1 = _case("embed_attention", seed=1)
-  got = np.asarray(scores.tracin(apply_fn, [p0, p1], [0.5, 0.25], batch, [t0, t1]))
+  got = np.asarray(jax.jit(lambda ps, b, ts: scores.tracin(apply_fn, ps, [0.5, 0.25], b, ts))(
+      [p0, p1], batch, [t0, t1]))  # compiled: op by op, ~180 single ops (1.7 s)
   g0 = [_flat(g) for g in _per_example_grads(apply_fn, p0, batch)]
   g1 = [_flat(g) for g in _per_example_grads(apply_fn, p1, batch)]
   ref = np.array([0.5 * a @ _flat(t0) + 0.25 * b @ _flat(t1) for a, b in zip(g0, g1)])
   np.testing.assert_allclose(got[:4], ref[:4], rtol=1e-4, atol=1e-5 * np.abs(ref).max())
   assert np.all(got[4:] == 0.0)
-  self_inf = np.asarray(scores.tracin(apply_fn, [p0, p1], 0.1, batch))
+  self_inf = np.asarray(jax.jit(lambda ps, b: scores.tracin(apply_fn, ps, 0.1, b))([p0, p1], batch))
   ref = np.array([0.1 * (a @ a + b @ b) for a, b in zip(g0, g1)])
   np.testing.assert_allclose(self_inf[:4], ref[:4], rtol=1e-4)
   assert np.all(self_inf[4:] == 0.0)
@@ -414,7 +420,7 @@ def gpt_case(b=32, tokens=16, width=32, vocab=512, seed=0):
 def test_gpt_projected_inner_products_keep_the_exact_ranking_at_dim_8192():
   apply_fn, variables, train, val = gpt_case()
   target = scores.mean_gradient(apply_fn, variables, val)
-  exact = np.asarray(scores.gradient_dot(apply_fn, variables, train, target))
+  exact = np.asarray(_dot_fn(apply_fn)(variables, train, target))
   feats = jax.jit(lambda v, b, k: scores.gradient_features(apply_fn, v, b, k, dim=8192))
   plan = scores.feature_plan(apply_fn, variables, train["x"], 8192)
   assert plan.dim <= 8192 and any(not b.exact for b in plan.blocks.values())
@@ -434,12 +440,15 @@ def test_gpt_projected_inner_products_keep_the_exact_ranking_at_dim_8192():
 @pytest.mark.parametrize("which", ["dot", "features"])
 def test_a_non_finite_row_stays_in_its_row_and_an_empty_batch_is_empty(which):
   apply_fn, params, batch, target = _case("mlp_layernorm")
-  fn = {"dot": lambda b: scores.gradient_dot(apply_fn, params, b, target),
-        "features": lambda b: scores.gradient_features(apply_fn, params, b, jax.random.key(0),
-                                                       dim=20)}[which]
+  dot, feats = _dot_fn(apply_fn), _features_fn(apply_fn, 20)  # compiled once per batch size
+  fn = {"dot": lambda b: dot(params, b, target),
+        "features": lambda b: feats(params, b, jax.random.key(0))}[which]
+  batch = jax.tree.map(np.asarray, batch)  # the batches are built on the host
   base = np.asarray(fn(batch))
   for bad_value in (np.nan, np.inf):
-    out = np.asarray(fn(dict(batch, x=batch["x"].at[1, 0].set(bad_value))))
+    x = batch["x"].copy()
+    x[1, 0] = bad_value
+    out = np.asarray(fn(dict(batch, x=x)))
     assert np.all(np.isnan(out[1]))
     np.testing.assert_allclose(np.delete(out, 1, 0), np.delete(base, 1, 0), rtol=1e-5, atol=1e-7)
   empty = np.asarray(fn(jax.tree.map(lambda a: a[:0], batch)))
@@ -477,17 +486,15 @@ def test_conv_filter_path_equals_the_patch_path(monkeypatch):
   params = {"k1": jnp.asarray(rng.normal(size=(4, 2, 3, 2)) / 3, jnp.float32),
             "k2": jnp.asarray(rng.normal(size=(6, 2, 3, 3)) / 3, jnp.float32),
             "head": jnp.asarray(rng.normal(size=(6, C)), jnp.float32)}
-  batch = {"x": jnp.asarray(rng.normal(size=(5, 2, 7, 6)), jnp.float32),
-           "y": jnp.asarray(rng.integers(0, C, 5), jnp.int32), "mask": jnp.arange(5) < 4}
+  batch = {"x": rng.normal(size=(5, 2, 7, 6)).astype(np.float32),
+           "y": rng.integers(0, C, 5).astype(np.int32), "mask": np.arange(5) < 4}
   plan = scores.feature_plan(_odd_conv_apply, params, batch["x"], 16)
   assert not any(b.exact for b in plan.blocks.values())
   out = {}
-  for flag in (True, False):
-    monkeypatch.setattr(gf_lib, "CONV_FILTER", flag)
-    out[flag] = np.asarray(scores.gradient_features(_odd_conv_apply, params, batch,
-                                                    jax.random.key(2), dim=16))
+  for flag in (True, False):  # compiled (op by op: ~200 single ops, 2 s); CONV_FILTER is read
+    monkeypatch.setattr(gf_lib, "CONV_FILTER", flag)  # when traced: a new function for each flag
+    out[flag] = np.asarray(_features_fn(_odd_conv_apply, 16)(params, batch, jax.random.key(2)))
   np.testing.assert_allclose(out[True], out[False], rtol=1e-4, atol=1e-6 * np.abs(out[False]).max())
   g = np.stack([_flat(t) for t in _per_example_grads(_odd_conv_apply, params, batch)])[:4]
-  exact = np.asarray(scores.gradient_features(_odd_conv_apply, params, batch, jax.random.key(0),
-                                              dim=10_000))[:4]
+  exact = np.asarray(_features_fn(_odd_conv_apply, 10_000)(params, batch, jax.random.key(0)))[:4]
   np.testing.assert_allclose(exact @ exact.T, g @ g.T, rtol=1e-4)
