@@ -14,13 +14,16 @@ import pytest
 
 from prunejax import masks, online, optim, train
 from prunejax.errors import ConfigError
-from prunejax.models import build_model, init_variables, make_apply_fn
+from prunejax.models import ResNet, build_model, init_variables, make_apply_fn
 
-# Tiny versions of the four model families, with an input batch each.
+# Tiny versions of the four model families, with an input batch each. The ResNet has one block
+# per stage at ResNet-20's widths / 4: the same stem, BatchNorm, stride-2 blocks with projection
+# shortcuts, rematerialized blocks and dtypes as a ResNet-20, with a third of its layers to compile.
 MODELS = {
     "mlp": (dict(hidden=(16, 8)), lambda k: jax.random.normal(k, (6, 8, 8, 1))),
     "cnn": (dict(features=(4, 8), dense=16), lambda k: jax.random.normal(k, (6, 8, 8, 1))),
-    "resnet20": (dict(width_multiplier=0.25), lambda k: jax.random.normal(k, (6, 8, 8, 3))),
+    "resnet": (dict(stage_sizes=(1, 1, 1), stage_widths=(4, 8, 16)),
+               lambda k: jax.random.normal(k, (6, 8, 8, 3))),
     "gpt": (dict(vocab_size=50, context=8, depth=2, width=16, num_heads=2),
             lambda k: jax.random.randint(k, (6, 8), 1, 50).at[:2, 6:].set(0)),
 }
@@ -28,7 +31,8 @@ MODELS = {
 
 def _model(name, **fields):
   kw, make_x = MODELS[name]
-  return build_model(name, 5, **kw, **fields), make_x(jax.random.key(0))
+  model = ResNet(5, **kw, **fields) if name == "resnet" else build_model(name, 5, **kw, **fields)
+  return model, make_x(jax.random.key(0))
 
 
 def _tree_close(a, b, *, rtol, atol, atol_of_scale=False):
@@ -51,16 +55,16 @@ def test_bfloat16_model_computes_in_bfloat16_with_float32_params_and_logits(name
   m32, x = _model(name)
   m16, _ = _model(name, compute_dtype="bfloat16")
   v = init_variables(m32, jax.random.key(1), x)
-  # Same parameter tree, all float32, whatever the compute dtype.
-  v16 = init_variables(m16, jax.random.key(1), x)
+  # Same parameter tree, all float32, whatever the compute dtype (traced, not run).
+  v16 = jax.eval_shape(lambda k: init_variables(m16, k, x), jax.random.key(1))
   assert jax.tree.structure(v16) == jax.tree.structure(v)
   assert {l.dtype for l in jax.tree.leaves(v16)} == {jnp.dtype(jnp.float32)}
-  # Compiled (op by op, the GPT's first call took most of a minute on a small CPU).
-  logits32, logits16 = jax.jit(make_apply_fn(m32))(v, x), jax.jit(make_apply_fn(m16))(v, x)
+  # Compiled, one program (op by op, the GPT's first call took most of a minute on a small CPU).
+  logits32, logits16 = jax.jit(lambda v: (make_apply_fn(m32)(v, x), make_apply_fn(m16)(v, x)))(v)
   assert logits16.dtype == jnp.float32
   # bfloat16 has an 8-bit mantissa: close to float32, but not equal (it did compute in bf16).
-  scale = float(jnp.abs(logits32).max())
-  assert 0 < float(jnp.abs(logits16 - logits32).max()) < 0.05 * scale + 0.02
+  logits32, logits16 = np.asarray(logits32, np.float64), np.asarray(logits16, np.float64)
+  assert 0 < np.abs(logits16 - logits32).max() < 0.05 * np.abs(logits32).max() + 0.02
   # The matrix multiplies (Dense layers) return bfloat16 (their dtypes: traced, not run).
   _, state = jax.eval_shape(lambda v, x: m16.apply(
       v, x, capture_intermediates=lambda mdl, _: isinstance(mdl, nn_dense()),
@@ -76,9 +80,10 @@ def nn_dense():
 
 def test_param_dtype_sets_the_params_dtype():
   model, x = _model("gpt", compute_dtype="bfloat16", param_dtype="bfloat16")
-  v = init_variables(model, jax.random.key(0), x)
+  # Dtypes only: traced, not run.
+  v = jax.eval_shape(lambda k: init_variables(model, k, x), jax.random.key(0))
   assert {l.dtype for l in jax.tree.leaves(v)} == {jnp.dtype(jnp.bfloat16)}
-  assert make_apply_fn(model)(v, x).dtype == jnp.float32
+  assert jax.eval_shape(make_apply_fn(model), v, x).dtype == jnp.float32
 
 
 def test_bad_dtype_and_remat_are_one_line_errors():
@@ -112,33 +117,43 @@ def _loss_fn(model, variables, x, y):
   return loss
 
 
-@pytest.mark.parametrize("name", ["resnet20", "gpt"])
+@pytest.mark.parametrize("name", ["resnet", "gpt"])
 @pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
 def test_remat_gives_the_same_outputs_and_gradients_and_stores_less(name, compute_dtype):
   plain, x = _model(name, compute_dtype=compute_dtype)
   remat, _ = _model(name, compute_dtype=compute_dtype, remat=True)
   v = init_variables(plain, jax.random.key(1), x)
-  assert jax.tree.structure(init_variables(remat, jax.random.key(1), x)) == jax.tree.structure(v)
-  y = jnp.arange(6) % 5
+  v_remat = jax.eval_shape(lambda k: init_variables(remat, k, x), jax.random.key(1))  # structure
+  assert jax.tree.structure(v_remat) == jax.tree.structure(v)
+  y = np.arange(6, dtype=np.int32) % 5
   loss_p, loss_r = _loss_fn(plain, v, x, y), _loss_fn(remat, v, x, y)
-  # Compiled, as training runs them (op by op, ResNet-20's gradients took minutes on a small CPU).
-  g_plain, g_remat = (jax.jit(jax.grad(loss))(v["params"]) for loss in (loss_p, loss_r))
-  np.testing.assert_allclose(jax.jit(make_apply_fn(plain))(v, x),
-                             jax.jit(make_apply_fn(remat))(v, x), rtol=1e-6, atol=1e-6)
+  # Compiled, as training runs them (op by op, ResNet-20's gradients took minutes on a small CPU):
+  # one program per model for its logits and its gradient.
+  grad_p, grad_r = jax.jit(jax.grad(loss_p)), jax.jit(jax.grad(loss_r))
+  (logits_p, g_plain), (logits_r, g_remat) = (
+      jax.jit(lambda v, m=m, grad=grad: (make_apply_fn(m)(v, x), grad(v["params"])))(v)
+      for m, grad in ((plain, grad_p), (remat, grad_r)))
+  np.testing.assert_allclose(logits_p, logits_r, rtol=1e-6, atol=1e-6)
   # 1e-6 of each leaf's scale: a GPT gradient leaf of magnitude 14 is summed in another order once
   # rematerialized (3e-6 apart in an entry of 0.14 with XLA:CPU's elemental emitters).
   _tree_close(g_plain, g_remat, rtol=1e-5, atol=1e-6, atol_of_scale=True)
   # The backward pass keeps fewer bytes of activations (the residuals of the VJP).
-  assert _residual_bytes(loss_r, v["params"]) < 0.7 * _residual_bytes(loss_p, v["params"])
-  remats = lambda loss: sum(e.primitive.name in ("checkpoint", "remat2") for e in _equations(
-      jax.make_jaxpr(jax.grad(loss))(v["params"]).jaxpr))
-  assert remats(loss_r) >= remats(loss_p) + 2  # one per block (and none lost)
+  (bytes_r, _), (bytes_p, _) = (_residuals_and_grad(loss, v["params"]) for loss in (loss_r, loss_p))
+  assert bytes_r < 0.7 * bytes_p
+  # The gradients' equations (their traces above, from JAX's cache).
+  remats = lambda grad: sum(e.primitive.name in ("checkpoint", "remat2")
+                            for e in _equations(grad.trace(v["params"]).jaxpr.jaxpr))
+  assert remats(grad_r) >= remats(grad_p) + 2  # one per block (and none lost)
 
 
-def _residual_bytes(loss, params):
-  """Bytes of what the backward pass of ``loss`` keeps from its forward pass (shapes only)."""
-  leaves = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(loss, p)[1]), params)
-  return sum(math.prod(l.shape) * l.dtype.itemsize for l in leaves)
+def _residuals_and_grad(loss, params):
+  """Bytes of what the backward pass of ``loss`` keeps from its forward pass, and the shapes and
+  dtypes of its gradient (one trace, nothing runs)."""
+  def residuals_and_grad(p):
+    loss_value, vjp_fn = jax.vjp(loss, p)
+    return jax.tree.leaves(vjp_fn), vjp_fn(jnp.ones_like(loss_value))[0]
+  leaves, grad = jax.eval_shape(residuals_and_grad, params)
+  return sum(math.prod(l.shape) * l.dtype.itemsize for l in leaves), grad
 
 
 @pytest.mark.parametrize("name,kw,x_shape", [
@@ -147,24 +162,27 @@ def _residual_bytes(loss, params):
 ])
 def test_bfloat16_backward_keeps_under_60_percent_of_the_float32_activation_bytes(name, kw,
                                                                                  x_shape):
-  if name == "gpt":
-    x = jax.random.randint(jax.random.key(0), x_shape, 1, 64)
-  else:
-    x = jax.random.normal(jax.random.key(0), x_shape)
-  y = jnp.zeros(x_shape[0], jnp.int32)
+  # Shapes and dtypes only, nothing runs: any inputs and variables of the right shapes will do.
+  rng = np.random.default_rng(0)
+  x = (rng.integers(1, 64, x_shape).astype(np.int32) if name == "gpt"
+       else rng.normal(size=x_shape).astype(np.float32))
+  y = np.zeros(x_shape[0], np.int32)
   m32, m16 = build_model(name, 2, **kw), build_model(name, 2, compute_dtype="bfloat16", **kw)
-  v = init_variables(m32, jax.random.key(1), x[:1])
+  v = jax.tree.map(lambda l: np.zeros(l.shape, l.dtype), jax.eval_shape(
+      lambda k: init_variables(m32, k, x[:1]), jax.random.key(1)))
   loss32, loss16 = _loss_fn(m32, v, x, y), _loss_fn(m16, v, x, y)
   # Float32 LayerNorm / BatchNorm statistics and softmax are recomputed, not stored in float32.
-  assert _residual_bytes(loss16, v["params"]) < 0.6 * _residual_bytes(loss32, v["params"])
-  g16 = jax.eval_shape(jax.grad(loss16), v["params"])
+  (bytes16, g16), (bytes32, _) = (_residuals_and_grad(l, v["params"]) for l in (loss16, loss32))
+  assert bytes16 < 0.6 * bytes32
   assert {g.dtype for g in jax.tree.leaves(g16)} == {jnp.dtype(jnp.float32)}
 
 
 def test_bfloat16_norm_statistics_and_softmax_are_float32():
-  model, x = _model("resnet20", compute_dtype="bfloat16")
+  model, x = _model("resnet", compute_dtype="bfloat16")
   v = init_variables(model, jax.random.key(1), x)
-  _, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+  # Compiled with every bfloat16 rounding kept, as op by op (XLA's default may skip roundings).
+  _, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                   compiler_options={"xla_allow_excess_precision": False})(v, x)
   assert {l.dtype for l in jax.tree.leaves(upd)} == {jnp.dtype(jnp.float32)}
   # The running mean is the float32 mean of the bfloat16 stem convolution's output.
   stem = jax.lax.conv_general_dilated(
@@ -176,8 +194,8 @@ def test_bfloat16_norm_statistics_and_softmax_are_float32():
   # In the forward pass of a bfloat16 GPT every exponential, maximum, reciprocal square root and
   # sum (softmax, LayerNorm statistics, the loss) runs in float32; the matrix multiplies in bf16.
   gpt, tokens = _model("gpt", compute_dtype="bfloat16")
-  vg = init_variables(gpt, jax.random.key(1), tokens)
-  loss = _loss_fn(gpt, vg, tokens, jnp.arange(6) % 5)
+  vg = jax.eval_shape(lambda k: init_variables(gpt, k, tokens), jax.random.key(1))  # traced only
+  loss = _loss_fn(gpt, vg, tokens, np.arange(6, dtype=np.int32) % 5)
   eqns = _equations(jax.make_jaxpr(loss)(vg["params"]).jaxpr)
   float_in = lambda names: {str(v.aval.dtype) for e in eqns if e.primitive.name in names
                             for v in e.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)}
@@ -256,9 +274,10 @@ def test_accumulated_gradient_matches_an_explicit_per_example_loop():
 
   grad_one = jax.jit(jax.grad(ce_one))  # one compile for the nine examples (one shape)
   grads64 = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
+  host = jax.tree.map(np.asarray, batch)  # rows read on the host: no eager op per index
   for i in range(9):
-    g = grad_one(params, batch["x"][i:i + 1], batch["y"][i])
-    grads64 = jax.tree.map(lambda acc, gi: acc + float(batch["weight"][i]) * np.asarray(gi, float),
+    g = grad_one(params, host["x"][i:i + 1], host["y"][i])
+    grads64 = jax.tree.map(lambda acc, gi: acc + float(host["weight"][i]) * np.asarray(gi, float),
                            grads64, g)
   expected = jax.tree.map(lambda p, g: np.asarray(p, np.float64) - g / 9, params, grads64)
   _tree_close(new.params, expected, rtol=1e-5, atol=1e-6)
@@ -283,8 +302,9 @@ def test_accumulation_with_batch_pruning_and_infobatch_equals_the_large_batch():
 
 def test_accumulation_on_gpt_equals_the_large_batch_in_float32():
   model, tokens = _model("gpt")
-  batch = {"x": jnp.concatenate([tokens, tokens[::-1]]), "y": jnp.arange(12) % 5,
-           "id": jnp.arange(12), "mask": jnp.arange(12) < 11}
+  rows = np.arange(12, dtype=np.int32)
+  batch = {"x": np.concatenate([tokens, tokens[::-1]]), "y": rows % 5, "id": rows,
+           "mask": rows < 11}
   # SGD: Adam would turn the rounding of near-zero gradient entries into full-size updates.
   states = [train.create_train_state(model, optax.sgd(0.5, momentum=0.9), jax.random.key(0),
                                      tokens, accumulation_steps=a) for a in (1, 4)]
@@ -296,9 +316,9 @@ def test_accumulation_with_batchnorm_weights_micro_batch_statistics_by_real_rows
   """BatchNorm statistics are per micro-batch: the step's gradient is the real-row-weighted mean of
   the micro-batches' gradients and its running statistics the weighted mean of their updates, even
   when a micro-batch holds padding rows only."""
-  model, _ = _model("resnet20")
-  x = jax.random.normal(jax.random.key(3), (16, 8, 8, 3))
-  rows = jnp.arange(16)
+  model, _ = _model("resnet")
+  x = np.asarray(jax.random.normal(jax.random.key(3), (16, 8, 8, 3)))
+  rows = np.arange(16, dtype=np.int32)
   # Micro-batch m holds rows m, m + 4, m + 8, m + 12: real rows 2, 4, 4 and 0 of them.
   mask = (rows % 4 != 3) & (rows != 0) & (rows != 4)
   batch = {"x": x, "y": rows % 5, "mask": mask}
@@ -310,7 +330,9 @@ def test_accumulation_with_batchnorm_weights_micro_batch_statistics_by_real_rows
   plain = jax.jit(train.train_step)
   singles = [plain(state.replace(accumulation_steps=1),
                    {k: v[m::4] for k, v in batch.items()})[0] for m in range(3)]
-  mean = lambda a, b, c: (2 * a + 4 * b + 4 * c) / 10
+  # The weighted mean in float64 (numpy: no eager op to compile per leaf shape).
+  mean = lambda a, b, c: (2 * np.asarray(a, np.float64) + 4 * np.asarray(b, np.float64)
+                          + 4 * np.asarray(c, np.float64)) / 10
   _tree_close(new.params, jax.tree.map(mean, *[s.params for s in singles]), rtol=1e-5, atol=1e-5)
   _tree_close(new.batch_stats, jax.tree.map(mean, *[s.batch_stats for s in singles]), rtol=1e-5,
               atol=1e-6)
@@ -457,13 +479,17 @@ def test_grand_and_el2n_in_bfloat16_within_1_percent_of_float32(name):
   m32, x = _model(name)
   m16, _ = _model(name, compute_dtype="bfloat16")
   v = init_variables(m32, jax.random.key(1), x)
-  batch = {"x": x, "y": jnp.arange(6) % 5, "mask": jnp.array([True] * 5 + [False])}
-  for score in (scores.grand, scores.el2n):
-    # The float32 reference compiled (op by op, ResNet-20's GraNd took over a minute); the
-    # bfloat16 scores op by op, as before (compiled, XLA fuses across the bfloat16 roundings and
-    # ResNet-20's GraNd lands 1.2% from float32: this bound is for the op-by-op path).
-    s32 = np.asarray(jax.jit(lambda v, b: score(make_apply_fn(m32), v, b))(v, batch), np.float64)
-    s16_arr = score(make_apply_fn(m16), v, batch)
+  batch = {"x": x, "y": np.arange(6, dtype=np.int32) % 5, "mask": np.arange(6) < 5}
+  both = lambda m: lambda v, b: [s(make_apply_fn(m), v, b) for s in (scores.grand, scores.el2n)]
+  # Both scores in one program per model (op by op, ResNet-20's GraNd took over a minute). The
+  # bfloat16 one keeps every bfloat16 rounding, as op by op (bitwise the op-by-op scores under the
+  # tests' XLA flags, within float32 rounding of them under XLA's defaults); by default XLA fuses
+  # across the roundings (a ResNet-20's GraNd then landed 1.2% from float32): this bound is for
+  # the rounded path.
+  s32_all = jax.jit(both(m32))(v, batch)
+  s16_all = jax.jit(both(m16), compiler_options={"xla_allow_excess_precision": False})(v, batch)
+  for s32, s16_arr in zip(s32_all, s16_all):
+    s32 = np.asarray(s32, np.float64)
     assert s16_arr.dtype == jnp.float32
     s16 = np.asarray(s16_arr, np.float64)
     assert s16[5] == 0.0
@@ -473,13 +499,13 @@ def test_grand_and_el2n_in_bfloat16_within_1_percent_of_float32(name):
     assert np.all(agree[gaps])
 
 
-@pytest.mark.parametrize("name", ["resnet20", "gpt"])
+@pytest.mark.parametrize("name", ["resnet", "gpt"])
 def test_grand_handles_every_leaf_of_bfloat16_and_remat_models_as_of_the_float32_model(name):
   """The float32 islands (norms, softmax) and rematerialized blocks sit inside ``jax.checkpoint``;
   GraNd's layer taps look inside it, so no leaf falls back to per-example gradients."""
   from prunejax import scores
   m32, x = _model(name)
-  v = init_variables(m32, jax.random.key(1), x)
+  v = jax.eval_shape(lambda k: init_variables(m32, k, x), jax.random.key(1))  # plans trace only
   want = scores.ghost_plan(make_apply_fn(m32), v, x).describe()
   assert "materialized" not in want.values()
   for fields in ({"compute_dtype": "bfloat16"}, {"remat": True},

@@ -1,4 +1,5 @@
-"""Model shapes, parameter counts against the reference architectures, padding and BatchNorm modes."""
+"""Model shapes, parameter counts against the reference architectures, padding and BatchNorm
+modes."""
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,9 @@ def test_unknown_model_is_one_line_error():
 ])
 def test_output_shapes(name, kwargs, x):
   model = models.build_model(name, 7, **kwargs)
-  variables = models.init_variables(model, jax.random.key(0), x)
-  assert models.make_apply_fn(model)(variables, x).shape == (3, 7)
+  # Shapes only: traced, not run.
+  variables = jax.eval_shape(lambda k: models.init_variables(model, k, x), jax.random.key(0))
+  assert jax.eval_shape(models.make_apply_fn(model), variables, x).shape == (3, 7)
 
 
 def _gpt():
@@ -69,27 +71,39 @@ def test_gpt_is_causal_and_reads_last_real_token():
   assert not np.allclose(apply_fn(v, a), apply_fn(v, c))
 
 
+def _resnet():
+  """A small ResNet (one block per stage; ResNet-20's stem, BatchNorm, stride-2 blocks with
+  projection shortcuts, at a quarter of its widths) and its variables for 8x8 images."""
+  model = models.ResNet(num_classes=3, stage_sizes=(1, 1, 1), stage_widths=(4, 8, 16))
+  x = np.asarray(jax.random.normal(jax.random.key(0), (4, 8, 8, 3)))
+  return model, models.init_variables(model, jax.random.key(1), x), x
+
+
 def test_batchnorm_eval_uses_frozen_statistics_and_train_skips_padding():
-  model = models.resnet20(num_classes=3, width_multiplier=0.25)
-  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
-  v = models.init_variables(model, jax.random.key(1), x)
+  model, v, x = _resnet()
   apply_fn = models.make_apply_fn(model)
+  pad = np.concatenate([x[:2], 100.0 * np.ones((2, 8, 8, 3), np.float32)])
+  train_mode = lambda v, xs, mask: model.apply(v, xs, train=True, mask=mask,
+                                               mutable=["batch_stats"])
+
+  @jax.jit  # one program for the four calls (op by op, a ResNet-20 took seconds)
+  def outputs(v):
+    return (apply_fn(v, x), apply_fn(v, x[:1]),
+            train_mode(v, pad, np.array([True, True, False, False])),
+            train_mode(v, x[:2], np.ones(2, bool)))
+
+  eval_all, eval_one, (out_p, upd_p), (out_r, upd_r) = outputs(v)
   # Eval: an example's logits do not depend on the rest of the batch.
-  np.testing.assert_allclose(apply_fn(v, x)[:1], apply_fn(v, x[:1]), atol=1e-5)
+  np.testing.assert_allclose(eval_all[:1], eval_one, atol=1e-5)
   # Train: padding rows (mask False) change neither the real rows' outputs nor the statistics.
-  pad = jnp.concatenate([x[:2], 100.0 * jnp.ones((2, 8, 8, 3))])
-  mask = jnp.array([True, True, False, False])
-  out_p, upd_p = model.apply(v, pad, train=True, mask=mask, mutable=["batch_stats"])
-  out_r, upd_r = model.apply(v, x[:2], train=True, mask=jnp.ones(2, bool), mutable=["batch_stats"])
   np.testing.assert_allclose(out_p[:2], out_r, atol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), upd_p, upd_r)
 
 
 def test_apply_fn_gradients_ignore_batch_statistics():
-  model = models.resnet20(num_classes=3, width_multiplier=0.25)
-  x = jnp.ones((2, 8, 8, 3))
-  v = models.init_variables(model, jax.random.key(0), x)
-  g = jax.grad(lambda v: models.make_apply_fn(model)(v, x).sum())(v)
+  model, v, _ = _resnet()
+  x = np.ones((2, 8, 8, 3), np.float32)
+  g = jax.jit(jax.grad(lambda v: models.make_apply_fn(model)(v, x).sum()))(v)
   assert all(np.all(np.asarray(l) == 0) for l in jax.tree.leaves(g["batch_stats"]))
   assert any(np.any(np.asarray(l) != 0) for l in jax.tree.leaves(g["params"]))
 
@@ -105,22 +119,30 @@ def _gpt_dropout(**rates):
 def test_gpt_dropout_is_off_in_evaluation_and_at_rate_zero():
   model, v, tokens = _gpt_dropout(embd_dropout=0.3, attn_dropout=0.3, resid_dropout=0.3)
   plain = model.clone(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
-  ref = plain.apply(v, tokens, train=False)
+
+  @jax.jit  # one program for the four calls (op by op, the GPT's first call took seconds)
+  def outputs(v):
+    return (plain.apply(v, tokens, train=False), model.apply(v, tokens, train=False),
+            models.make_apply_fn(model)(v, tokens), plain.apply(v, tokens, train=True))
+
+  ref, model_eval, model_apply_fn, plain_train = outputs(v)
   # train=False: bitwise the dropout-free model, and no rng is needed.
-  np.testing.assert_array_equal(model.apply(v, tokens, train=False), ref)
-  np.testing.assert_array_equal(models.make_apply_fn(model)(v, tokens), ref)
+  np.testing.assert_array_equal(model_eval, ref)
+  np.testing.assert_array_equal(model_apply_fn, ref)
   # Rate 0 (the default): train=True is the same model and needs no rng either.
-  np.testing.assert_array_equal(plain.apply(v, tokens, train=True), ref)
+  np.testing.assert_array_equal(plain_train, ref)
   with pytest.raises(ConfigError, match="GPTClassifier.attn_dropout=1.0 is out of range"):
     model.clone(attn_dropout=1.0).apply(v, tokens)
 
 
 def test_gpt_dropout_in_training_is_deterministic_per_key():
   model, v, tokens = _gpt_dropout(embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
-  run = lambda k: model.apply(v, tokens, train=True, rngs={"dropout": jax.random.key(k)})
+  # One program for every key (op by op, the GPT's first call took seconds).
+  run_key = jax.jit(lambda v, key: model.apply(v, tokens, train=True, rngs={"dropout": key}))
+  run = lambda k: run_key(v, jax.random.key(k))
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.allclose(run(0), run(1))
-  assert not np.allclose(run(0), model.apply(v, tokens, train=False))
+  assert not np.allclose(run(0), jax.jit(lambda v: model.apply(v, tokens, train=False))(v))
 
 
 @pytest.mark.parametrize("site,path,input_path", [
@@ -132,8 +154,11 @@ def test_gpt_dropout_in_training_is_deterministic_per_key():
 def test_gpt_dropout_keeps_the_expected_share_and_rescales(site, path, input_path):
   rate = 0.3
   model, v, tokens = _gpt_dropout(**{site: rate})
-  _, state = model.apply(v, tokens, train=True, rngs={"dropout": jax.random.key(7)},
-                         capture_intermediates=True, mutable=["intermediates"])
+  # Compiled (op by op, the GPT's first call took seconds).
+  capture = lambda model, **rngs: jax.jit(lambda v: model.apply(
+      v, tokens, train=True, rngs=rngs, capture_intermediates=True,
+      mutable=["intermediates"])[1])(v)
+  state = capture(model, dropout=jax.random.key(7))
 
   def get(state, p):
     out = state["intermediates"]
@@ -143,11 +168,10 @@ def test_gpt_dropout_keeps_the_expected_share_and_rescales(site, path, input_pat
 
   dropped = get(state, path)
   if input_path is None:
-    before = np.asarray(v["params"]["wte"]["embedding"][tokens] + v["params"]["wpe"][None, :16])
+    params = jax.tree.map(np.asarray, v["params"])
+    before = params["wte"]["embedding"][np.asarray(tokens)] + params["wpe"][None, :16]
   elif not input_path:  # the first dropout site: the same site of the dropout-free model
-    _, plain = model.clone(**{site: 0.0}).apply(v, tokens, train=True, capture_intermediates=True,
-                                                 mutable=["intermediates"])
-    before = get(plain, path)
+    before = get(capture(model.clone(**{site: 0.0})), path)
   else:  # the output of the layer that feeds this site, in the same run
     before = get(state, input_path)
   live = before != 0  # attention probabilities are exactly 0 where masked (causal, padding)
