@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import textwrap
 
+import numpy as np
 import pytest
 
 from conftest import run_on_devices
@@ -250,3 +251,49 @@ def test_a_mask_of_per_shard_params_inside_shard_map_is_an_error(sharded_run):
   assert out["shard_map_error"] is not None
   assert "vary over mesh axes ['data']" in out["shard_map_error"]
   assert "outside shard_map" in out["shard_map_error"] and "\n" not in out["shard_map_error"]
+
+
+def test_one_check_of_every_leaf_names_the_first_bad_one():
+  """``masks.core.first_nonfinite`` (the params checks of the mask methods and post-training)
+  checks every leaf in one program: the first leaf with NaN or inf by index, None for none or no
+  leaves, numpy and jax leaves together, any order, in agreement with a per-leaf numpy loop."""
+  import jax.numpy as jnp
+  from prunejax.masks import core
+  rng = np.random.default_rng(0)
+  leaves = [rng.normal(size=s).astype(np.float32) for s in ((3,), (2, 4), (5,), (1,))]
+  assert core.first_nonfinite(leaves) is None and core.first_nonfinite([]) is None
+  for bad, value in ((1, np.nan), (3, np.inf), (0, -np.inf)):
+    got = [jnp.asarray(l) if i % 2 else l.copy() for i, l in enumerate(leaves)]
+    got[bad] = np.asarray(got[bad]).copy()
+    got[bad].reshape(-1)[-1] = value
+    want = next(i for i, l in enumerate(got) if not np.all(np.isfinite(np.asarray(l))))
+    assert core.first_nonfinite(got) == want == bad
+    assert core.first_nonfinite(got[::-1]) == len(got) - 1 - bad
+
+
+def test_leaves_committed_to_different_devices_are_checked_one_by_one():
+  """Leaves on different devices cannot enter one program: the checks fall back to one leaf at a
+  time and give the same answers (the NaN leaf named, a mask's unselected leaf that prunes an
+  entry refused, sparsity counted over every device's leaves)."""
+  out = run_on_devices("""
+      import json
+      import jax, jax.numpy as jnp, numpy as np
+      from prunejax.errors import ConfigError
+      from prunejax.masks import core
+      d0, d1 = jax.devices()[:2]
+      leaves = [jax.device_put(np.ones(3, np.float32), d0),
+                jax.device_put(np.array([1.0, np.nan], np.float32), d1)]
+      put = lambda a, d: jax.device_put(np.array(a), d)
+      mask = {"a": {"kernel": put([[True, False]], d0), "bias": put([True, True], d1)},
+              "b": {"kernel": put([[True, True, True]], d1), "bias": put([True, False], d0)}}
+      try:
+        core.sparsity_of(mask)
+        refused = ""
+      except ConfigError as e:
+        refused = str(e)
+      mask["b"]["bias"] = put([True, True], d0)
+      print(json.dumps({"bad": core.first_nonfinite(leaves), "refused": refused,
+                        "sparsity": float(core.sparsity_of(mask))}))
+      """, 2)
+  assert out["bad"] == 1 and out["sparsity"] == float(np.float32(1) / np.float32(5))
+  assert "the mask prunes entries of b/bias" in out["refused"]

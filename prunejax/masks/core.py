@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from prunejax.errors import ConfigError
@@ -137,16 +138,64 @@ def sparsity_of(tree: PyTree, filter_fn: FilterFn | None = None) -> jax.Array:
   leaves = [l for _, l in path_leaves]
   flags = resolve_filter(tree, filter_fn, what="sparsity_of")
   n = sum(math.prod(jnp.shape(l)) for l, f in zip(leaves, flags) if f)
-  for (path, leaf), f in zip(path_leaves, flags):
-    if (not f and getattr(leaf, "dtype", None) == jnp.bool_
-        and not isinstance(leaf, jax.core.Tracer) and not bool(jnp.all(leaf))):
-      raise ConfigError(f"sparsity_of: the mask prunes entries of {path_str(path)}, which "
-                        "filter_fn does not select; pass the filter_fn the mask was made with")
+  unselected = [(path, leaf) for (path, leaf), f in zip(path_leaves, flags)
+                if not f and getattr(leaf, "dtype", None) == jnp.bool_
+                and not isinstance(leaf, jax.core.Tracer)]
+  if unselected:
+    kept_all = _each_leaf(_all_true, jnp.all, [leaf for _, leaf in unselected])
+    for (path, _), ok in zip(unselected, kept_all):
+      if not ok:
+        raise ConfigError(f"sparsity_of: the mask prunes entries of {path_str(path)}, which "
+                          "filter_fn does not select; pass the filter_fn the mask was made with")
   if n == 0:
     return jnp.zeros((), jnp.float32)
-  pruned = sum(jnp.sum(jnp.logical_not(l) if jnp.result_type(l) == jnp.bool_ else l == 0,
-                       dtype=jnp.int32) for l, f in zip(leaves, flags) if f)
+  selected = [l for l, f in zip(leaves, flags) if f]
+  try:
+    return _pruned_fraction(selected, n)
+  except ValueError:  # leaves committed to different devices: counted one by one on the host
+    pruned = sum(int(jnp.sum(_pruned(l), dtype=jnp.int32)) for l in selected)
+    return jnp.asarray(np.float32(pruned) / np.float32(n))
+
+
+# One compiled program over all the leaves (per tree of shapes): op by op, each leaf shape compiled
+# two or three single ops, and each check synced the host once per leaf.
+@jax.jit
+def _all_true(leaves: list) -> jax.Array:
+  return jnp.stack([jnp.all(l) for l in leaves])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pruned_fraction(leaves: list, n: int) -> jax.Array:
+  pruned = sum(jnp.sum(_pruned(l), dtype=jnp.int32) for l in leaves)
   return pruned.astype(jnp.float32) / n
+
+
+def _pruned(leaf: Any) -> jax.Array:
+  """The pruned entries of a mask leaf (False) or a params leaf (zero)."""
+  return jnp.logical_not(leaf) if jnp.result_type(leaf) == jnp.bool_ else leaf == 0
+
+
+def first_nonfinite(leaves: Sequence[Any]) -> int | None:
+  """The index of the first of ``leaves`` (concrete float arrays) that holds NaN or inf, or None:
+  one compiled check and one host sync for all of them."""
+  if not leaves:
+    return None
+  bad = np.flatnonzero(~_each_leaf(_all_finite, lambda l: jnp.all(jnp.isfinite(l)), leaves))
+  return int(bad[0]) if len(bad) else None
+
+
+def _each_leaf(over_all: Any, one: Any, leaves: Sequence[Any]) -> np.ndarray:
+  """``bool[len(leaves)]``: the compiled check of all the leaves at once, or, where they are
+  committed to different devices (one program cannot take them), ``one`` leaf by leaf."""
+  try:
+    return np.asarray(over_all(list(leaves)), bool)
+  except ValueError:
+    return np.array([bool(one(l)) for l in leaves], bool)
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  return jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves])
 
 
 def num_to_prune(sparsity: Any, n: int, field: str = "sparsity") -> Any:

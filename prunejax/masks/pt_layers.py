@@ -41,7 +41,8 @@ import numpy as np
 
 from prunejax import layer_taps as lt
 from prunejax.errors import ConfigError, DataError, check_choice
-from prunejax.masks.core import make_filter_fn, nothing_selected_error, path_str
+from prunejax.masks.core import (first_nonfinite, make_filter_fn, nothing_selected_error,
+                                  path_str)
 from prunejax.types import ApplyFn, FilterFn, Mask, Params, PyTree
 
 linear_filter_fn: FilterFn = make_filter_fn(embeddings=False)
@@ -136,10 +137,12 @@ def _input_groups(plan: lt.LayerPlan, params: Params, x: Any, ks: Sequence[int])
 
 def _check_params(params: Params, what: str) -> None:
   """NaN or inf in a weight gives NaN scores and a mask ranked on them: refused, naming the leaf."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if (isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
-        and jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(leaf)))):
-      raise DataError(f"{what}: params leaf {path_str(path)} has NaN or inf")
+  concrete = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+              if isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
+              and jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  bad = first_nonfinite([leaf for _, leaf in concrete])
+  if bad is not None:
+    raise DataError(f"{what}: params leaf {path_str(concrete[bad][0])} has NaN or inf")
 
 
 def _analyse(apply_fn: ApplyFn, params: Params, x: Any, filter_fn: FilterFn | None,
