@@ -31,6 +31,11 @@ def _check_error(e: BaseException) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+# One program per logits width and label dtype (op by op, each compiled some twenty single ops); a
+# float label is refused when traced, from its dtype alone, as when called op by op.
+_cross_entropy = jax.jit(losses.cross_entropy)
+
+
 @settings(max_examples=60, **SETTINGS)
 @given(c=st.sampled_from([1, 3, 5]), labels=st.lists(st.integers(-8, 12), min_size=8, max_size=8),
        dtype=st.sampled_from(["int32", "int8", "uint8", "float32", "bool"]),
@@ -42,7 +47,7 @@ def test_cross_entropy_labels(c, labels, dtype, seed):
   y = y.astype(dtype)
   z = np.random.default_rng(seed).normal(size=(len(y), c)).astype(np.float32)
   try:
-    ce = np.asarray(losses.cross_entropy(jnp.asarray(z), jnp.asarray(y)))
+    ce = np.asarray(_cross_entropy(z, y))
   except Exception as e:  # noqa: BLE001
     _check_error(e)
     assert not np.issubdtype(y.dtype, np.integer)  # only non-integer labels are refused
@@ -168,14 +173,27 @@ def test_align_finds_every_id_or_refuses(n, missing, seed):
 # ----------------------------------------------------------------------------------------------
 
 
+@jax.jit
+def _masked_sgd_step(mask, params):
+  """One step of the masked optimizer from its init, as one program per mask and params shapes
+  (op by op, each shape compiled some ten single ops). Its checks are of structure, shape and
+  dtype, so a bad mask is refused while tracing, as when called op by op."""
+  tx = optim.masked(optax.sgd(0.1, momentum=0.9), mask)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates)
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(m=st.integers(1, 3), n=st.integers(1, 3), kind=st.sampled_from(
     ["exact", "row", "scalar", "transposed", "missing_leaf", "extra_leaf", "float", "list"]),
     seed=st.integers(0, 100))
 def test_masked_optimizer_masks_exactly_or_refuses(m, n, kind, seed):
   rng = np.random.default_rng(seed)
-  params = {"w": jnp.asarray(rng.normal(size=(m, n)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(n,)), jnp.float32)}
+  # Cast on the host and put as is (jnp.asarray compiles a copy or a conversion per shape).
+  params = {"w": jax.device_put(rng.normal(size=(m, n)).astype(np.float32)),
+            "b": jax.device_put(rng.normal(size=(n,)).astype(np.float32))}
   exact = {"w": rng.random((m, n)) > 0.5, "b": np.ones(n, bool)}
   mask = {"exact": exact,
           "row": {"w": exact["w"][:1], "b": exact["b"]},
@@ -185,13 +203,9 @@ def test_masked_optimizer_masks_exactly_or_refuses(m, n, kind, seed):
           "extra_leaf": {**exact, "c": np.ones(2, bool)},
           "float": {"w": exact["w"].astype(np.float32), "b": exact["b"]},
           "list": [exact["w"], exact["b"]]}[kind]
-  mask = jax.tree.map(jnp.asarray, mask)
-  tx = optim.masked(optax.sgd(0.1, momentum=0.9), mask)
+  mask = jax.tree.map(jax.device_put, mask)
   try:
-    state = tx.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    updates, state = tx.update(grads, state, params)
-    new = optax.apply_updates(params, updates)
+    new = _masked_sgd_step(mask, params)
   except Exception as e:  # noqa: BLE001
     _check_error(e)
     assert kind != "exact" and not (kind == "row" and m == 1) \
@@ -203,8 +217,8 @@ def test_masked_optimizer_masks_exactly_or_refuses(m, n, kind, seed):
   for k in params:
     keep = np.asarray(mask[k]).astype(bool)
     assert np.all(np.asarray(new[k])[~keep] == 0.0)
-    np.testing.assert_allclose(np.asarray(new[k])[keep], np.asarray(params[k] - 0.1)[keep],
-                               rtol=1e-6)
+    want = np.asarray(params[k]) - np.float32(0.1)  # float32, as params[k] - 0.1 on the device
+    np.testing.assert_allclose(np.asarray(new[k])[keep], want[keep], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

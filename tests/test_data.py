@@ -207,8 +207,11 @@ def _images(n=12, h=6, w=5, c=2, seed=0):
 def test_augment_equals_a_numpy_crop_and_flip_with_the_drawn_offsets():
   x, ids, key = _images(), np.arange(100, 112), jax.random.key(7)
   epoch = np.full(12, 3, np.int32)
-  out = np.asarray(data.augment(jnp.asarray(x), ids, epoch, key, crop_padding=2, flip=True))
-  dy, dx, flip = map(np.asarray, data.crop_flip_params(data.example_keys(key, ids, epoch), 2))
+  # The augmented images and the offsets and flips drawn for them, as one program.
+  out, drawn = jax.jit(lambda x, i, e, k: (
+      data.augment(x, i, e, k, crop_padding=2, flip=True),
+      data.crop_flip_params(data.example_keys(k, i, e), 2)))(x, ids, epoch, key)
+  out, (dy, dx, flip) = np.asarray(out), map(np.asarray, drawn)
   padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
   for i in range(12):
     ref = padded[i, dy[i]:dy[i] + 6, dx[i]:dx[i] + 5]
@@ -219,12 +222,13 @@ def test_augment_equals_a_numpy_crop_and_flip_with_the_drawn_offsets():
 def test_augmentation_of_an_example_does_not_depend_on_its_batch():
   x, ids, key = _images(16), np.arange(16) * 7, jax.random.key(1)
   epoch = np.zeros(16, np.int32)
-  aug = lambda rows: np.asarray(data.augment(jnp.asarray(x[rows]), ids[rows], epoch[rows], key))
+  augment = jax.jit(data.augment)  # one program per batch size (op by op, some twenty ops each)
+  aug = lambda rows: np.asarray(augment(x[rows], ids[rows], epoch[rows], key))
   whole = aug(np.arange(16))
   perm = np.random.default_rng(0).permutation(16)
   np.testing.assert_array_equal(aug(perm), whole[perm])
   np.testing.assert_array_equal(np.concatenate([aug(np.arange(8)), aug(np.arange(8, 16))]), whole)
-  other_epoch = np.asarray(data.augment(jnp.asarray(x), ids, epoch + 1, key))
+  other_epoch = np.asarray(augment(x, ids, epoch + 1, key))
   assert not np.array_equal(other_epoch, whole)
 
 

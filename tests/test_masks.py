@@ -341,15 +341,22 @@ def test_snip_matches_hand_written_float64_backprop():
     np.testing.assert_array_equal(m["head"]["kernel"], ref[1])
 
 
+@jax.jit
+def _explicit_hessian_grasp(params, batch):
+  """``-theta * (H g)`` with the Hessian formed explicitly over the flat params (one program: op by
+  op, the gradient, the product and the unravel compiled some fifty single ops)."""
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  loss = lambda f: masks.mean_cross_entropy(_tiny_apply(unravel(f), batch["x"]), batch)
+  g = jax.grad(loss)(flat)
+  hg = jax.hessian(loss)(flat) @ g
+  return unravel(-flat * hg)
+
+
 def test_grasp_matches_explicit_hessian_in_float64():
   with jax.enable_x64(True):
     params, batch = _tiny_net(jnp.float64)
     scores = jax.jit(functools.partial(masks.grasp_scores, _tiny_apply))(params, batch)
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    loss = lambda f: masks.mean_cross_entropy(_tiny_apply(unravel(f), batch["x"]), batch)
-    g = jax.grad(loss)(flat)
-    hg = jax.jit(jax.hessian(loss))(flat) @ g
-    expected = unravel(-flat * hg)
+    expected = _np(_explicit_hessian_grasp(params, batch))
     for a, b in zip(jax.tree.leaves(scores), jax.tree.leaves(expected)):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
     m = masks.grasp(_tiny_apply, params, batch, 0.25)
@@ -365,28 +372,40 @@ def _relu_net(p, x):
   return h @ p["l2"]["kernel"]
 
 
+def _relu_params(seed):
+  # Cast on the host and put as is: jnp.asarray(float64, float32) compiles a conversion per shape.
+  rng = np.random.default_rng(seed)
+  return {f"l{i}": {"kernel": jax.device_put(rng.standard_normal(s).astype(np.float32))}
+          for i, s in enumerate([(6, 5), (5, 4), (4, 3)])}
+
+
+_relu_synflow_scores = jax.jit(functools.partial(masks.synflow_scores, _relu_net,
+                                                 input_shape=(1, 6)))
+
+
 def test_synflow_conserves_flow_per_layer():
-  rng = np.random.default_rng(0)
-  params = {f"l{i}": {"kernel": jnp.asarray(rng.standard_normal(s), jnp.float32)}
-            for i, s in enumerate([(6, 5), (5, 4), (4, 3)])}
-  scores = masks.synflow_scores(_relu_net, params, (1, 6))
-  r = float(jnp.sum(_relu_net(jax.tree.map(jnp.abs, params), jnp.ones((1, 6)))))
+  params = _relu_params(0)
+  scores = _np(_relu_synflow_scores(params))
+  # R = sum(f(1; |theta|)), the same network in float64 on the host.
+  h = np.ones((1, 6))
+  for i in range(3):
+    h = h @ np.abs(np.asarray(params[f"l{i}"]["kernel"], np.float64))
+    h = np.maximum(h, 0.0) if i < 2 else h
+  r = float(np.sum(h))
   for leaf in jax.tree.leaves(scores):
-    assert float(jnp.sum(leaf)) == pytest.approx(r, rel=1e-5)
+    assert float(np.sum(leaf)) == pytest.approx(r, rel=1e-5)
   # Neuron-wise: the flow into each hidden neuron equals the flow out of it.
   np.testing.assert_allclose(np.sum(scores["l0"]["kernel"], 0), np.sum(scores["l1"]["kernel"], 1),
                              rtol=1e-5)
 
 
 def test_synflow_iterative_exact_and_one_round_equals_scores():
-  rng = np.random.default_rng(1)
-  params = {f"l{i}": {"kernel": jnp.asarray(rng.standard_normal(s), jnp.float32)}
-            for i, s in enumerate([(6, 5), (5, 4), (4, 3)])}
+  params = _relu_params(1)
   n = masks.count_params(params)
   m = masks.synflow(_relu_net, params, 0.6, (1, 6), rounds=10)
   assert sum(int(np.sum(~np.asarray(x))) for x in jax.tree.leaves(m)) == round(0.6 * n)
   one = masks.synflow(_relu_net, params, 0.6, (1, 6), rounds=1)
-  direct = masks.mask_from_scores(masks.synflow_scores(_relu_net, params, (1, 6)), 0.6)
+  direct = masks.mask_from_scores(_relu_synflow_scores(params), 0.6)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(direct)))
 
 

@@ -22,7 +22,8 @@ RNG = np.random.default_rng(0)
 
 
 def _normal(*shape):
-  return jnp.asarray(RNG.standard_normal(shape), jnp.float32)
+  # Cast on the host and put as is: jnp.asarray(float64, float32) compiles a conversion per shape.
+  return jax.device_put(RNG.standard_normal(shape).astype(np.float32))
 
 
 def _chosen(tree, filter_fn=None):
@@ -50,7 +51,8 @@ class _NNXNet(nnx.Module):
 
 
 def test_default_filter_on_an_nnx_state():
-  _, state = nnx.split(_NNXNet(nnx.Rngs(0)))
+  # The filter reads paths, shapes and dtypes: the module's shapes are enough (not its init).
+  _, state = nnx.split(nnx.eval_shape(lambda: _NNXNet(nnx.Rngs(0))))
   assert _chosen(state) == {"emb/embedding", "conv/kernel", "l1/kernel", "attn/query/kernel",
                             "attn/key/kernel", "attn/value/kernel", "attn/out/kernel"}
   assert "bn/mean" in masks.leaf_paths(state) and "drop/rngs/key" in masks.leaf_paths(state)
@@ -91,7 +93,8 @@ def test_default_filter_on_haiku_params():
     h = h + hk.get_parameter("pos_embs", (2, 8), init=jnp.zeros)
     c = hk.Conv2D(4, 3)(jnp.zeros((1, 5, 5, 3)))
     return hk.MultiHeadAttention(2, 4, w_init=hk.initializers.VarianceScaling())(h, h, h), c
-  params = hk.transform(f).init(jax.random.key(0), jnp.ones((2, 8)), jnp.zeros((2,), jnp.int32))
+  params = jax.eval_shape(hk.transform(f).init, jax.random.key(0), jnp.ones((2, 8)),
+                          jnp.zeros((2,), jnp.int32))  # shapes only, as the filter reads them
   assert _chosen(params) == {"linear/w", "embed/embeddings", "conv2_d/w",
                              "multi_head_attention/query/w", "multi_head_attention/key/w",
                              "multi_head_attention/value/w", "multi_head_attention/linear/w"}
@@ -295,14 +298,14 @@ def test_heads_of_equinox_haiku_and_nnx_attention():
                                    key=jax.random.key(0))
   attn = eqx.tree_at(lambda a: (a.query_proj.weight, a.key_proj.weight, a.value_proj.weight,
                                 a.output_proj.weight),
-                     attn, tuple(jnp.asarray(w) for w in (qkv.T, qkv.T, qkv.T, qkv)))
+                     attn, tuple(jax.device_put(w) for w in (qkv.T, qkv.T, qkv.T, qkv)))
   params, _ = eqx.partition({"attn": attn}, eqx.is_inexact_array)
   m = masks.heads(params, 0.5, num_heads=4)["attn"]
   cols = np.repeat(keep, hd)
   np.testing.assert_array_equal(m.query_proj.weight, np.broadcast_to(cols[:, None], (8, d)))
   np.testing.assert_array_equal(m.query_proj.bias, cols)
   np.testing.assert_array_equal(m.output_proj.weight, np.broadcast_to(cols, (d, 8)))
-  hk_params = {f"mha/{c}": {"w": jnp.asarray(w), "b": jnp.ones(w.shape[1])}
+  hk_params = {f"mha/{c}": {"w": jax.device_put(w), "b": jnp.ones(w.shape[1])}
                for c, w in [("query", qkv), ("key", qkv), ("value", qkv), ("linear", qkv.T)]}
   hm = masks.heads(hk_params, 0.5, num_heads=4)
   np.testing.assert_array_equal(hm["mha/value"]["w"], np.broadcast_to(cols, (d, 8)))
@@ -311,16 +314,16 @@ def test_heads_of_equinox_haiku_and_nnx_attention():
   mha = nnx.MultiHeadAttention(num_heads=4, in_features=d, qkv_features=8, decode=False,
                                rngs=nnx.Rngs(0))
   for proj in (mha.query, mha.key, mha.value):
-    proj.kernel[...] = jnp.asarray(qkv.reshape(d, 4, hd))
-  mha.out.kernel[...] = jnp.asarray(qkv.T.reshape(4, hd, d))
+    proj.kernel[...] = jax.device_put(qkv.reshape(d, 4, hd))
+  mha.out.kernel[...] = jax.device_put(qkv.T.reshape(4, hd, d))
   _, state = nnx.split(mha)
-  nm = masks.heads(state, 0.5)
-  np.testing.assert_array_equal(nm["query"]["kernel"][...][0, :, 0], keep)
-  np.testing.assert_array_equal(nm["out"]["kernel"][...][:, 0, 0], keep)
-  np.testing.assert_array_equal(nm["value"]["bias"][...][:, 0], keep)
-  narrow = {f"mha/{c}": {"w": jnp.asarray(qkv[:, :6]), "b": jnp.ones(6)}
+  nm = jax.tree.map(np.asarray, nnx.to_pure_dict(masks.heads(state, 0.5)))  # read on the host
+  np.testing.assert_array_equal(nm["query"]["kernel"][0, :, 0], keep)
+  np.testing.assert_array_equal(nm["out"]["kernel"][:, 0, 0], keep)
+  np.testing.assert_array_equal(nm["value"]["bias"][:, 0], keep)
+  narrow = {f"mha/{c}": {"w": jax.device_put(qkv[:, :6]), "b": jnp.ones(6)}
             for c in ("query", "key", "value")}
-  narrow["mha/linear"] = {"w": jnp.asarray(qkv.T[:6])}
+  narrow["mha/linear"] = {"w": jax.device_put(qkv.T[:6])}
   assert masks.heads(narrow, 0.5, num_heads=2)["mha/query"]["w"].shape == (8, 6)
   with pytest.raises(ConfigError, match="looks wrong"):  # Haiku weights read as (out, in).
     masks.heads(narrow, 0.5, num_heads=2, layout="out_in")

@@ -15,18 +15,25 @@ from prunejax.errors import ConfigError
 from prunejax.models import MLP
 
 MODEL = MLP(num_classes=3, hidden=(16,))
-X = jnp.asarray(np.random.default_rng(0).standard_normal((32, 2, 2, 2)), jnp.float32)
-BATCH = {"x": X, "y": jnp.asarray(np.arange(32) % 3)}
+# Host arrays cast on the host and put as they are: jnp.asarray compiles a copy, and a conversion
+# from float64, per shape.
+X = jax.device_put(np.random.default_rng(0).standard_normal((32, 2, 2, 2)).astype(np.float32))
+BATCH = {"x": X, "y": jax.device_put(np.arange(32) % 3)}
 
 
 def _params(seed=0):
   shapes = jax.eval_shape(MODEL.init, jax.random.key(0), X)["params"]
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), shapes)
+  return jax.tree.map(
+      lambda s: jax.device_put((0.5 * rng.standard_normal(s.shape)).astype(s.dtype)), shapes)
 
 
 def _loss(params, batch):
   return masks.mean_cross_entropy(MODEL.apply({"params": params}, batch["x"]), batch)
+
+
+# The loss as one program (op by op, one forward compiled some thirty single ops).
+_loss_jit = jax.jit(_loss)
 
 
 def _make_step(tx):
@@ -59,7 +66,7 @@ def test_pruned_weights_stay_exactly_zero_for_100_steps(inner):
     assert np.all(p[~m] == 0.0)
     assert np.all(p[m] != p0[m])  # kept weights train.
   assert optim.get_mask(state) is not None
-  assert float(_loss(trained, BATCH)) < float(_loss(masks.apply_mask(params, mask), BATCH))
+  assert float(_loss_jit(trained, BATCH)) < float(_loss_jit(masks.apply_mask(params, mask), BATCH))
 
 
 def test_kept_weights_get_the_inner_update_unchanged():
@@ -67,14 +74,21 @@ def test_kept_weights_get_the_inner_update_unchanged():
   mask = masks.magnitude(params, 0.5)
   pruned = masks.apply_mask(params, mask)
   inner = optax.sgd(0.1)
-  grads = jax.grad(_loss)(pruned, BATCH)
   masked_tx = optim.masked(inner, mask)
-  masked_updates, _ = masked_tx.update(grads, masked_tx.init(pruned), pruned)
-  plain_updates, _ = inner.update(grads, inner.init(pruned), pruned)
+
+  @jax.jit  # one program for the gradient and both updates, instead of op by op
+  def both_updates(params):
+    grads = jax.grad(_loss)(params, BATCH)
+    masked_updates, _ = masked_tx.update(grads, masked_tx.init(params), params)
+    plain_updates, _ = inner.update(grads, inner.init(params), params)
+    return masked_updates, plain_updates
+
+  masked_updates, plain_updates = jax.tree.map(np.asarray, both_updates(pruned))
   for u, v, m in zip(jax.tree.leaves(masked_updates), jax.tree.leaves(plain_updates),
                      jax.tree.leaves(mask)):
-    np.testing.assert_array_equal(np.asarray(u)[np.asarray(m)], np.asarray(v)[np.asarray(m)])
-    assert np.all(np.asarray(u)[~np.asarray(m)] == 0.0)
+    m = np.asarray(m)
+    np.testing.assert_array_equal(u[m], v[m])
+    assert np.all(u[~m] == 0.0)
 
 
 def test_gradual_pruning_on_a_schedule_inside_jit():
@@ -90,9 +104,10 @@ def test_gradual_pruning_on_a_schedule_inside_jit():
     mask_leaves = jax.tree.leaves(optim.get_mask(state))
     seen.append(int(sum(np.sum(~np.asarray(m)) for m in mask_leaves)))
     zeros = sum(int(np.sum(np.asarray(p) == 0)) for p, m in
-                zip(jax.tree.leaves(params), mask_leaves) if not np.all(m))
+                zip(jax.tree.leaves(params), mask_leaves) if not np.all(np.asarray(m)))
     assert zeros >= seen[-1]  # pruned weights are exactly zero.
-  expected = [round(float(schedule(t)) * n) for t in range(15)]
+  schedule_jit = jax.jit(schedule)  # one program for the 15 steps, as the step evaluates it
+  expected = [round(float(schedule_jit(t)) * n) for t in range(15)]
   assert seen == expected
   assert seen[-1] == round(0.8 * n)
   assert step._cache_size() == 1

@@ -5,7 +5,7 @@ GPT's Hugging Face-style inputs (attention mask, padding on either side)."""
 import jax
 import numpy as np
 import pytest
-from test_posttraining import recon_error, sparsegpt_ref
+from test_posttraining import sparsegpt_ref
 
 from prunejax.errors import ConfigError
 from prunejax.masks import posttraining as pt
@@ -63,7 +63,7 @@ def _block_reference(apply_fn, params, batches, sparsity):
       if not layer.name.startswith(block + "/"):
         continue
       kernel = _get(cur, layer.name)  # Flax (in K, out E)
-      h = np.asarray(cal.stats[layer.name].gram[0], np.float64)
+      h = np.asarray(cal.stats[layer.name].gram, np.float64)[0]
       new_w, pruned = sparsegpt_ref(kernel.T, h, round(sparsity * kernel.size),
                                     blocksize=BLOCKSIZE)
       _set(cur, layer.name, new_w.T)
@@ -110,7 +110,7 @@ def test_block_sequential_wanda_equals_the_reference_ordering():
       if not layer.name.startswith(block + "/"):
         continue
       w = np.asarray(_get(cur, layer.name), np.float64)  # (K, E)
-      s = np.abs(w) * np.sqrt(np.asarray(cal.stats[layer.name].norms_sq[0], np.float64))[:, None]
+      s = np.abs(w) * np.sqrt(np.asarray(cal.stats[layer.name].norms_sq, np.float64)[0])[:, None]
       k = round(0.5 * w.shape[0])
       order = np.argsort(s, axis=0, kind="stable")
       want = np.ones_like(w, bool)

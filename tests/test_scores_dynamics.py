@@ -16,17 +16,28 @@ from prunejax.errors import ConfigError, DataError
 from prunejax.scores import label_quality as lq
 
 
+# Inputs are cast on the host and put on the device as they are, and trackers are updated and read
+# through jax.jit: jnp.asarray compiled a copy or a conversion per shape, and an update called
+# outside jit compiled each of its twenty-odd ops alone.
+
+
 def _batch(ids, y, mask=None):
   ids = np.asarray(ids)
-  return {"id": jnp.asarray(ids), "y": jnp.asarray(y, jnp.int32),
-          "mask": jnp.asarray(np.ones(len(ids), bool) if mask is None else mask)}
+  mask = np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool)
+  return {"id": jax.device_put(ids), "y": jax.device_put(np.asarray(y, np.int32)),
+          "mask": jax.device_put(mask)}
 
 
 def _logits_for(correct, y, num_classes=3):
   """Logits whose argmax is ``y`` where ``correct`` and ``(y + 1) % C`` elsewhere."""
   y = np.asarray(y)
   pred = np.where(correct, y, (y + 1) % num_classes)
-  return jnp.asarray(np.eye(num_classes)[pred] * 2.0, jnp.float32)
+  return jax.device_put((np.eye(num_classes)[pred] * 2.0).astype(np.float32))
+
+
+def _read(state, *methods):
+  """``state.<method>()`` for each of ``methods``, as one program, on the host."""
+  return [np.asarray(v) for v in jax.jit(lambda s: [getattr(s, m)() for m in methods])(state)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,17 +66,18 @@ def test_forgetting_hand_computed():
   np.testing.assert_array_equal(state.presented, [4, 4, 4, 4])
   np.testing.assert_array_equal(state.learned, [True, True, False, True])
   # Never learned: max presentations + 1 = 5, above anything a learned example can reach.
-  np.testing.assert_array_equal(state.scores(), [2.0, 0.0, 5.0, 1.0])
+  np.testing.assert_array_equal(_read(state, "scores")[0], [2.0, 0.0, 5.0, 1.0])
 
 
 def test_forgetting_partial_batches_and_repeated_ids():
   tracker = scores.forgetting()
   state = tracker.init(np.arange(3))
-  state = tracker.update(state, _batch([0], [0]), _logits_for([True], [0]))
-  state = tracker.update(state, _batch([1], [0]), _logits_for([True], [0]))
-  state = tracker.update(state, _batch([0], [0]), _logits_for([False], [0]))
+  update = jax.jit(tracker.update)
+  state = update(state, _batch([0], [0]), _logits_for([True], [0]))
+  state = update(state, _batch([1], [0]), _logits_for([True], [0]))
+  state = update(state, _batch([0], [0]), _logits_for([False], [0]))
   np.testing.assert_array_equal(state.forgets, [1, 0, 0])
-  np.testing.assert_array_equal(state.scores(), [1.0, 0.0, 3.0])  # id 2 never seen: 2 + 1.
+  np.testing.assert_array_equal(_read(state, "scores")[0], [1.0, 0.0, 3.0])  # id 2: 2 + 1.
   with pytest.raises(ConfigError, match="unique"):
     tracker.init(np.array([1, 1, 2]))
 
@@ -86,45 +98,48 @@ def test_cartography_matches_numpy():
   update = jax.jit(tracker.update)
   for e in range(epochs):
     perm = rng.permutation(n)  # a different batch order every epoch.
-    state = update(state, _batch(ids[perm], y[perm]), jnp.asarray(logits[e, perm]))
+    state = update(state, _batch(ids[perm], y[perm]), logits[e, perm])
   probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   p_y = probs[:, np.arange(n), y]  # [epochs, n]
-  np.testing.assert_allclose(state.confidence(), p_y.mean(0), rtol=1e-5)
-  np.testing.assert_allclose(state.variability(), p_y.std(0), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(state.correctness(),
-                             (logits.argmax(-1) == y[None]).mean(0), rtol=1e-6)
+  confidence, variability, correctness = _read(state, "confidence", "variability", "correctness")
+  np.testing.assert_allclose(confidence, p_y.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(variability, p_y.std(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(correctness, (logits.argmax(-1) == y[None]).mean(0), rtol=1e-6)
 
 
 def test_aum_hand_computed():
   tracker = scores.aum()
   state = tracker.init(np.array([1, 2]))
+  update = jax.jit(tracker.update)
   # Margins of id 1: (3 - 1) = 2 then (0 - 2) = -2; id 2 (label 1): (1 - 0) = 1 then (4 - 0) = 4.
-  state = tracker.update(state, _batch([1, 2], [0, 1]),
-                         jnp.array([[3.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
-  state = tracker.update(state, _batch([2, 1], [1, 0]),
-                         jnp.array([[0.0, 4.0, 0.0], [0.0, 2.0, 1.0]]))
-  np.testing.assert_allclose(state.mean(), [0.0, 2.5])
+  state = update(state, _batch([1, 2], [0, 1]),
+                 np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 0.0]], np.float32))
+  state = update(state, _batch([2, 1], [1, 0]),
+                 np.array([[0.0, 4.0, 0.0], [0.0, 2.0, 1.0]], np.float32))
+  np.testing.assert_allclose(_read(state, "mean")[0], [0.0, 2.5])
 
 
 def test_running_mean_and_average_over_checkpoints():
   tracker = scores.running_mean()
   state = tracker.init(np.array([5, 6, 7]))
-  state = tracker.update(state, _batch([5, 6, 7, -1], [0] * 4, [True, True, True, False]),
-                         jnp.array([1.0, 2.0, 3.0, 100.0]))
-  state = tracker.update(state, _batch([7, 5], [0, 0]), jnp.array([5.0, 3.0]))
-  np.testing.assert_allclose(state.mean(), [2.0, 2.0, 4.0])
+  update = jax.jit(tracker.update)
+  state = update(state, _batch([5, 6, 7, -1], [0] * 4, [True, True, True, False]),
+                 np.array([1.0, 2.0, 3.0, 100.0], np.float32))
+  state = update(state, _batch([7, 5], [0, 0]), np.array([5.0, 3.0], np.float32))
+  np.testing.assert_allclose(_read(state, "mean")[0], [2.0, 2.0, 4.0])
 
   def apply_fn(params, x):
     return x @ params["w"]
 
   rng = np.random.default_rng(0)
-  ws = [jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for _ in range(3)]
-  batch = {"x": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32), "y": jnp.arange(5) % 3,
-           "mask": jnp.array([True, True, True, True, False])}
-  stacked = {"w": jnp.stack(ws)}
-  avg = jax.jit(functools.partial(scores.average_over_checkpoints, scores.el2n, apply_fn))(
-      stacked, batch)
-  expected = np.mean([scores.el2n(apply_fn, {"w": w}, batch) for w in ws], axis=0)
+  ws = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(3)]
+  batch = {"x": rng.normal(size=(5, 4)).astype(np.float32), "y": np.arange(5, dtype=np.int32) % 3,
+           "mask": np.array([True, True, True, True, False])}
+  stacked = {"w": np.stack(ws)}
+  avg = np.asarray(jax.jit(functools.partial(scores.average_over_checkpoints, scores.el2n,
+                                             apply_fn))(stacked, batch))
+  el2n = jax.jit(functools.partial(scores.el2n, apply_fn))  # one program for the 3 checkpoints
+  expected = np.mean([np.asarray(el2n({"w": w}, batch)) for w in ws], axis=0)
   np.testing.assert_allclose(avg, expected, rtol=1e-6)
   assert avg[4] == 0.0
 
@@ -136,8 +151,8 @@ def test_running_mean_and_average_over_checkpoints():
 
 def test_kmeans_two_blobs_and_determinism():
   x = jnp.array([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0], [10.0, 1.0]])
-  c, assign = scores.kmeans(jax.random.key(0), x, 2, num_iters=10)
-  c = np.asarray(c)[np.argsort(np.asarray(c)[:, 0])]
+  c, assign = map(np.asarray, scores.kmeans(jax.random.key(0), x, 2, num_iters=10))
+  c = c[np.argsort(c[:, 0])]
   np.testing.assert_allclose(c, [[0.0, 1.0], [10.0, 1.0]], atol=1e-6)
   assert assign[0] == assign[1] and assign[2] == assign[3] == assign[4] != assign[0]
   d = scores.prototypes(x, num_clusters=2, key=jax.random.key(3))
@@ -151,8 +166,9 @@ def test_prototypes_per_class_uses_own_class_centroids():
   labels = np.array([0, 0, 1, 1, 1])
   d = scores.prototypes(x, labels, num_clusters=1, key=jax.random.key(0), per_class=True)
   own_center = np.array([10.0 / 3, 10.2 / 3])
-  np.testing.assert_allclose(d, [0.1, 0.1, np.linalg.norm(x[2] - own_center),
-                                 np.linalg.norm(x[3] - own_center),
+  x_np = np.asarray(x)  # rows read on the host (x[2] on the device compiles a slice)
+  np.testing.assert_allclose(d, [0.1, 0.1, np.linalg.norm(x_np[2] - own_center),
+                                 np.linalg.norm(x_np[3] - own_center),
                                  np.linalg.norm(own_center)], rtol=1e-5)
   with pytest.raises(ConfigError, match="needs labels_N"):
     scores.prototypes(x, num_clusters=1, key=jax.random.key(0), per_class=True)
@@ -253,10 +269,12 @@ def test_cross_validated_label_issues_find_flipped_labels():
     return jax.lax.fori_loop(0, 200, lambda _, w: jax.tree.map(
         lambda p, g: p - 0.5 * g, w, jax.grad(loss)(w)), w)
 
+  predict = jax.jit(lambda x_he, w: jax.nn.softmax(x_he @ w["a"] + w["b"]))
+
   def fit_predict(train_ids, held_ids):
     tr, he = train_ids - 1000, held_ids - 1000
-    w = fit(jnp.asarray(x[tr]), jnp.asarray(labels[tr]))
-    return np.asarray(jax.nn.softmax(x[he] @ w["a"] + w["b"]))
+    w = fit(x[tr], labels[tr].astype(np.int32))
+    return np.asarray(predict(x[he], w))
 
   probs = scores.out_of_fold_probs(fit_predict, ids, labels, num_folds=5)
   issues = scores.find_label_issues(probs, labels)
