@@ -187,7 +187,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   """Every array of an ``.npz`` file, read in full (so the zip CRC of each is checked)."""
   try:
     with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files}
+      arrays = {k: f[k] for k in f.files}
   except FileNotFoundError:
     raise FileError(f"{path} does not exist") from None
   except OSError as e:
@@ -196,6 +196,12 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     # zipfile, numpy's header parser and zlib raise all of these for damaged files.
     raise FileError(f"{path} is damaged ({type(e).__name__}: {_first_line(e)}); delete it or "
                     "recompute it") from None
+  # A member whose name lost its ".npy" (a damaged zip directory) comes back as raw bytes.
+  raw = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+  if raw:
+    raise FileError(f"{path} is damaged (its member {raw[0]!r} is not an array); delete it or "
+                    "recompute it")
+  return arrays
 
 
 def npz_digest(path: str) -> str:

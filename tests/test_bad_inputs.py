@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from prunejax import fileio, losses, optim
 from prunejax.checkpoint import Units
@@ -102,6 +102,9 @@ def test_scores_files_round_trip_or_refuse(ids, length, extra):
 @settings(max_examples=60, **SETTINGS)
 @given(cut=st.floats(0, 1), flip=st.integers(0, 10**6), bit=st.integers(0, 7),
        mode=st.sampled_from(["truncate", "flip", "append", "zero"]))
+# Found by hypothesis: zeroed bytes in the zip's directory rename the ids member (no ".npy"), and
+# numpy then returns its raw bytes instead of an array.
+@example(cut=0.947265625, flip=6, bit=0, mode="zero")
 def test_damaged_scores_files_are_refused_never_misread(cut, flip, bit, mode):
   ids = np.arange(100, 300, dtype=np.int64)
   scores = np.linspace(0, 1, 200, dtype=np.float32)
