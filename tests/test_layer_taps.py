@@ -21,8 +21,9 @@ def _conv_case(dims, x_shape, w_shape, **kw):
   def apply_fn(params, x):
     return jax.lax.conv_general_dilated(x, params["w"], dimension_numbers=dims, **kw)
   rng = np.random.default_rng(0)
-  return apply_fn, {"w": jnp.asarray(rng.normal(size=w_shape), jnp.float32)}, jnp.asarray(
-      rng.normal(size=x_shape), jnp.float32)
+  # device_put: jnp.asarray would compile a copy per shape.
+  return apply_fn, {"w": jax.device_put(rng.normal(size=w_shape).astype(np.float32))}, (
+      jax.device_put(rng.normal(size=x_shape).astype(np.float32)))
 
 
 CONVS = {
@@ -46,23 +47,26 @@ def test_conv_rows_reproduce_the_conv(name):
   (layer,) = plan.layers.values()
   assert layer.kind == "conv" and plan.uses == {0: [("layer", layer.index)]}
   geo = layer_rows.conv_geometry(layer)
-  rows_BxNxK = layer_rows.layer_rows(layer, x)
+  # The rows and the conv in one compiled program (op by op, ~40 single ops compiled); the
+  # products of rows and kernel on the host, in float64.
+  rows_BxNxK, out = map(np.asarray, jax.jit(lambda p, x: (layer_rows.layer_rows(layer, x),
+                                                          apply_fn(p, x)))(params, x))
   _, rhs_spec, out_spec = layer.eqn.params["dimension_numbers"]
-  w = jnp.transpose(params["w"], tuple(rhs_spec[2:]) + (rhs_spec[1], rhs_spec[0]))
+  w = np.transpose(np.asarray(params["w"], np.float64),
+                   tuple(rhs_spec[2:]) + (rhs_spec[1], rhs_spec[0]))
   g, eg = geo.groups, geo.c_out // geo.groups
-  w_GxKxE = jnp.moveaxis(w.reshape(-1, w.shape[-2], g, eg), 2, 0).reshape(g, -1, eg)
-  got = jnp.einsum("bgnk,gke->bgne", rows_BxNxK.reshape(B, g, -1, w_GxKxE.shape[1]), w_GxKxE,
-                   precision="highest")
-  out = jnp.transpose(apply_fn(params, x), (out_spec[0], out_spec[1]) + tuple(out_spec[2:]))
-  want = jnp.swapaxes(out.reshape(B, g, eg, -1), 2, 3)
+  w_GxKxE = np.moveaxis(w.reshape(-1, w.shape[-2], g, eg), 2, 0).reshape(g, -1, eg)
+  got = np.einsum("bgnk,gke->bgne", rows_BxNxK.reshape(B, g, -1, w_GxKxE.shape[1]), w_GxKxE)
+  out = np.transpose(out, (out_spec[0], out_spec[1]) + tuple(out_spec[2:]))
+  want = np.swapaxes(out.reshape(B, g, eg, -1), 2, 3)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _mlp_case():
   model = build_model("mlp", 3, hidden=(8,))
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(B, 4, 4, 1)), jnp.float32)
+  x = np.random.default_rng(1).normal(size=(B, 4, 4, 1)).astype(np.float32)
   variables = init_variables(model, jax.random.key(0), x[:1])
-  return model, make_apply_fn(model), variables, x
+  return model, make_apply_fn(model), variables, jax.device_put(x)
 
 
 def test_forward_tap_records_calibration_statistics():
@@ -76,14 +80,17 @@ def test_forward_tap_records_calibration_statistics():
     a_BxNxK = layer_rows.layer_rows(layer, act)
     return out, jnp.einsum("bnk,bnl->kl", a_BxNxK, a_BxNxK)
 
-  (logits,), records = layer_taps.run(plan, variables, x,
-                                      layer_taps={k: tap for k in plan.layers})
-  np.testing.assert_allclose(logits, apply_fn(variables, x), rtol=1e-6)
+  # The tapped pass compiled, and the model's own pass (logits and the hidden layer's output) in
+  # another (op by op, the two compiled ~25 single ops); the Gram matrices on the host, in float64.
+  (logits,), records = jax.jit(lambda v, x: layer_taps.run(
+      plan, v, x, layer_taps={k: tap for k in plan.layers}))(variables, x)
+  want_logits, inter = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True))(
+      variables, x)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-6)
   first, head = sorted(records)
-  flat = x.reshape(B, -1)
+  flat = np.asarray(x, np.float64).reshape(B, -1)
   np.testing.assert_allclose(records[first], flat.T @ flat, rtol=1e-5)
-  _, inter = model.apply(variables, x, capture_intermediates=True)
-  h = jax.nn.relu(inter["intermediates"]["dense_0"]["__call__"][0])
+  h = np.maximum(np.asarray(inter["intermediates"]["dense_0"]["__call__"][0], np.float64), 0.0)
   np.testing.assert_allclose(records[head], h.T @ h, rtol=1e-5, atol=1e-6)
 
 
@@ -94,30 +101,40 @@ def test_sites_uses_and_penultimate():
     return h @ params["head"] + params["c"] + extra[:, None]
 
   rng = np.random.default_rng(2)
-  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in
+  params = {k: jax.device_put(rng.normal(size=s).astype(np.float32)) for k, s in
             {"w": (4, 5), "b": (5,), "s": (5,), "rows": (2, 5), "head": (5, 3), "c": (3,)}.items()}
-  x = jnp.asarray(rng.normal(size=(B, 4)), jnp.float32)
+  x = jax.device_put(rng.normal(size=(B, 4)).astype(np.float32))
   plan = layer_taps.find_layers(apply_fn, params, x)
   kinds = {plan.paths[i]: sorted({kind for kind, _ in uses}) for i, uses in plan.uses.items()}
   assert kinds == {"['w']": ["layer"], "['b']": ["site"], "['s']": ["site"], "['rows']": ["other"],
                    "['head']": ["layer"], "['c']": ["site"]}
   assert all(site.shape in ((1, 5), (1, 3)) for site in plan.sites.values())
-  h, logits, has_bias = layer_taps.penultimate(apply_fn, params, x)
-  np.testing.assert_allclose(h, jnp.tanh(x @ params["w"] + params["b"]) * params["s"], rtol=1e-6)
-  np.testing.assert_allclose(logits, apply_fn(params, x), rtol=1e-6)
-  assert has_bias
+  has_bias = []  # penultimate compiled (op by op, ~25 single ops compiled); its flag, as traced
+
+  def penultimate(p, x):
+    h, logits, bias = layer_taps.penultimate(apply_fn, p, x)
+    has_bias.append(bias)
+    return h, logits
+
+  h, logits = jax.jit(penultimate)(params, x)
+  want_h, want_logits = jax.jit(lambda p, x: (jnp.tanh(x @ p["w"] + p["b"]) * p["s"],
+                                              apply_fn(p, x)))(params, x)
+  np.testing.assert_allclose(h, want_h, rtol=1e-6)
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-6)
+  assert has_bias == [True]
 
 
 def test_penultimate_errors():
-  params = {"w": jnp.ones((4, 3))}
+  ones = lambda *shape: jax.device_put(np.ones(shape, np.float32))  # jnp.ones compiles per shape
+  params = {"w": ones(4, 3)}
   with pytest.raises(ConfigError, match="no dense layer"):
-    layer_taps.penultimate(lambda p, x: x[:, :3] * p["w"][0], params, jnp.ones((B, 4)))
+    layer_taps.penultimate(lambda p, x: x[:, :3] * p["w"][0], params, ones(B, 4))
   seq_fn = lambda p, x: jnp.mean(x @ p["w"], axis=1)  # the last dense layer sees 5 rows.
   with pytest.raises(ConfigError, match="sees 5 rows per example"):
-    layer_taps.penultimate(seq_fn, params, jnp.ones((B, 5, 4)))
+    layer_taps.penultimate(seq_fn, params, ones(B, 5, 4))
   with pytest.raises(ConfigError, match="same leading"):
     layer_taps.find_layers(lambda p, x: x["a"] @ p["w"], params,
-                           {"a": jnp.ones((B, 4)), "b": jnp.ones((B + 1, 4))})
+                           {"a": ones(B, 4), "b": ones(B + 1, 4)})
 
 
 def test_example_axis_not_leading():
@@ -128,13 +145,15 @@ def test_example_axis_not_leading():
 
   with jax.enable_x64(True):
     rng = np.random.default_rng(3)
-    params = {"w": jnp.asarray(rng.normal(size=(4, 5))),
-              "head": jnp.asarray(rng.normal(size=(5, 3)))}
-    batch = {"x": jnp.asarray(rng.normal(size=(B, 6, 4))), "y": jnp.array([0, 1, 2])}
+    params = jax.device_put({"w": rng.normal(size=(4, 5)), "head": rng.normal(size=(5, 3))})
+    batch = jax.device_put({"x": rng.normal(size=(B, 6, 4)), "y": np.array([0, 1, 2])})
     plan = layer_taps.find_layers(apply_fn, params, batch["x"])
     assert sorted(layer.batch_axis for layer in plan.layers.values()) == [0, 1]
     got = jax.jit(functools.partial(scores.grand, apply_fn))(params, batch)
-    want = [np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(jax.grad(
-        lambda p: -jax.nn.log_softmax(apply_fn(p, batch["x"][i:i + 1]))[0, batch["y"][i]])(
-            params)))) for i in range(B)]
+    # Each example's gradient by one compiled jax.grad, its squared norm summed on the host (op by
+    # op, the gradients and sums compiled ~40 single ops).
+    grad_one = jax.jit(jax.grad(lambda p, x1, y1: -jax.nn.log_softmax(apply_fn(p, x1))[0, y1]))
+    x, y = np.asarray(batch["x"]), np.asarray(batch["y"])
+    want = [np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in jax.tree.leaves(
+        grad_one(params, x[i:i + 1], y[i])))) for i in range(B)]
     np.testing.assert_allclose(got, want, rtol=1e-10)

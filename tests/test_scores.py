@@ -29,7 +29,7 @@ B = 5
 def _random_variables(model, x, rng):
   """Random variables of ``model`` (cheaper than Flax's initializers, which compile slowly on CPU):
   kernels scaled by 1/sqrt(fan-in), non-trivial norm scales and BatchNorm statistics."""
-  shapes = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
 
   def leaf(path, s):
@@ -42,7 +42,7 @@ def _random_variables(model, x, rng):
       v = 1.0 + 0.2 * rng.normal(size=s.shape)
     else:
       v = 0.2 * rng.normal(size=s.shape)
-    return jnp.asarray(v, dtype)
+    return jax.device_put(np.asarray(v, dtype))  # jnp.asarray compiles a copy per shape
 
   return jax.tree_util.tree_map_with_path(leaf, dict(shapes))
 
@@ -65,31 +65,40 @@ def _case(name: str, key: int = 0):
   if name == "gpt":
     lengths = np.array([8, 5, 3, 8, 1])
     x = rng.integers(1, 50, (B, 8)) * (np.arange(8)[None] < lengths[:, None])
-    x = jnp.asarray(x, jnp.int32)
+    x = np.asarray(x, np.int32)
   else:
-    x = jnp.asarray(rng.normal(size=(B, 8, 8, 3)),
-                    jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    x = rng.normal(size=(B, 8, 8, 3)).astype(np.float64 if jax.config.jax_enable_x64
+                                               else np.float32)
   variables = _random_variables(model, x[:1], rng)
-  batch = {"x": x, "y": jnp.asarray([0, 1, 2, 1, 0], jnp.int32), "mask": jnp.ones(B, bool)}
+  batch = jax.device_put({"x": x, "y": np.array([0, 1, 2, 1, 0], np.int32),
+                          "mask": np.ones(B, bool)})
   return make_apply_fn(model), variables, batch
 
 
-def _loop_grad_norms(apply_fn, params, batch, leaf_filter=None):
-  """The reference: one jax.grad per example, in a Python loop (jitted once, same shapes).
-
-  ``leaf_filter(path_str)`` restricts the norm to some leaves."""
+def _loop_grad_sq(apply_fn, params, batch):
+  """The reference: one jax.grad per example, in a Python loop (jitted once, same shapes), and
+  each leaf's squared norm summed on the host in float64: ``[(path_str, f64[B])]``."""
 
   @jax.jit
   def grad_one(p, x1, y1):
     return jax.grad(lambda p: -jax.nn.log_softmax(apply_fn(p, x1))[0, y1[0]])(p)
 
-  out = []
-  for i in range(batch["y"].shape[0]):
-    g = grad_one(params, batch["x"][i:i + 1], batch["y"][i:i + 1])
-    leaves = jax.tree_util.tree_leaves_with_path(g)
-    out.append(np.sqrt(sum(float(jnp.sum(jnp.square(l))) for p, l in leaves
-                           if leaf_filter is None or leaf_filter(jax.tree_util.keystr(p)))))
-  return np.asarray(out)
+  x, y = np.asarray(batch["x"]), np.asarray(batch["y"])  # sliced on the host, not op by op
+  sq = []
+  for i in range(y.shape[0]):
+    leaves = jax.tree_util.tree_leaves_with_path(grad_one(params, x[i:i + 1], y[i:i + 1]))
+    if not sq:
+      sq = [(jax.tree_util.keystr(p), np.zeros(y.shape[0])) for p, _ in leaves]
+    for (_, sq_B), (_, l) in zip(sq, leaves):
+      sq_B[i] = np.sum(np.square(np.asarray(l, np.float64)))
+  return sq
+
+
+def _loop_grad_norms(apply_fn, params, batch, leaf_filter=None, sq=None):
+  """The per-example gradient norms of :func:`_loop_grad_sq` (or of its result ``sq``);
+  ``leaf_filter(path_str)`` restricts the norm to some leaves."""
+  sq = _loop_grad_sq(apply_fn, params, batch) if sq is None else sq
+  return np.sqrt(sum(sq_B for p, sq_B in sq if leaf_filter is None or leaf_filter(p)))
 
 
 def _rel_err(a, b):
@@ -106,24 +115,26 @@ def _identity_apply(params, x):
 
 
 def test_output_scores_hand_computed():
-  logits = jnp.array([[0.0, 0.0], [np.log(3.0), 0.0], [2.0, -1.0]], jnp.float32)
-  batch = {"x": logits, "y": jnp.array([0, 0, 1]), "mask": jnp.array([True, True, False])}
-  params = {"scale": jnp.float32(1.0)}
+  logits = np.array([[0.0, 0.0], [np.log(3.0), 0.0], [2.0, -1.0]], np.float32)
+  batch = {"x": logits, "y": np.array([0, 0, 1], np.int32), "mask": np.array([True, True, False])}
+  params = {"scale": np.float32(1.0)}
+  # The four scores in one compiled program (op by op, ~45 single ops compiled).
+  el2n, loss, margin, entropy = jax.jit(lambda p, b: [
+      fn(_identity_apply, p, b) for fn in (scores.el2n, scores.loss, scores.margin,
+                                           scores.entropy)])(params, batch)
   # Row 0: p = (1/2, 1/2), label 0. Row 1: p = (3/4, 1/4), label 0. Row 2: padding.
-  np.testing.assert_allclose(scores.el2n(_identity_apply, params, batch),
-                             [np.sqrt(0.5), np.sqrt(2) / 4, 0.0], rtol=1e-6)
-  np.testing.assert_allclose(scores.loss(_identity_apply, params, batch),
-                             [np.log(2), np.log(4 / 3), 0.0], rtol=1e-6)
-  np.testing.assert_allclose(scores.margin(_identity_apply, params, batch),
-                             [0.0, np.log(3.0), 0.0], atol=1e-6)
+  np.testing.assert_allclose(el2n, [np.sqrt(0.5), np.sqrt(2) / 4, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(loss, [np.log(2), np.log(4 / 3), 0.0], rtol=1e-6)
+  np.testing.assert_allclose(margin, [0.0, np.log(3.0), 0.0], atol=1e-6)
   np.testing.assert_allclose(
-      scores.entropy(_identity_apply, params, batch),
-      [np.log(2), -(0.75 * np.log(0.75) + 0.25 * np.log(0.25)), 0.0], rtol=1e-6)
+      entropy, [np.log(2), -(0.75 * np.log(0.75) + 0.25 * np.log(0.25)), 0.0], rtol=1e-6)
 
 
 def test_margin_is_negative_when_misclassified():
-  batch = {"x": jnp.array([[1.0, 3.0, 2.0]]), "y": jnp.array([0])}
-  np.testing.assert_allclose(scores.margin(_identity_apply, {"scale": 1.0}, batch), [-2.0])
+  batch = {"x": np.array([[1.0, 3.0, 2.0]], np.float32), "y": np.array([0], np.int32)}
+  # Compiled (op by op, ~15 single ops compiled); the scale is a Python float, as before.
+  margin = jax.jit(lambda b: scores.margin(_identity_apply, {"scale": 1.0}, b))(batch)
+  np.testing.assert_allclose(margin, [-2.0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,11 +146,12 @@ def _plain_case(key: int = 0):
   """The plain-JAX residual convnet of experiments/bench_scores.py (NCHW, OIHW kernels, a params
   dict, a strided 1x1 projection), tiny."""
   rng = np.random.default_rng(key)
-  params = bench_scores.plain_resnet_init(jax.random.key(key), (4, 8), 1, NUM_CLASSES)
-  dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-  params = jax.tree.map(lambda a: a.astype(dtype), params)
-  batch = {"x": jnp.asarray(rng.normal(size=(B, 3, 8, 8)), dtype),
-           "y": jnp.asarray([0, 1, 2, 1, 0], jnp.int32), "mask": jnp.ones(B, bool)}
+  dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
+  # One compiled initialization (op by op, its draws and casts compiled ~20 single ops: 0.5 s).
+  init = lambda seed: bench_scores.plain_resnet_init(jax.random.key(seed), (4, 8), 1, NUM_CLASSES)
+  params = jax.jit(lambda seed: jax.tree.map(lambda a: a.astype(dtype), init(seed)))(key)
+  batch = jax.device_put({"x": rng.normal(size=(B, 3, 8, 8)).astype(dtype),
+                          "y": np.array([0, 1, 2, 1, 0], np.int32), "mask": np.ones(B, bool)})
   return bench_scores.plain_resnet_apply, params, batch
 
 
@@ -218,8 +230,8 @@ def test_grand_exact_for_handwritten_function(budget, monkeypatch):
     params = {"w1": rng.normal(size=(4, 4)), "b1": rng.normal(size=4), "gain": rng.normal(size=4),
               "rows": rng.normal(size=(3, 4)), "head": rng.normal(size=(4, 3)),
               "head_bias": rng.normal(size=3)}
-    params = jax.tree.map(jnp.asarray, params)
-    batch = {"x": jnp.asarray(rng.normal(size=(B, 4))), "y": jnp.array([0, 1, 2, 0, 1])}
+    params = jax.device_put(params)  # jnp.asarray would compile a copy per shape
+    batch = jax.device_put({"x": rng.normal(size=(B, 4)), "y": np.array([0, 1, 2, 0, 1])})
     expected = _loop_grad_norms(_handwritten_apply, params, batch)
     plan = scores.ghost_plan(_handwritten_apply, params, batch["x"]).describe()
     assert plan == {"['b1']": "broadcast", "['gain']": "broadcast", "['head']": "dense/vector",
@@ -256,12 +268,12 @@ def _conv1d(x, w):
 def test_grand_exact_for_unusual_convs(conv, x_shape, w_shape, monkeypatch):
   with jax.enable_x64(True):
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=x_shape))
-    params = {"conv": jnp.asarray(rng.normal(size=w_shape)), "head": None}
+    x = jax.device_put(rng.normal(size=x_shape))  # jnp.asarray would compile a copy per shape
+    params = {"conv": jax.device_put(rng.normal(size=w_shape)), "head": None}
     h_size = int(np.prod(jax.eval_shape(conv, x, params["conv"]).shape[1:]))
-    params["head"] = jnp.asarray(rng.normal(size=(h_size, 3)) * 0.1)
+    params["head"] = jax.device_put(rng.normal(size=(h_size, 3)) * 0.1)
     apply_fn = lambda p, x: jnp.tanh(conv(x, p["conv"])).reshape(x.shape[0], -1) @ p["head"]
-    batch = {"x": x, "y": jnp.array([0, 1, 2, 0, 1])}
+    batch = {"x": x, "y": jax.device_put(np.array([0, 1, 2, 0, 1]))}
     expected = _loop_grad_norms(apply_fn, params, batch)
     for form in (None, "gram", "explicit"):
       monkeypatch.setattr(ghost_norms, "FORCE", form)
@@ -281,9 +293,8 @@ def _einsum_heads_apply(params, x):
 def test_grand_exact_for_einsum_layers():
   with jax.enable_x64(True):
     rng = np.random.default_rng(2)
-    params = {"heads": jnp.asarray(rng.normal(size=(2, 3, 4))),
-              "out": jnp.asarray(rng.normal(size=(3, 8)))}
-    batch = {"x": jnp.asarray(rng.normal(size=(B, 6, 3))), "y": jnp.array([0, 1, 2, 0, 1])}
+    params = jax.device_put({"heads": rng.normal(size=(2, 3, 4)), "out": rng.normal(size=(3, 8))})
+    batch = jax.device_put({"x": rng.normal(size=(B, 6, 3)), "y": np.array([0, 1, 2, 0, 1])})
     plan = scores.ghost_plan(_einsum_heads_apply, params, batch["x"]).describe()
     assert plan["['heads']"].startswith("dense/") and plan["['out']"] == "dense/vector"
     got = jax.jit(functools.partial(scores.grand, _einsum_heads_apply))(params, batch)
@@ -291,20 +302,24 @@ def test_grand_exact_for_einsum_layers():
 
 
 def _outside_case(library: str):
-  """(apply_fn, params) of a small conv + dense model from another library, float64."""
+  """(apply_fn, params) of a small conv + dense model from another library. Each library's own
+  initialization, compiled (op by op, its draws compiled ~10 single ops)."""
   key = jax.random.key(3)
   if library == "equinox":
     eqx = pytest.importorskip("equinox")  # not a dependency of prunejax: the test extra's.
-    k1, k2 = jax.random.split(key)
-    model = eqx.nn.Sequential([eqx.nn.Conv2d(3, 4, 3, key=k1), eqx.nn.Lambda(jnp.tanh),
-                               eqx.nn.Lambda(jnp.ravel), eqx.nn.Linear(4 * 6 * 6, 3, key=k2)])
-    params, static = eqx.partition(model, eqx.is_array)
+
+    def make(key):
+      k1, k2 = jax.random.split(key)
+      return eqx.nn.Sequential([eqx.nn.Conv2d(3, 4, 3, key=k1), eqx.nn.Lambda(jnp.tanh),
+                                eqx.nn.Lambda(jnp.ravel), eqx.nn.Linear(4 * 6 * 6, 3, key=k2)])
+
+    params, static = eqx.partition(eqx.filter_jit(make)(key), eqx.is_array)
     return lambda p, x: jax.vmap(eqx.combine(p, static))(x), params, (B, 3, 8, 8)
   if library == "haiku":
     hk = pytest.importorskip("haiku")
     f = hk.without_apply_rng(hk.transform(lambda x: hk.Sequential(
         [hk.Conv2D(4, 3), jnp.tanh, hk.Flatten(), hk.Linear(3)])(x)))
-    return f.apply, f.init(key, jnp.zeros((1, 8, 8, 3))), (B, 8, 8, 3)
+    return f.apply, jax.jit(f.init)(key, np.zeros((1, 8, 8, 3))), (B, 8, 8, 3)
   from flax import nnx
 
   class Net(nnx.Module):
@@ -315,7 +330,7 @@ def _outside_case(library: str):
     def __call__(self, x):
       return self.out(jnp.tanh(self.conv(x)).reshape(x.shape[0], -1))
 
-  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  graphdef, state = nnx.split(nnx.jit(lambda k: Net(nnx.Rngs(k)))(jax.random.key(0)))
   return lambda s, x: nnx.merge(graphdef, s)(x), state, (B, 8, 8, 3)
 
 
@@ -323,9 +338,10 @@ def _outside_case(library: str):
 def test_grand_exact_for_other_libraries(library):
   with jax.enable_x64(True):
     apply_fn, params, x_shape = _outside_case(library)
-    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    # Cast on the host (astype on the device compiled one conversion per leaf shape).
+    params = jax.device_put(jax.tree.map(lambda a: np.asarray(a, np.float64), params))
     rng = np.random.default_rng(4)
-    batch = {"x": jnp.asarray(rng.normal(size=x_shape)), "y": jnp.array([0, 1, 2, 0, 1])}
+    batch = jax.device_put({"x": rng.normal(size=x_shape), "y": np.array([0, 1, 2, 0, 1])})
     methods = set(scores.ghost_plan(apply_fn, params, batch["x"]).describe().values())
     assert methods <= {"conv/explicit", "conv/gram", "dense/vector", "broadcast"}, methods
     assert {"conv/explicit", "dense/vector"} & methods
@@ -333,32 +349,55 @@ def test_grand_exact_for_other_libraries(library):
     assert _rel_err(got, _loop_grad_norms(apply_fn, params, batch)) < 1e-10
 
 
-def test_grand_falls_back_without_layers():
+def _paths_taken(monkeypatch) -> list[str]:
+  """Records, as :func:`scores.grand` traces, which path computes its squared norms."""
+  taken = []
+  for name, path in (("_ghost_sq_norms", "ghost"), ("_vmap_sq_norms", "vmap")):
+    fn = getattr(grand_lib, name)
+    monkeypatch.setattr(grand_lib, name,
+                        lambda *a, fn=fn, path=path, **kw: taken.append(path) or fn(*a, **kw))
+  return taken
+
+
+def test_grand_falls_back_without_layers(monkeypatch):
   def apply_fn(params, x):  # parameters used only elementwise: no ghost rule applies.
     return jnp.stack([jnp.sum(x * params["a"], -1), jnp.sum(jnp.sin(x + params["b"]), -1)], -1)
 
-  params = {"a": jnp.arange(3.0), "b": jnp.ones(3)}
-  batch = {"x": jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32),
-           "y": jnp.array([0, 1, 1, 0])}
+  params = jax.device_put({"a": np.arange(3.0, dtype=np.float32), "b": np.ones(3, np.float32)})
+  batch = jax.device_put({"x": np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32),
+                          "y": np.array([0, 1, 1, 0], np.int32)})
   expected = _loop_grad_norms(apply_fn, params, batch)
-  np.testing.assert_allclose(scores.grand(apply_fn, params, batch), expected, rtol=1e-5)
+  # Compiled (op by op, ~70 single ops compiled): the fallback is chosen while tracing, as eagerly.
+  taken = _paths_taken(monkeypatch)
+  np.testing.assert_allclose(jax.jit(functools.partial(scores.grand, apply_fn))(params, batch),
+                             expected, rtol=1e-5)
+  assert taken == ["vmap"]
   with pytest.raises(ConfigError, match="method='ghost'"):
     scores.grand(apply_fn, params, batch, method="ghost")
   with pytest.raises(ConfigError, match="grand.method='exact'"):
     scores.grand(apply_fn, params, batch, method="exact")
 
 
-def test_grand_falls_back_when_apply_fn_branches_on_batch_size():
+def test_grand_falls_back_when_apply_fn_branches_on_batch_size(monkeypatch):
   def apply_fn(params, x):  # traces differently for other batch sizes: no example axis is known.
     h = x @ params["w"]
     return h * 2.0 if x.shape[0] <= B else h
 
-  params = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(3, 3)), jnp.float32)}
-  batch = {"x": jnp.asarray(np.random.default_rng(6).normal(size=(B, 3)), jnp.float32),
-           "y": jnp.array([0, 1, 2, 0, 1])}
+  params = jax.device_put({"w": np.random.default_rng(5).normal(size=(3, 3)).astype(np.float32)})
+  batch = jax.device_put({"x": np.random.default_rng(6).normal(size=(B, 3)).astype(np.float32),
+                          "y": np.array([0, 1, 2, 0, 1], np.int32)})
   assert scores.ghost_plan(apply_fn, params, batch["x"]).describe() == {"['w']": "materialized"}
-  np.testing.assert_allclose(scores.grand(apply_fn, params, batch),
+  # Compiled (op by op, ~60 single ops compiled). Traced, the walk still sees the two batch sizes
+  # trace differently and GraNd falls back to vmap.
+  taken, plans = _paths_taken(monkeypatch), []
+
+  def grand(p, b):
+    plans.append(scores.ghost_plan(apply_fn, p, b["x"]).describe())
+    return scores.grand(apply_fn, p, b)
+
+  np.testing.assert_allclose(jax.jit(grand)(params, batch),
                              _loop_grad_norms(apply_fn, params, batch), rtol=1e-5)
+  assert plans == [{"['w']": "materialized"}] and taken == ["vmap"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,18 +411,23 @@ def test_grand_last_layer_closed_form_identity():
     model = _model("mlp")
     features = lambda v, x: jax.nn.relu(model.apply(v, x, capture_intermediates=True)[1][
         "intermediates"]["dense_1"]["__call__"][0])
-    h = features(variables, batch["x"])
-    el2n = scores.el2n(apply_fn, variables, batch)
-    expected = el2n * jnp.sqrt(1.0 + jnp.sum(h * h, axis=-1))
-    got = jax.jit(functools.partial(scores.grand_last_layer, apply_fn))(variables, batch)
+    # The reference's features and EL2N compiled together, its closed form on the host.
+    h, el2n = map(np.asarray, jax.jit(lambda v, b: (features(v, b["x"]), scores.el2n(
+        apply_fn, v, b)))(variables, batch))
+    expected = el2n * np.sqrt(1.0 + np.sum(h * h, axis=-1))
+    # The head found by the walk and the one given by features_fn, in one compiled program (op by
+    # op, the second compiled ~30 single ops).
+    got, got_features_fn = jax.jit(lambda v, b: (
+        scores.grand_last_layer(apply_fn, v, b),
+        scores.grand_last_layer(apply_fn, v, b, features_fn=features)))(variables, batch)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
-    # It is the exact gradient norm over the head's kernel and bias, and at most the full norm.
-    head_only = _loop_grad_norms(apply_fn, variables, batch, lambda p: "['head']" in p)
+    # It is the exact gradient norm over the head's kernel and bias, and at most the full norm
+    # (one per-example loop gives both).
+    sq = _loop_grad_sq(apply_fn, variables, batch)
+    head_only = _loop_grad_norms(apply_fn, variables, batch, lambda p: "['head']" in p, sq=sq)
     np.testing.assert_allclose(got, head_only, rtol=1e-10)
-    assert np.all(np.asarray(got) <= _loop_grad_norms(apply_fn, variables, batch))
-    np.testing.assert_allclose(
-        scores.grand_last_layer(apply_fn, variables, batch, features_fn=features), expected,
-        rtol=1e-10)
+    assert np.all(np.asarray(got) <= _loop_grad_norms(apply_fn, variables, batch, sq=sq))
+    np.testing.assert_allclose(got_features_fn, expected, rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,16 +445,17 @@ def test_registry_jit_no_retrace_and_padding(score_name):
     return fn(apply_fn, params, batch)
 
   traced = jax.jit(chex.assert_max_traces(score, n=1))
-  other = jax.tree.map(lambda a: a * 1.1, variables)
+  other = jax.device_put(jax.tree.map(lambda a: np.asarray(a) * 1.1, variables))  # f32 on host
   s1, s2 = traced(variables, batch), traced(other, batch)
   for s in (s1, s2):
     assert s.shape == (B,) and s.dtype == jnp.float32 and np.all(np.isfinite(s))
   assert not np.allclose(s1, s2)
   # Padding rows (mask False, zero inputs) score 0 and do not change the real rows.
-  padded = {"x": jnp.concatenate([batch["x"], jnp.zeros_like(batch["x"][:3])]),
-            "y": jnp.concatenate([batch["y"], jnp.zeros(3, jnp.int32)]),
-            "mask": jnp.concatenate([batch["mask"], jnp.zeros(3, bool)])}
-  sp = jax.jit(functools.partial(fn, apply_fn))(variables, padded)
+  x, y, mask = (np.asarray(batch[k]) for k in ("x", "y", "mask"))  # padded on the host
+  padded = {"x": np.concatenate([x, np.zeros_like(x[:3])]),
+            "y": np.concatenate([y, np.zeros(3, np.int32)]),
+            "mask": np.concatenate([mask, np.zeros(3, bool)])}
+  sp = np.asarray(jax.jit(functools.partial(fn, apply_fn))(variables, padded))
   np.testing.assert_array_equal(sp[B:], 0.0)
   np.testing.assert_allclose(sp[:B], s1, rtol=1e-5)
 
@@ -418,7 +463,7 @@ def test_registry_jit_no_retrace_and_padding(score_name):
 def test_jit_score_helper_and_gpt_padding():
   apply_fn, variables, batch = _case("gpt")
   fn = scores.jit_score("grand", apply_fn)
-  masked = dict(batch, mask=jnp.array([True, False, True, True, False]))
+  masked = dict(batch, mask=np.array([True, False, True, True, False]))
   s = fn(variables, masked)
   np.testing.assert_array_equal(np.asarray(s)[[1, 4]], 0.0)
   np.testing.assert_allclose(np.asarray(s)[[0, 2, 3]], np.asarray(fn(variables, batch))[[0, 2, 3]],
@@ -440,7 +485,8 @@ def test_labels_outside_the_classes_give_nan(score_name):
   fn = jax.jit(functools.partial(getattr(scores, score_name), apply_fn))
   clean = np.asarray(fn(variables, batch))
   # Rows 1 and 2 have labels 3 and -1 (3 classes); row 4 is padding with label 7.
-  bad = dict(batch, y=jnp.array([0, 3, -1, 1, 7]), mask=jnp.array([True, True, True, True, False]))
+  bad = dict(batch, y=np.array([0, 3, -1, 1, 7], np.int32),
+             mask=np.array([True, True, True, True, False]))
   got = np.asarray(fn(variables, bad))
   assert np.isnan(got[1]) and np.isnan(got[2]), got
   assert got[4] == 0.0
@@ -451,7 +497,8 @@ def test_labels_outside_the_classes_give_nan(score_name):
 def test_float_labels_are_an_error(score_name):
   apply_fn, variables, batch = _case("mlp")
   with pytest.raises(DataError, match="labels must be integers in \\[0, 3\\)"):
-    getattr(scores, score_name)(apply_fn, variables, dict(batch, y=batch["y"] + 0.7))
+    getattr(scores, score_name)(apply_fn, variables, dict(batch, y=jax.device_put(
+        (np.asarray(batch["y"]) + 0.7).astype(np.float32))))  # as int32 + 0.7 gives, on the host
 
 
 # ----------------------------------------------------------------------------------------------

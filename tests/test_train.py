@@ -1,7 +1,6 @@
 """Loss with padding, train steps, optimizers and schedules, and the accuracy the defaults reach."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -21,52 +20,62 @@ def _opt(**kw):
 
 def test_padded_batch_gives_exactly_the_summed_loss_of_real_examples():
   rng = np.random.default_rng(0)
-  logits = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
-  y = jnp.array([0, 3, 1, 2, 1])
-  pad_logits = jnp.concatenate([logits, 1e3 * jnp.ones((3, 4))])
-  batch = {"y": jnp.concatenate([y, jnp.zeros(3, jnp.int32)]),
-           "mask": jnp.array([True] * 5 + [False] * 3)}
-  mean_padded, _ = train.masked_mean_loss(pad_logits, batch)
-  mean_real, _ = train.masked_mean_loss(logits, {"y": y, "mask": jnp.ones(5, bool)})
-  ref = sum(-jax.nn.log_softmax(logits[i])[int(y[i])] for i in range(5))
+  logits = rng.normal(size=(5, 4)).astype(np.float32)
+  y = np.array([0, 3, 1, 2, 1], np.int32)
+  pad_logits = np.concatenate([logits, 1e3 * np.ones((3, 4), np.float32)])
+  batch = {"y": np.concatenate([y, np.zeros(3, np.int32)]),
+           "mask": np.array([True] * 5 + [False] * 3)}
+  # Both losses from one compiled program (op by op, each call compiled ~25 single ops).
+  mean_padded, mean_real = jax.jit(lambda *a: [train.masked_mean_loss(*ab)[0] for ab in a])(
+      (pad_logits, batch), (logits, {"y": y, "mask": np.ones(5, bool)}))
+  z = logits.astype(np.float64)  # the reference: float64 log-softmax of each row, on the host
+  ref = sum(np.log(np.sum(np.exp(z[i] - z[i].max()))) + z[i].max() - z[i, y[i]] for i in range(5))
   assert float(mean_padded) * 5 == pytest.approx(float(ref), rel=1e-6)
   assert float(mean_padded) == float(mean_real)
 
 
 def test_weights_scale_examples():
-  logits = jnp.zeros((2, 2))
-  batch = {"y": jnp.array([0, 1]), "mask": jnp.array([True, True]), "weight": jnp.array([2.0, 0.0])}
-  loss, _ = train.masked_mean_loss(logits, batch)
+  batch = {"y": np.array([0, 1]), "mask": np.array([True, True]), "weight": np.array([2.0, 0.0])}
+  loss, _ = jax.jit(train.masked_mean_loss)(np.zeros((2, 2), np.float32), batch)
   assert float(loss) == pytest.approx(np.log(2.0) * 2 / 2)
 
 
 def test_train_step_ignores_padding_rows():
   model = build_model("mlp", 3, hidden=(8,))
   tx = optax.sgd(0.5)
-  state = train.create_train_state(model, tx, jax.random.key(0), jnp.zeros((1, 4)))
-  x = jax.random.normal(jax.random.key(1), (5, 4))
-  y = jnp.array([0, 1, 2, 1, 0])
-  real = {"x": x, "y": y, "mask": jnp.ones(5, bool)}
-  padded = {"x": jnp.concatenate([x, 7 * jnp.ones((3, 4))]),
-            "y": jnp.concatenate([y, jnp.array([2, 2, 2])]),
-            "mask": jnp.array([True] * 5 + [False] * 3)}
-  s1, m1 = train.train_step(state, real)
-  s2, m2 = train.train_step(state, padded)
+  state = train.create_train_state(model, tx, jax.random.key(0), np.zeros((1, 4), np.float32))
+  x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+  y = np.array([0, 1, 2, 1, 0], np.int32)
+  real = {"x": x, "y": y, "mask": np.ones(5, bool)}
+  padded = {"x": np.concatenate([x, 7 * np.ones((3, 4), np.float32)]),
+            "y": np.concatenate([y, np.array([2, 2, 2], np.int32)]),
+            "mask": np.array([True] * 5 + [False] * 3)}
+  # Both steps in one compiled program, as the trainer runs a step (op by op: ~130 single ops).
+  (s1, m1), (s2, m2) = jax.jit(lambda s, a, b: (train.train_step(s, a), train.train_step(s, b)))(
+      state, real, padded)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s2.params)
   assert float(m1["count"]) == float(m2["count"]) == 5
   assert float(m1["loss_sum"]) == pytest.approx(float(m2["loss_sum"]), rel=1e-6)
 
 
+def _at(sched, *steps: int) -> list[float]:
+  """``sched`` at int32 steps, as the optimizer calls it, in one compiled program (op by op, each
+  schedule compiled ~7 single ops)."""
+  return [float(v) for v in jax.jit(lambda s: [sched(i) for i in s])(np.array(steps, np.int32))]
+
+
 def test_step_schedule_and_warmup():
   sched = train.make_schedule(_opt(schedule="step", step_epochs=(2, 4), step_factor=0.2), 10, 6)
-  assert float(sched(0)) == pytest.approx(0.1)
-  assert float(sched(19)) == pytest.approx(0.1)
-  assert float(sched(20)) == pytest.approx(0.02)
-  assert float(sched(45)) == pytest.approx(0.004)
+  s0, s19, s20, s45 = _at(sched, 0, 19, 20, 45)
+  assert s0 == pytest.approx(0.1)
+  assert s19 == pytest.approx(0.1)
+  assert s20 == pytest.approx(0.02)
+  assert s45 == pytest.approx(0.004)
   warm = train.make_schedule(_opt(schedule="cosine", warmup_epochs=1), 10, 5)
-  assert float(warm(0)) == 0.0 and float(warm(5)) == pytest.approx(0.05)
-  assert float(warm(10)) == pytest.approx(0.1)
-  assert float(warm(50)) == pytest.approx(0.0, abs=1e-6)
+  w0, w5, w10, w50 = _at(warm, 0, 5, 10, 50)
+  assert w0 == 0.0 and w5 == pytest.approx(0.05)
+  assert w10 == pytest.approx(0.1)
+  assert w50 == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("field,value,match", [
