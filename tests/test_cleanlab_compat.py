@@ -10,9 +10,22 @@ from prunejax.errors import ConfigError, DataError
 from prunejax.scores import cleanlab_compat as cc
 from prunejax.scores import find_label_issues as find_by_id
 
-cl_filter = pytest.importorskip("cleanlab.filter")
-cl_rank = pytest.importorskip("cleanlab.rank")
-cl_count = pytest.importorskip("cleanlab.count")
+
+
+class _Imported:
+  """A cleanlab module imported on first use (a skip without cleanlab): importing it takes about
+  1.3 s, which every test worker paid at collection, not only the one that runs these tests."""
+
+  def __init__(self, name: str):
+    self._name = name
+
+  def __getattr__(self, attr: str):
+    return getattr(pytest.importorskip(self._name), attr)
+
+
+cl_filter = _Imported("cleanlab.filter")
+cl_rank = _Imported("cleanlab.rank")
+cl_count = _Imported("cleanlab.count")
 
 
 def _noisy_digits(noise: float, seed: int = 0):
