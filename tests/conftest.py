@@ -22,8 +22,9 @@ import pytest
 # for parallel code generation (which this 2-core machine cannot use) saves another 13-20% on a
 # ResNet-20, GPT or CNN train step. The HLO passes (fusion, simplification) still run, so what is
 # computed is the same program; only the machine code is less tuned. Set before jax is imported
-# (the test modules import it at collection); subprocesses inherit it. PRUNEJAX_TEST_XLA_DEFAULTS=1 runs the
-# suite with XLA's defaults instead, as the experiments compile (slower; the same tests must pass).
+# (the test modules import it at collection); subprocesses inherit it.
+# PRUNEJAX_TEST_XLA_DEFAULTS=1 runs the suite with XLA's defaults instead, as the experiments
+# compile (slower; the same tests must pass).
 _TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
                    "--xla_cpu_parallel_codegen_split_count=1")
 if (os.environ.get("PRUNEJAX_TEST_XLA_DEFAULTS", "0") in ("", "0")
