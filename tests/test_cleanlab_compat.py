@@ -20,6 +20,8 @@ class _Imported:
     self._name = name
 
   def __getattr__(self, attr: str):
+    if attr.startswith("_"):  # pytest's collection looks for its own markers on every module global
+      raise AttributeError(attr)
     return getattr(pytest.importorskip(self._name), attr)
 
 

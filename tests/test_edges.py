@@ -269,7 +269,9 @@ _EMB = np.random.default_rng(3).normal(size=(N, 5))
 _EMB[:3] += 8.0  # a few outliers
 _IDS = (np.random.default_rng(4).permutation(10**6)[:N]).astype(np.int64)
 _LABELS = np.random.default_rng(6).integers(0, C, N)
-_PROBS = jax.nn.softmax(jnp.asarray(np.random.default_rng(7).normal(size=(N, C)))).__array__()
+_LOGITS = np.random.default_rng(7).normal(size=(N, C)).astype(np.float32)
+_PROBS = np.exp(_LOGITS - _LOGITS.max(1, keepdims=True))
+_PROBS /= _PROBS.sum(1, keepdims=True)
 
 DATASET_SCORES: dict[str, Callable[..., np.ndarray]] = {
     # f(rows, ids, labels) -> f32[N] aligned with the rows.

@@ -113,11 +113,11 @@ def test_default_filter_on_plain_dicts():
 
 
 @pytest.mark.parametrize("model,x", [
-    (MLP(num_classes=3, hidden=(8,)), jnp.ones((1, 4, 4, 1))),
-    (CNN(num_classes=3, features=(4,), dense=8), jnp.ones((1, 8, 8, 3))),
-    (resnet20(10, width_multiplier=0.25), jnp.ones((1, 8, 8, 3))),
+    (MLP(num_classes=3, hidden=(8,)), np.ones((1, 4, 4, 1), np.float32)),
+    (CNN(num_classes=3, features=(4,), dense=8), np.ones((1, 8, 8, 3), np.float32)),
+    (resnet20(10, width_multiplier=0.25), np.ones((1, 8, 8, 3), np.float32)),
     (GPTClassifier(vocab_size=11, num_classes=2, context=4, depth=1, width=8, num_heads=2),
-     jnp.ones((1, 4), jnp.int32)),
+     np.ones((1, 4), np.int32)),
 ], ids=["mlp", "cnn", "resnet20", "gpt"])
 def test_default_filter_selects_what_it_selected_on_our_models(model, x):
   params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]

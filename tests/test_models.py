@@ -34,11 +34,11 @@ def test_unknown_model_is_one_line_error():
 
 
 @pytest.mark.parametrize("name,kwargs,x", [
-    ("mlp", {"hidden": (16, 8)}, jnp.ones((3, 8, 8, 1))),
-    ("cnn", {"features": (4, 8), "dense": 16}, jnp.ones((3, 8, 8, 1))),
-    ("resnet20", {"width_multiplier": 0.25}, jnp.ones((3, 8, 8, 3))),
+    ("mlp", {"hidden": (16, 8)}, np.ones((3, 8, 8, 1), np.float32)),
+    ("cnn", {"features": (4, 8), "dense": 16}, np.ones((3, 8, 8, 1), np.float32)),
+    ("resnet20", {"width_multiplier": 0.25}, np.ones((3, 8, 8, 3), np.float32)),
     ("gpt", {"vocab_size": 50, "context": 8, "depth": 1, "width": 16, "num_heads": 2},
-     jnp.ones((3, 8), jnp.int32)),
+     np.ones((3, 8), np.int32)),
 ])
 def test_output_shapes(name, kwargs, x):
   model = models.build_model(name, 7, **kwargs)
