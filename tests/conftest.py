@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -74,7 +75,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # interpreter and import jax, flax and prunejax again (2 s each), and compile again what another
 # had.
 _SERVER = r"""
-import contextlib, io, json, sys, traceback, types
+import contextlib, io, json, os, sys, traceback, types
 reply_to = sys.stdout
 main = sys.modules["__main__"]
 for line in sys.stdin:
@@ -91,6 +92,10 @@ for line in sys.stdin:
     sys.modules["__main__"] = main
   reply_to.write(json.dumps(reply) + "\n")
   reply_to.flush()
+# End of input: every reply is written. Exit without JAX's exit-time clean-up (it clears every
+# compiled program, seconds after a worker's share of the suite) and the interpreter's teardown.
+sys.stderr.flush()
+os._exit(0)
 """
 _SERVERS: dict = {}
 
@@ -113,7 +118,7 @@ def _device_server(num_devices: int):
 
 def pytest_unconfigure(config):
   """Ends this worker's device Pythons (end of input, then a kill if one does not exit), so the
-  worker exits at once."""
+  worker exits at once; an xdist worker then exits without JAX's exit-time clean-up."""
   for proc, log in _SERVERS.values():
     proc.stdin.close()
     try:
@@ -123,6 +128,18 @@ def pytest_unconfigure(config):
       proc.wait()
     log.close()
   _SERVERS.clear()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    atexit.register(_exit_now)
+
+
+def _exit_now():
+  """A worker's last act, once it has reported everything to the controller: JAX's exit-time
+  clean-up (registered at import, so run after this) clears every compiled program the worker holds
+  (6 s at the end of the suite, which the controller waits for), then the interpreter tears down
+  every object; neither matters to a process about to end."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
 
 
 def run_on_devices(code: str, num_devices: int = 8, timeout: int = 600) -> dict:
