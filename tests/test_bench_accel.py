@@ -197,7 +197,7 @@ def test_watchdog_cuts_the_run_at_the_budget_and_keeps_what_was_measured(tmp_pat
         sec.emit("measured before the hang", 42.0, "examples/s")
         threading.Event().wait()  # a compile that never ends
       bench_accel.SECTIONS["scores"] = stuck
-      bench_accel.run(["scores", "masks"], True, 4.0, {str(tmp_path)!r},
+      bench_accel.run(["scores", "masks"], True, 1.5, {str(tmp_path)!r},
                       start=bench_accel._clock())
       """)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -205,7 +205,7 @@ def test_watchdog_cuts_the_run_at_the_budget_and_keeps_what_was_measured(tmp_pat
   assert proc.returncode == bench_accel.CUT_EXIT_CODE, proc.stderr[-2000:]
   figs = [(f["section"], f["name"], f["value"]) for f in _figures(tmp_path)]
   assert figs == [("scores", "measured before the hang", 42.0), ("scores", "run cut", None)]
-  assert "stopped at --budget_s=4" in _figures(tmp_path)[-1]["unit"]
+  assert "stopped at --budget_s=1.5" in _figures(tmp_path)[-1]["unit"]
 
 
 # ----------------------------------------------------------------------------------------------
