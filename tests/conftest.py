@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -65,6 +66,19 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_collection_finish(session):
+  """Python's cyclic garbage collector, tuned for a process that holds JAX's caches: a worker ends
+  the suite with about a million live objects (traced programs, lowered modules, compiled-program
+  handles), and each full collection walks all of them (0.3 s each, about 5% of a worker's time).
+  What is alive after collection (modules, test functions) is frozen out of every later
+  collection, and collections run a tenth as often (a young generation of 7,000 objects instead of
+  700): the garbage collector's share drops from 5% to 1.4% (measured with ``gc.callbacks`` on
+  three test files), with the same peak memory."""
+  gc.collect()
+  gc.freeze()
+  gc.set_threshold(7000, 10, 10)
 
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
