@@ -89,7 +89,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # interpreter and import jax, flax and prunejax again (2 s each), and compile again what another
 # had.
 _SERVER = r"""
-import contextlib, io, json, os, sys, traceback, types
+import contextlib, gc, io, json, os, sys, traceback, types
+gc.set_threshold(7000, 10, 10)  # as in the test workers (pytest_collection_finish)
 reply_to = sys.stdout
 main = sys.modules["__main__"]
 for line in sys.stdin:
