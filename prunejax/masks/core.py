@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from prunejax.errors import ConfigError
+from prunejax.errors import ConfigError, DataError
 # Filters and mesh helpers, re-exported here where they were defined first.
 # pylint: disable=unused-import
 from prunejax.masks.filters import (EMBEDDING_MODULE, EMBEDDING_NAME, POSITION_NAME,
@@ -182,6 +182,17 @@ def first_nonfinite(leaves: Sequence[Any]) -> int | None:
     return None
   bad = np.flatnonzero(~_each_leaf(_all_finite, lambda l: jnp.all(jnp.isfinite(l)), leaves))
   return int(bad[0]) if len(bad) else None
+
+
+def check_finite_params(params: Params, what: str) -> None:
+  """Raises ``DataError`` naming the first concrete float leaf of ``params`` that holds NaN or inf
+  (NaN weights give NaN scores and a mask ranked on them); traced leaves are not checked."""
+  concrete = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+              if isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
+              and jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  bad = first_nonfinite([leaf for _, leaf in concrete])
+  if bad is not None:
+    raise DataError(f"{what}: params leaf {path_str(concrete[bad][0])} has NaN or inf")
 
 
 def _each_leaf(over_all: Any, one: Any, leaves: Sequence[Any]) -> np.ndarray:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunejax.errors import ConfigError, DataError
-from prunejax.masks.core import first_nonfinite, path_str
+from prunejax.masks.core import check_finite_params, path_str
 from prunejax.masks import fisher
 from prunejax.masks import posttraining as pt
 from prunejax.masks import unstructured as un
@@ -92,12 +92,7 @@ class MaskMethod:
     if leaves and not floats and self.name not in ("magnitude", "random"):
       raise DataError(f"mask method {self.name!r} differentiates or runs the model, but no params "
                       f"leaf is float (e.g. {path_str(leaves[0][0])}: {leaves[0][1].dtype})")
-    concrete = [(p, l) for p, l in floats
-                if isinstance(l, (jax.Array, np.ndarray)) and not isinstance(l, jax.core.Tracer)]
-    bad = first_nonfinite([l for _, l in concrete])
-    if bad is not None:
-      raise DataError(f"mask method {self.name!r}: params leaf {path_str(concrete[bad][0])} has "
-                      "NaN or inf")
+    check_finite_params(params, f"mask method {self.name!r}")
     x = None
     if "batch" in self.needs:
       batch = pt._check_batch(0, inputs.batch)  # pylint: disable=protected-access

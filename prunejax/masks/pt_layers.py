@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prunejax import layer_taps as lt
-from prunejax.errors import ConfigError, DataError, check_choice
-from prunejax.masks.core import (first_nonfinite, make_filter_fn, nothing_selected_error,
+from prunejax.errors import ConfigError, check_choice
+from prunejax.masks.core import (check_finite_params, make_filter_fn, nothing_selected_error,
                                   path_str)
 from prunejax.types import ApplyFn, FilterFn, Mask, Params, PyTree
 
@@ -135,20 +135,10 @@ def _input_groups(plan: lt.LayerPlan, params: Params, x: Any, ks: Sequence[int])
   return group_of
 
 
-def _check_params(params: Params, what: str) -> None:
-  """NaN or inf in a weight gives NaN scores and a mask ranked on them: refused, naming the leaf."""
-  concrete = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-              if isinstance(leaf, (jax.Array, np.ndarray)) and not isinstance(leaf, jax.core.Tracer)
-              and jnp.issubdtype(leaf.dtype, jnp.inexact)]
-  bad = first_nonfinite([leaf for _, leaf in concrete])
-  if bad is not None:
-    raise DataError(f"{what}: params leaf {path_str(concrete[bad][0])} has NaN or inf")
-
-
 def _analyse(apply_fn: ApplyFn, params: Params, x: Any, filter_fn: FilterFn | None,
              what: str) -> _Analysis:
   """The prunable layers of ``apply_fn`` (host side, from shapes alone)."""
-  _check_params(params, what)
+  check_finite_params(params, what)
   params_a, x_a = _abstract(params), _abstract(x)
   plan = lt.find_layers(apply_fn, params_a, x_a)
   if not plan.layers:
