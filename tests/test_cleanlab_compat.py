@@ -11,7 +11,6 @@ from prunejax.scores import cleanlab_compat as cc
 from prunejax.scores import find_label_issues as find_by_id
 
 
-
 class _Imported:
   """A cleanlab module imported on first use (a skip without cleanlab): importing it takes about
   1.3 s, which every test worker paid at collection, not only the one that runs these tests."""
