@@ -263,12 +263,15 @@ def test_one_check_of_every_leaf_names_the_first_bad_one():
   leaves = [rng.normal(size=s).astype(np.float32) for s in ((3,), (2, 4), (5,), (1,))]
   assert core.first_nonfinite(leaves) is None and core.first_nonfinite([]) is None
   for bad, value in ((1, np.nan), (3, np.inf), (0, -np.inf)):
-    got = [jnp.asarray(l) if i % 2 else l.copy() for i, l in enumerate(leaves)]
-    got[bad] = np.asarray(got[bad]).copy()
-    got[bad].reshape(-1)[-1] = value
+    host = [l.copy() for l in leaves]
+    host[bad].reshape(-1)[-1] = value
+    got = [jnp.asarray(l) if i % 2 else l for i, l in enumerate(host)]  # odd leaves on the device
     want = next(i for i, l in enumerate(got) if not np.all(np.isfinite(np.asarray(l))))
     assert core.first_nonfinite(got) == want == bad
     assert core.first_nonfinite(got[::-1]) == len(got) - 1 - bad
+  two = [l.copy() for l in leaves]  # two bad leaves: the first is named, in either order
+  two[1][0], two[3][0] = np.nan, np.inf
+  assert core.first_nonfinite(two) == 1 and core.first_nonfinite(two[::-1]) == 0
 
 
 def test_leaves_committed_to_different_devices_are_checked_one_by_one():
