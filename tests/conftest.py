@@ -16,6 +16,15 @@ import threading
 
 import pytest
 
+# Bytecode caches (__pycache__, ignored by git) for the project's modules, even where
+# PYTHONDONTWRITEBYTECODE is set (as on this project's machines): without them each xdist worker
+# and each of the ~50 Pythons the tests start compiles the same modules from source again, and
+# pytest rewrites every test module's asserts again (collection 3.6 s -> 1.6 s per worker). Python
+# and pytest write them atomically; a folder that cannot be written is skipped. Set here, before
+# the workers and any subprocess start, so they all inherit it.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
 # Compile the tests' programs fast rather than well: three quarters of the suite's time was XLA
 # compiling small programs that then run for milliseconds. Level 0 skips LLVM's optimizations, and
 # the older elemental emitters (instead of the MLIR fusion emitters) lower fusions with less work:
